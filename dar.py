@@ -1,0 +1,686 @@
+"""D-AR: Diffusion via Autoregressive Models (Gao & Shou, ICLR 2026), in one readable file.
+
+The file follows the paper:
+  §3.1  the sequential diffusion tokenizer: Eq. (1) encoder + VQ, Eq. (2)-(4) flow matching,
+        Eq. (5) condition schedule, Eq. (7) training loss, Eq. (8) sampling schedule (from §4)
+  §3.2  the Llama AR model, Eq. (6)                     -- coming (issue 3)
+  §3.3  the D-AR sampler: AR token groups drive diffusion steps  -- coming (issue 3)
+  data utilities                                        -- coming (issue 4)
+
+Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
+follow the release, so that its checkpoints load and give the same numbers; a comment marks each place.
+
+Shape legend, used by every shape comment:
+  B batch, N tokens per image (queries), K condition groups, G = N/K tokens per group,
+  L tokens of a 2D grid (patches), D width, H heads, hd head width (64), C codebook vector width,
+  V codebook size, P pixel patch size.
+"""
+import argparse
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ================================================================================================
+#  §3.1  Sequential diffusion tokenizer
+# ================================================================================================
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int = 256        # H = W of the images
+    patch_size: int = 16         # encoder patch size (L = (H / patch_size)^2 patch tokens)
+    encoder_dim: int = 768       # width of the encoder E of Eq. (1)
+    encoder_depth: int = 8
+    num_tokens: int = 256        # N: learnable queries = discrete tokens per image
+    num_groups: int = 8          # K: condition groups = diffusion sampling steps (Eq. 5, 8)
+    codebook_size: int = 16384   # V
+    codebook_dim: int = 8        # C: width of a codebook vector
+    query_rank: int = 8          # released queries are low rank: a (table_size, 8) table -> Linear(8, D)
+    table_size: int = 1024       # rows of the query / position tables (the release has 1024; N are used)
+    decoder_dim: int = 768       # width of the post-quantisation causal layers, i.e. of z'
+    decoder_depth: int = 8
+    diffusion_dim: int = 768     # pixel diffusion transformer D_FM
+    diffusion_depth: int = 12
+    pixel_patch_size: int = 8    # P: D_FM works on P x P pixel patches
+    data_std: float = 0.6        # release: pixels are scaled by 0.6 before diffusion (not in the paper)
+    time_shift: float = 2.0      # beta of Eq. (5) and Eq. (8)
+    repa_layer: int = 8          # REPA features are read before this diffusion block
+    repa_dim: int = 768          # width of the REPA target features (DINOv2-B); 0 = no REPA head
+    repa_hidden: int = 2048
+    repa_grid: int = 16          # the target's patch grid (DINOv2-B/14 at 224 px: 16 x 16)
+    head_dim: int = 64           # every attention of the tokenizer uses 64-wide heads
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.num_tokens % self.num_groups:
+            raise ValueError(f"num_tokens ({self.num_tokens}) must be a multiple of num_groups ({self.num_groups})")
+        for name in ("patch_size", "pixel_patch_size"):
+            if self.image_size % getattr(self, name):
+                raise ValueError(f"image_size ({self.image_size}) must be a multiple of {name}")
+        for name in ("encoder_dim", "decoder_dim", "diffusion_dim"):
+            if getattr(self, name) % self.head_dim:
+                raise ValueError(f"{name} must be a multiple of head_dim ({self.head_dim})")
+        if self.head_dim % 4:
+            raise ValueError("head_dim must be a multiple of 4 (2D RoPE rotates pairs on two axes)")
+        if self.num_tokens > self.table_size:
+            raise ValueError(f"num_tokens ({self.num_tokens}) exceeds table_size ({self.table_size})")
+        pixel_grid = self.image_size // self.pixel_patch_size
+        if self.uses_repa and pixel_grid % self.repa_grid:
+            raise ValueError(f"the pixel token grid ({pixel_grid}) must be a multiple of repa_grid ({self.repa_grid})")
+
+    @property
+    def uses_repa(self):  # the release builds the head but never reads it when repa_layer >= depth
+        return self.repa_dim > 0 and self.repa_layer < self.diffusion_depth
+
+    @property
+    def group_size(self):  # G = N / K
+        return self.num_tokens // self.num_groups
+
+    @classmethod
+    def from_official(cls, model):
+        """The `model:` section of an official tokenizer config (plain dict) -> TokenizerConfig."""
+        diff = model["diff_decoder"]
+        unsupported = {
+            "vq_enable": (model.get("vq_enable", True), True),
+            "query_low_rank": (model.get("query_low_rank", True), True),
+            "diff_decoder.mlp_head": (diff.get("mlp_head", False), False),
+            "diff_decoder.share_time_encoding": (diff.get("share_time_encoding", False), False),
+            "num_denoising_steps": (model["num_denoising_steps"], model["num_query_groups"]),
+            "queries_per_step": (model["queries_per_step"], model["num_all_queries"] // model["num_query_groups"]),
+            "diff_decoder.cond_dim": (diff["cond_dim"], model["decoder_dim"]),
+        }
+        for key, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(f"official tokenizer config {key}={value!r} is not supported (expected {supported!r})")
+        return cls(
+            image_size=model.get("sampling_resolution", 256), patch_size=model["encoder_patch_size"],
+            encoder_dim=model["encoder_dim"], encoder_depth=model["num_encoder_layers"],
+            num_tokens=model["num_all_queries"], num_groups=model["num_query_groups"],
+            codebook_size=model["vq_codebook_size"], codebook_dim=model["vq_dim"],
+            decoder_dim=model["decoder_dim"], decoder_depth=model["num_decoder_layers"],
+            diffusion_dim=diff["dim"], diffusion_depth=diff["depth"], pixel_patch_size=diff["patch_size"],
+            data_std=diff["data_std"], time_shift=diff["time_shift"], repa_layer=diff.get("repa_layer", 8),
+            rope_theta=model.get("rope_base_len", 10000.0),
+        )
+
+
+TOKENIZER_PRESETS = {
+    # the released D-AR-tokenizer_v1.pt: 307,444,672 params (300,099,776 without the REPA head;
+    # pixel diffusion decoder 185,129,664, the paper's "185M")
+    "v1": TokenizerConfig(),
+    # appendix A.4's lightweight ablation tokenizer: width 512, diffusion depth 8: 113,433,536 params
+    "ablation": TokenizerConfig(encoder_dim=512, decoder_dim=512, diffusion_dim=512, diffusion_depth=8),
+    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,677,360 params
+    "tiny": TokenizerConfig(
+        image_size=32, patch_size=4, encoder_dim=128, encoder_depth=2, num_tokens=64, num_groups=8,
+        codebook_size=256, table_size=64, decoder_dim=128, decoder_depth=2, diffusion_dim=128,
+        diffusion_depth=4, pixel_patch_size=4, repa_layer=2, repa_dim=64, repa_hidden=256, repa_grid=4),
+}
+
+
+def layer_norm(x):
+    """The parameter-free LayerNorm N(.) the release uses around attention and on outputs (eps 1e-6)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def rope_2d(height, width, head_dim, theta):
+    """2D RoPE angles (appendix A.2) for a height x width grid, flattened row-major.
+
+    A head's hd features form hd/2 adjacent pairs; the first half of the pairs rotates by row * w_j,
+    the second half by column * w_j, with w_j = theta^(-4j/hd). Returns cos, sin: (L, hd/2) float32.
+    """
+    pairs_per_axis = head_dim // 4
+    freqs = theta ** (-torch.arange(pairs_per_axis, dtype=torch.float64) / pairs_per_axis)
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64),
+                                torch.arange(width, dtype=torch.float64), indexing="ij")
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (L, hd/2)
+    return angles.cos().float(), angles.sin().float()  # release: angles in float64, tables in float32
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each adjacent feature pair (a, b) of x (B, H, L, hd) by its angle: (a, b) -> e^{i phi}(a + ib)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)             # (B, H, L, hd/2) each
+    rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)                            # (B, H, L, hd)
+
+
+class Attention(nn.Module):
+    """Tokenizer attention with QK-norm (appendix A.2); self-attention, or cross-attention with `context`.
+
+    QK-norm is a LayerNorm (with weight and bias) over each 64-wide head of q and k, shared across
+    heads, applied before RoPE.
+    """
+
+    def __init__(self, dim, head_dim=64):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(head_dim, eps=1e-6), nn.LayerNorm(head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, rope_q=None, rope_k=None, mask=None, causal=False):
+        context = x if context is None else context
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, H, L, hd)
+        q, k, v = heads(self.q(x)), heads(self.k(context)), heads(self.v(context))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope_q is not None:
+            q = apply_rope(q, *rope_q)
+        if rope_k is not None:
+            k = apply_rope(k, *rope_k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, hd)
+        return self.proj(out.transpose(1, 2).flatten(2))                                  # (B, L, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class GatedBlock(nn.Module):
+    """Pre-LN transformer block of the encoder E (Eq. 1) and of the post-quantisation causal layers.
+
+    x <- x + gate1 * Attn(LN(x));  x <- x + gate2 * MLP(LN(x)).
+    The release adds per-channel residual gates, initialised to 0 so each block starts as the identity.
+    """
+
+    def __init__(self, dim, head_dim=64):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attention = Attention(dim, head_dim)
+        self.mlp = MLP(dim, 4 * dim)
+        self.gate1, self.gate2 = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, rope=None, mask=None, causal=False):
+        x = x + self.gate1 * self.attention(self.norm1(x), rope_q=rope, rope_k=rope, mask=mask, causal=causal)
+        return x + self.gate2 * self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks, x, checkpointed, **kwargs):
+    """Apply blocks in turn; with `checkpointed`, recompute activations in backward (saves memory)."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x, **kwargs)
+    return x
+
+
+def encoder_mask(num_patches, num_queries):
+    """Attention mask of the encoder (§4): every token sees all patches; query i also sees queries <= i.
+
+    Patches never see queries, so query i depends on the image and queries 1..i only: the causality that
+    lets a prefix of tokens mean the same thing whatever follows. True = may attend; (L+N, L+N).
+    """
+    mask = torch.zeros(num_patches + num_queries, num_patches + num_queries, dtype=torch.bool)
+    mask[:, :num_patches] = True
+    mask[num_patches:, num_patches:] = torch.ones(num_queries, num_queries, dtype=torch.bool).tril()
+    return mask
+
+
+class VectorQuantizer(nn.Module):
+    """Eq. (1) QUANT(.): nearest l2-normalised codebook entry, with the l_VQ loss of appendix A.2.
+
+    Encoder outputs f and codebook rows are l2-normalised; the token is argmin_k ||f - e_k||^2; the
+    forward value f + sg[e - f] equals e while gradients pass straight through to f. Per token,
+    l_VQ = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25, no entropy term.
+    """
+
+    beta = 0.25
+
+    def __init__(self, codebook_size, dim):
+        super().__init__()
+        self.codebook = nn.Embedding(codebook_size, dim)
+
+    def normalized_codebook(self):
+        return F.normalize(self.codebook.weight, dim=-1)                        # (V, C)
+
+    def forward(self, f):
+        """f (B, N, C) -> straight-through z_q (B, N, C), codes (B, N), per-token l_VQ (B, N)."""
+        f = F.normalize(f, dim=-1)
+        e = self.normalized_codebook()
+        # the release's literal form of the distance; argmin takes the first of equal minima
+        distance = f.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * f @ e.t()  # (B, N, V)
+        codes = distance.argmin(-1)                                                   # (B, N)
+        e_codes = e[codes]                                                            # (B, N, C)
+        vq_loss = (e_codes - f.detach()).pow(2).mean(-1) + self.beta * (e_codes.detach() - f).pow(2).mean(-1)
+        return f + (e_codes - f).detach(), codes, vq_loss
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the diffusion time t followed by an MLP (as in DiT).
+
+    Release details: t is multiplied by 1000, the cos half comes first, the frequency table is as wide
+    as the model.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):                                                     # t (B,)
+        half = self.mlp[0].in_features // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = (1000 * t.float())[:, None] * freqs[None]                     # (B, D/2)
+        embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)            # (B, D)
+        return self.mlp(embedding.to(self.mlp[0].weight.dtype))[:, None]     # (B, 1, D)
+
+
+class DiffusionBlock(nn.Module):
+    """One block of D_FM (§4): cross-attention to c(t) feeds a per-token adaLN, with its own time embedder.
+
+    s = CrossAttn(N(x), cond); (shift, scale, gate) x 2 = Linear(SiLU(tau(t) + s));
+    x <- x + gate_a * SelfAttn(N(x)(1 + scale_a) + shift_a); x <- x + gate_m * MLP(N(x)(1 + scale_m) + shift_m).
+    The modulation differs per pixel token because the cross-attention output does.
+    """
+
+    def __init__(self, dim, head_dim=64):
+        super().__init__()
+        self.attention = Attention(dim, head_dim)
+        self.cross_attn = Attention(dim, head_dim)
+        self.mlp = MLP(dim, 4 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.time_embed = TimestepEmbedder(dim)
+        self.cond_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, x, t, cond, rope):                     # x (B, L, D), t (B,), cond (B, G, D)
+        cond = layer_norm(self.cond_embed(cond))
+        s = self.cross_attn(layer_norm(x), cond, rope_q=rope)  # pixel queries rotated, condition keys not
+        modulation = self.adaLN_modulation(self.time_embed(t) + s)              # (B, L, 6D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
+        h = layer_norm(x) * (1 + scale_a) + shift_a
+        x = x + gate_a * self.attention(h, rope_q=rope, rope_k=rope)
+        h = layer_norm(x) * (1 + scale_m) + shift_m
+        return x + gate_m * self.mlp(h)
+
+
+class PixelDiffusionTransformer(nn.Module):
+    """Eq. (2): the velocity network D_FM(x_t, t, c(t)), a DiT on raw P x P pixel patches (no VAE).
+
+    x_t (B, 3, H, W) in the scaled pixel space, t (B,) the diffusion time, cond (B, G, D) = c(t).
+    Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer` (None unless
+    `return_repa`).
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        dim, P = cfg.diffusion_dim, cfg.pixel_patch_size
+        self.patch_size, self.repa_layer = P, cfg.repa_layer
+        self.cond_mlp = nn.Linear(cfg.decoder_dim, dim)
+        self.pixel_in = nn.Linear(3 * P * P, dim)
+        self.blocks = nn.ModuleList(DiffusionBlock(dim, cfg.head_dim) for _ in range(cfg.diffusion_depth))
+        self.pixel_out = nn.Linear(dim, 3 * P * P)
+        grid = cfg.image_size // P
+        self.repa_pool = grid // cfg.repa_grid
+        self.repa_out = nn.Sequential(
+            nn.Linear(dim, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden), nn.SiLU(),
+            nn.Linear(cfg.repa_hidden, cfg.repa_dim)) if cfg.repa_dim else None
+        cos, sin = rope_2d(grid, grid, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def repa_features(self, x):                              # x (B, L, D) -> (B, repa_grid^2, repa_dim)
+        side = math.isqrt(x.shape[1])
+        grid = x.transpose(1, 2).unflatten(2, (side, side))                  # (B, D, H/P, W/P)
+        pooled = F.avg_pool2d(grid, self.repa_pool).flatten(2).transpose(1, 2)
+        return self.repa_out(pooled)
+
+    def forward(self, x_t, t, cond, return_repa=False, checkpointed=False):
+        B, _, height, width = x_t.shape
+        rope = (self.rope_cos, self.rope_sin)
+        cond = layer_norm(self.cond_mlp(cond))                                 # (B, G, D)
+        # pixel_unshuffle puts pixel (c, P*h + i, P*w + j) at channel c*P*P + i*P + j, as the release does
+        x = F.pixel_unshuffle(x_t, self.patch_size).flatten(2).transpose(1, 2)  # (B, L, 3P^2)
+        x = self.pixel_in(x)                                                   # (B, L, D)
+        repa = None
+        for i, block in enumerate(self.blocks):
+            if return_repa and i == self.repa_layer:
+                repa = self.repa_features(x)
+            x = run_blocks([block], x, checkpointed, t=t, cond=cond, rope=rope)
+        x = self.pixel_out(layer_norm(x))                                      # (B, L, 3P^2)
+        grid = x.transpose(1, 2).unflatten(2, (height // self.patch_size, width // self.patch_size))
+        v = F.pixel_shuffle(grid, self.patch_size)                             # (B, 3, H, W)
+        return v, repa
+
+
+def shift_time(u, beta):
+    """The time shift of Eq. (8): t = u / (u + beta (1 - u)). Its inverse is Eq. (5)'s t'."""
+    return u / (u + beta * (1 - u))
+
+
+def unshift_time(t, beta):
+    """Eq. (5)'s shifted time t' = t / (t + (1/beta)(1 - t)), the inverse of `shift_time`."""
+    return t / (t + (1 - t) / beta)
+
+
+def condition_group(t, num_groups, beta, form="release"):
+    """Eq. (5): condition schedule c(t) = g_{ceil(t' K)}; returns the 0-based group index for times t.
+
+    form="paper":   ceil(t' K) - 1 (1-based g_1..g_K as written in Eq. (5); t' = 0 is clamped to group 0).
+    form="release": round(t' K) clamped to K - 1. The released model is trained and sampled this way
+    (grid point i/K sits in the middle of group i's training interval), so its tokens mean this.
+    """
+    u = unshift_time(t, beta)
+    if form == "paper":
+        return (torch.ceil(u * num_groups).long() - 1).clamp(0, num_groups - 1)
+    if form == "release":
+        return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)
+    raise ValueError(f"unknown condition schedule form {form!r}; use 'release' or 'paper'")
+
+
+def flow_interpolant(x0, x1, t):
+    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0 (t broadcast per sample)."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return t * x1 + (1 - t) * x0, x1 - x0
+
+
+def jump_estimate(x_t, t, v):
+    """The jump estimate x_hat_1 = x_t + (1 - t) v: where the flow lands if v stayed constant (§3.3)."""
+    return x_t + (1 - t.view(-1, *([1] * (x_t.dim() - 1)))) * v
+
+
+def sampling_times(num_groups, beta):
+    """Eq. (8): t_i = (i/K) / (i/K + beta (1 - i/K)), i = 0..K-1, followed by t_K = 1; float32, (K + 1,)."""
+    return shift_time(torch.arange(num_groups + 1, dtype=torch.float32) / num_groups, beta)
+
+
+SOLVERS = ("adams2", "euler")
+
+
+def solver_step(x, v, v_prev, dt, solver):
+    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth ("adams2", the default).
+
+    The release uses the constant-step weights 1.5 / -0.5 although the steps of Eq. (8) are uneven;
+    we keep them to reproduce its numbers. Step 0 has no previous velocity and is an Euler step.
+    """
+    if solver == "euler" or v_prev is None:
+        return x + dt * v
+    return x + dt * (1.5 * v - 0.5 * v_prev)
+
+
+class Tokenizer(nn.Module):
+    """The sequential diffusion tokenizer (§3.1, Fig. 3).
+
+    encode:     image -> Eq. (1) encoder with N causal queries -> VQ -> N discrete tokens
+    conditions: tokens -> codebook vectors -> causal transformer layers -> z' (the conditions)
+    decode:     K steps of the Eq. (8) schedule; step k runs D_FM on group k of z' (Eq. 5)
+    forward:    the training loss of Eq. (7)
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.image_size // cfg.patch_size
+        self.patchify = nn.Conv2d(3, cfg.encoder_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.query_embedding = nn.Embedding(cfg.table_size, cfg.query_rank)
+        self.query_linear = nn.Linear(cfg.query_rank, cfg.encoder_dim)
+        self.encoder_layers = nn.ModuleList(GatedBlock(cfg.encoder_dim, cfg.head_dim) for _ in range(cfg.encoder_depth))
+        self.quant_in = nn.Linear(cfg.encoder_dim, cfg.codebook_dim, bias=False)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim)
+        self.quant_out = nn.Linear(cfg.codebook_dim, cfg.decoder_dim, bias=False)
+        self.decoder_embedding = nn.Embedding(cfg.table_size, cfg.decoder_dim)
+        self.decoder_layers = nn.ModuleList(GatedBlock(cfg.decoder_dim, cfg.head_dim) for _ in range(cfg.decoder_depth))
+        self.diffusion = PixelDiffusionTransformer(cfg)
+        # patches are rotated by their 2D position; the 1D queries get the identity rotation (A.2)
+        cos, sin = rope_2d(grid, grid, cfg.head_dim, cfg.rope_theta)
+        identity = (torch.ones(cfg.num_tokens, cfg.head_dim // 2), torch.zeros(cfg.num_tokens, cfg.head_dim // 2))
+        self.register_buffer("encoder_rope_cos", torch.cat([cos, identity[0]]), persistent=False)
+        self.register_buffer("encoder_rope_sin", torch.cat([sin, identity[1]]), persistent=False)
+        self.register_buffer("encoder_mask", encoder_mask(grid * grid, cfg.num_tokens), persistent=False)
+        self.register_buffer("sampling_times", sampling_times(cfg.num_groups, cfg.time_shift), persistent=False)
+        self.grad_checkpointing = False  # a training option: recompute block activations in backward
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """The release's initialisation, for training from scratch (layers not named keep PyTorch's default)."""
+        for layer in [*self.encoder_layers, *self.decoder_layers, *self.diffusion.blocks]:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+        for layer in [*self.encoder_layers, *self.decoder_layers]:
+            nn.init.zeros_(layer.gate1)
+            nn.init.zeros_(layer.gate2)
+        for block in self.diffusion.blocks:  # adaLN-Zero: every diffusion block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[1].weight)
+            nn.init.zeros_(block.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.diffusion.pixel_out.weight)
+        nn.init.zeros_(self.diffusion.pixel_out.bias)
+        nn.init.trunc_normal_(self.query_embedding.weight, std=1.0)
+        nn.init.trunc_normal_(self.decoder_embedding.weight, std=0.02)
+        codebook = self.quantizer.codebook.weight
+        codebook.uniform_(-1 / self.cfg.codebook_size, 1 / self.cfg.codebook_size)
+        codebook.copy_(F.normalize(codebook, dim=-1))
+
+    # ---- input checks: a wrong input gets a sentence, not a shape error deep inside -------------
+    def check_images(self, images):
+        size = self.cfg.image_size
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
+        if images.shape[2:] != (size, size):
+            raise ValueError(f"this tokenizer takes {size}x{size} images, got {images.shape[2]}x{images.shape[3]}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floats in [-1, 1], got dtype {images.dtype} (0-255 pixels?)")
+        low, high = images.min().item(), images.max().item()
+        if low < -1.1 or high > 1.1:
+            raise ValueError(f"images must have values in [-1, 1], got [{low:.3g}, {high:.3g}] "
+                             "(map 0-255 pixels with x / 127.5 - 1)")
+
+    def check_codes(self, codes, full_length=True):
+        N, V = self.cfg.num_tokens, self.cfg.codebook_size
+        if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"codes must be integer token ids of shape (B, N), got {codes.dtype} {tuple(codes.shape)}")
+        if codes.shape[1] != N if full_length else not 0 < codes.shape[1] <= N:
+            raise ValueError(f"codes must hold {'exactly' if full_length else '1 to'} {N} tokens per image, "
+                             f"got {codes.shape[1]}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= V):
+            raise ValueError(f"codes must lie in the codebook [0, {V}), got values in "
+                             f"[{codes.min().item()}, {codes.max().item()}]")
+
+    # ---- Eq. (1): encoder and quantiser --------------------------------------------------------
+    def encoder_features(self, images):
+        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N, C), before quantisation."""
+        B, N = images.shape[0], self.cfg.num_tokens
+        patches = layer_norm(self.patchify(images).flatten(2).transpose(1, 2))     # (B, L, D)
+        queries = self.query_linear(self.query_embedding.weight[:N]).expand(B, -1, -1)  # (B, N, D)
+        x = torch.cat([patches, queries], dim=1)                                     # (B, L+N, D)
+        rope = (self.encoder_rope_cos, self.encoder_rope_sin)
+        x = run_blocks(self.encoder_layers, x, self.grad_checkpointing and self.training,
+                       rope=rope, mask=self.encoder_mask)
+        return self.quant_in(layer_norm(x[:, -N:]))                                  # (B, N, C)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine order."""
+        self.check_images(images)
+        return self.quantizer(self.encoder_features(images))[1]
+
+    # ---- post-quantisation causal layers: z -> z' ----------------------------------------------
+    def causal_decoder(self, z_q):
+        """z_q (B, n, C) -> z' (B, n, D). Causal layers (§4): z'_i depends on z_1..z_i only."""
+        x = self.quant_out(z_q) + self.decoder_embedding.weight[:z_q.shape[1]]      # (B, n, D)
+        x = run_blocks(self.decoder_layers, x, self.grad_checkpointing and self.training, causal=True)
+        return layer_norm(x)
+
+    @torch.no_grad()
+    def conditions(self, codes):
+        """Tokens -> conditions z' (B, n, D) for every position. The layers are causal, so the first n
+        tokens of a sequence (n <= N) give the same z'[:, :n] as the whole sequence."""
+        self.check_codes(codes, full_length=False)
+        return self.causal_decoder(self.quantizer.normalized_codebook()[codes])
+
+    # ---- Eq. (2)-(4), (8): the pixel diffusion decoder ---------------------------------------
+    @torch.no_grad()
+    def velocity(self, x_t, t, cond):
+        """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the network
+        sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B, 3, H, W)."""
+        size, G, D = self.cfg.image_size, self.cfg.group_size, self.cfg.decoder_dim
+        if x_t.dim() != 4 or x_t.shape[1:] != (3, size, size):
+            raise ValueError(f"x_t must be (B, 3, {size}, {size}), got {tuple(x_t.shape)}")
+        if cond.shape != (x_t.shape[0], G, D):
+            raise ValueError(f"cond must be one group of conditions ({x_t.shape[0]}, {G}, {D}), got {tuple(cond.shape)}")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        return self.diffusion(x_t, t, cond)[0]
+
+    @torch.no_grad()
+    def decode(self, codes, noise=None, solver="adams2", generator=None):
+        """Tokens (B, N) -> images (B, 3, H, W) by K steps of the Eq. (8) schedule, step k conditioned on
+        group k of z' (Eq. 5). `noise` is x_0 in the scaled pixel space (drawn with `generator` if None)."""
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+        self.check_codes(codes)
+        cond = self.conditions(codes)                                                # (B, N, D)
+        B, G, size = codes.shape[0], self.cfg.group_size, self.cfg.image_size
+        if noise is None:
+            noise = torch.randn(B, 3, size, size, generator=generator, device=codes.device)
+        elif noise.shape != (B, 3, size, size):
+            raise ValueError(f"noise must be (B, 3, {size}, {size}) = x_0, got {tuple(noise.shape)}")
+        x, v_prev, times = noise.to(cond.dtype), None, self.sampling_times
+        for k in range(self.cfg.num_groups):
+            v, _ = self.diffusion(x, times[k].expand(B), cond[:, k * G:(k + 1) * G])
+            x, v_prev = solver_step(x, v, v_prev, times[k + 1] - times[k], solver), v
+        return x / self.cfg.data_std
+
+    # ---- Eq. (7): the training loss -------------------------------------------------------------
+    def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5, u=None):
+        """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5 in the paper).
+
+        perceptual(images, fakes) -> per-image distances, e.g. lpips.LPIPS(net="vgg"); the LPIPS term is
+            computed on the jump estimate x_hat_1 (as released) and only when this is given.
+        repa_target(images) -> (B, repa_grid^2, repa_dim) target features, e.g. DINOv2-B patch tokens; the
+            REPA term (1 - cosine similarity) is computed only when this is given.
+        u: Eq. (5)'s t' per image (U[0, 1) when None); the network sees t = shift(u).
+        Returns a dict: "loss" (the total, to backpropagate) and detached "fm", "vq", "lpips", "repa",
+        "usage" (the fraction of the codebook used in this batch).
+        """
+        cfg, B = self.cfg, images.shape[0]
+        self.check_images(images)
+        if repa_target is not None and not cfg.uses_repa:
+            raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer >= "
+                             "diffusion_depth); pass repa_target=None")
+        z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))       # (B, N, C), (B, N), (B, N)
+        cond = self.causal_decoder(z_q)                                                # (B, N, D)
+
+        if u is None:
+            u = torch.rand(B, device=images.device)
+        t = shift_time(u, cfg.time_shift)
+        group = condition_group(t, cfg.num_groups, cfg.time_shift)                   # (B,)
+        token_ids = group[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=images.device)
+        cond_t = cond.gather(1, token_ids[..., None].expand(-1, -1, cond.shape[-1]))  # c(t): (B, G, D)
+
+        x1 = cfg.data_std * images                                                     # data, scaled (release)
+        x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
+        v, repa = self.diffusion(x_t, t, cond_t, return_repa=repa_target is not None,
+                                 checkpointed=self.grad_checkpointing)
+        fm = F.mse_loss(v, v_target) / cfg.data_std ** 2                               # Eq. (2), in image units
+
+        # l_VQ counts only the tokens up to the selected group: later ones got no decoder signal this step
+        seen = (torch.arange(cfg.num_tokens, device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
+        vq = (vq_per_token * seen).sum() / seen.sum()
+
+        loss, terms = fm + vq, {"fm": fm, "vq": vq}
+        if perceptual is not None:
+            fakes = jump_estimate(x_t, t, v) / cfg.data_std
+            terms["lpips"] = perceptual(images, fakes).mean()
+            loss = loss + lpips_weight * terms["lpips"]
+        if repa_target is not None:
+            with torch.no_grad():
+                target = repa_target(images)
+            terms["repa"] = (1 - F.cosine_similarity(repa, target, dim=-1)).mean()
+            loss = loss + repa_weight * terms["repa"]
+        usage = codes.unique().numel() / cfg.codebook_size
+        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}, "usage": usage}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+class _ForeignObject:
+    """Stand-in for classes that official files pickle but we do not have (config_util.Config): it only
+    receives the pickled attributes; no code of the file runs."""
+
+
+def load_checkpoint_file(path):
+    """torch.load with weights_only=True, allowing only plain data plus the two foreign objects the
+    official files contain: an argparse.Namespace and a config_util.Config (read as plain attributes)."""
+    allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+# official tokenizer key prefix -> ours (the release's 1x1 convolutions are per-token linear maps here)
+OFFICIAL_TOKENIZER_KEYS = {
+    "diff_decoder.net.conv_in.": "diffusion.pixel_in.",
+    "diff_decoder.net.conv_out.": "diffusion.pixel_out.",
+    "diff_decoder.net.": "diffusion.",
+    "quant_in_conv.": "quant_in.",
+    "quant_out_conv.": "quant_out.",
+    "quantize.embedding.": "quantizer.codebook.",
+}
+# training statistics of the release (a FIFO of recently used codes); no effect on any output
+OFFICIAL_TOKENIZER_IGNORED = {"quantize.codebook_used"}
+
+
+def convert_official_tokenizer_state(state):
+    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become Linear (out, in)."""
+    converted = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("_orig_mod.").removeprefix("module.")
+        if key in OFFICIAL_TOKENIZER_IGNORED:
+            continue
+        for official, ours in OFFICIAL_TOKENIZER_KEYS.items():
+            if key.startswith(official):
+                key = ours + key[len(official):]
+                break
+        converted[key] = tensor.flatten(1) if tensor.dim() == 4 and tensor.shape[2:] == (1, 1) else tensor
+    return converted
+
+
+def load_state_strict(model, state, what):
+    """load_state_dict that names the first missing key, unexpected key or shape mismatch."""
+    expected = model.state_dict()
+    for key in expected:
+        if key not in state:
+            raise ValueError(f"{what}: missing key {key!r}")
+    for key, tensor in state.items():
+        if key not in expected:
+            raise ValueError(f"{what}: unexpected key {key!r}")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{what}: key {key!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+
+
+def load_tokenizer(path, device="cpu"):
+    """Load a tokenizer checkpoint -- ours or an official release file (detected) -- in eval mode.
+
+    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state}.
+    Official (`D-AR-tokenizer_v1.pt`): {"model", "ema", "config": config_util.Config, "args", ...}; the
+    configuration is read from the file. Both use the EMA weights when present, as the official sampler does.
+    """
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (no 'model' and 'config' entries)")
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    if isinstance(ckpt["config"], _ForeignObject):                     # an official release file
+        model_config = getattr(ckpt["config"], "_data", {}).get("model")
+        if not isinstance(model_config, dict) or "diff_decoder" not in model_config:
+            raise ValueError(f"{path}: its config has no tokenizer 'model' section; not a tokenizer checkpoint")
+        cfg = TokenizerConfig.from_official(model_config)
+        weights = convert_official_tokenizer_state(weights)
+    elif ckpt.get("kind") == "tokenizer" and isinstance(ckpt["config"], dict):
+        unknown = set(ckpt["config"]) - {f.name for f in fields(TokenizerConfig)}
+        if unknown:
+            raise ValueError(f"{path}: unknown tokenizer config keys {sorted(unknown)}")
+        cfg = TokenizerConfig(**ckpt["config"])
+    else:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (kind={ckpt.get('kind')!r})")
+    if not any(key.startswith("diffusion.repa_out.") for key in weights):
+        cfg = replace(cfg, repa_dim=0)  # the REPA head is a training aid; files may omit it
+    tokenizer = Tokenizer(cfg)
+    load_state_strict(tokenizer, weights, f"tokenizer checkpoint {path}")
+    return tokenizer.to(device).eval()
