@@ -573,10 +573,10 @@ class Tokenizer(nn.Module):
         token_ids = group[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=images.device)
         cond_t = cond.gather(1, token_ids[..., None].expand(-1, -1, cond.shape[-1]))  # c(t): (B, G, D)
 
-        x1 = cfg.data_std * images                                                     # data, scaled (release)
+        x1 = cfg.data_std * images  # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
         v, repa = self.diffusion(x_t, t, cond_t, return_repa=repa_target is not None,
-                                 checkpointed=self.grad_checkpointing)
+                                 checkpointed=self.grad_checkpointing and self.training)
         fm = F.mse_loss(v, v_target) / cfg.data_std ** 2                               # Eq. (2), in image units
 
         # l_VQ counts only the tokens up to the selected group: later ones got no decoder signal this step

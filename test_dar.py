@@ -328,6 +328,27 @@ def test_vq_loss_counts_tokens_up_to_the_selected_group(official, expected):
         official.zero_grad(set_to_none=True)
 
 
+def test_gradient_checkpointing_changes_memory_not_numbers(official, expected):
+    def loss_and_gradient():
+        official.zero_grad()
+        torch.manual_seed(0)
+        loss = official(expected["images"], u=torch.tensor([0.3, 0.8]))["loss"]
+        loss.backward()
+        return loss.detach(), official.patchify.weight.grad.clone()
+
+    official.train()
+    try:
+        plain = loss_and_gradient()
+        official.grad_checkpointing = True
+        checkpointed = loss_and_gradient()
+    finally:
+        official.grad_checkpointing = False
+        official.eval()
+        official.zero_grad(set_to_none=True)
+    torch.testing.assert_close(checkpointed, plain)
+    assert plain[1].abs().sum() > 0
+
+
 # ---- learning ---------------------------------------------------------------------------------------
 
 def test_tiny_tokenizer_overfits_eight_images():
