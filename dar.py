@@ -540,7 +540,7 @@ class Tokenizer(nn.Module):
             noise = torch.randn(B, 3, size, size, generator=generator, device=codes.device)
         elif noise.shape != (B, 3, size, size):
             raise ValueError(f"noise must be (B, 3, {size}, {size}) = x_0, got {tuple(noise.shape)}")
-        x, v_prev, times = noise.to(cond.dtype), None, self.sampling_times
+        x, v_prev, times = noise.to(cond), None, self.sampling_times  # the release draws x_0 on the CPU
         for k in range(self.cfg.num_groups):
             v, _ = self.diffusion(x, times[k].expand(B), cond[:, k * G:(k + 1) * G])
             x, v_prev = solver_step(x, v, v_prev, times[k + 1] - times[k], solver), v
