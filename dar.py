@@ -527,6 +527,23 @@ class Tokenizer(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         return self.diffusion(x_t, t, cond)[0]
 
+    def initial_noise(self, batch, noise=None, generator=None, device=None):
+        """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise` checked, or drawn with `generator`."""
+        size = self.cfg.image_size
+        if noise is None:
+            return torch.randn(batch, 3, size, size, generator=generator, device=device)
+        if noise.shape != (batch, 3, size, size):
+            raise ValueError(f"noise must be ({batch}, 3, {size}, {size}) = x_0, got {tuple(noise.shape)}")
+        return noise.to(device)  # the release draws x_0 on the CPU
+
+    @torch.no_grad()
+    def denoise_step(self, x, k, cond, v_prev, solver):
+        """Step k of the Eq. (8) schedule, from t_k to t_{k+1}, conditioned on group k: cond (B, G, D) = c(t_k)
+        (Eq. 5, release form). Returns x at t_{k+1} and v_k (the next step's v_prev)."""
+        times = self.sampling_times
+        v, _ = self.diffusion(x, times[k].expand(x.shape[0]), cond)
+        return solver_step(x, v, v_prev, times[k + 1] - times[k], solver), v
+
     @torch.no_grad()
     def decode(self, codes, noise=None, solver="adams2", generator=None):
         """Tokens (B, N) -> images (B, 3, H, W) by K steps of the Eq. (8) schedule, step k conditioned on
@@ -535,15 +552,10 @@ class Tokenizer(nn.Module):
             raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
         self.check_codes(codes)
         cond = self.conditions(codes)                                                # (B, N, D)
-        B, G, size = codes.shape[0], self.cfg.group_size, self.cfg.image_size
-        if noise is None:
-            noise = torch.randn(B, 3, size, size, generator=generator, device=codes.device)
-        elif noise.shape != (B, 3, size, size):
-            raise ValueError(f"noise must be (B, 3, {size}, {size}) = x_0, got {tuple(noise.shape)}")
-        x, v_prev, times = noise.to(cond), None, self.sampling_times  # the release draws x_0 on the CPU
+        G = self.cfg.group_size
+        x, v = self.initial_noise(codes.shape[0], noise, generator, codes.device).to(cond), None
         for k in range(self.cfg.num_groups):
-            v, _ = self.diffusion(x, times[k].expand(B), cond[:, k * G:(k + 1) * G])
-            x, v_prev = solver_step(x, v, v_prev, times[k + 1] - times[k], solver), v
+            x, v = self.denoise_step(x, k, cond[:, k * G:(k + 1) * G], v, solver)
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
@@ -684,3 +696,388 @@ def load_tokenizer(path, device="cpu"):
     tokenizer = Tokenizer(cfg)
     load_state_strict(tokenizer, weights, f"tokenizer checkpoint {path}")
     return tokenizer.to(device).eval()
+
+
+# ================================================================================================
+#  §3.2  Autoregressive modelling: a vanilla Llama over the tokens, Eq. (6)
+# ================================================================================================
+
+
+@dataclass
+class ARConfig:
+    dim: int = 1024              # D
+    depth: int = 24              # transformer blocks
+    num_heads: int = 16          # H (64-wide heads in every released model)
+    vocab_size: int = 16384      # = the tokenizer's codebook size V
+    num_tokens: int = 256        # N: tokens per image (the class token is one more position)
+    num_classes: int = 1000      # the class embedding has one more row: the null class for CFG
+    rope_theta: float = 10000.0
+    token_dropout: float = 0.1   # release: dropout on the input sequence, after each attention and FFN,
+    residual_dropout: float = 0.1    # and class-label dropout (which also trains the null class for CFG)
+    ffn_dropout: float = 0.1
+    label_dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim ({self.dim}) must split into num_heads ({self.num_heads}) heads of even width")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.num_heads
+
+    @property
+    def ffn_hidden(self):  # the released SwiGLU width: 2/3 of 4D, rounded up to a multiple of 256
+        return -(-(8 * self.dim // 3) // 256) * 256
+
+
+AR_PRESETS = {  # the paper's D-AR-B/L/XL/XXL (LlamaGen's GPT-B/L/XL/XXL sizes)
+    "B": ARConfig(dim=768, depth=12, num_heads=12),     # 110,888,448 params
+    "L": ARConfig(dim=1024, depth=24, num_heads=16),    # 342,910,976 params
+    "XL": ARConfig(dim=1280, depth=36, num_heads=20),   # 774,699,520 params
+    "XXL": ARConfig(dim=1536, depth=48, num_heads=24),  # 1,410,972,672 params
+    # for CPUs and tests, matched to the `tiny` tokenizer (V = 256, N = 64) and the built-in data
+    "tiny": ARConfig(dim=128, depth=4, num_heads=2, vocab_size=256, num_tokens=64, num_classes=10),
+}
+
+
+def rope_1d(length, head_dim, theta):
+    """1D RoPE angles for positions 0..length-1: pair k of a head rotates by pos * theta^(-2k/hd).
+
+    Returns cos, sin: (length, hd/2). Release: computed in float32 (the tokenizer's 2D tables use float64).
+    """
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)   # (length, hd/2)
+    return angles.cos(), angles.sin()
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: x / rms(x) in float32, cast back, times a learned weight (eps 1e-5)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), x.shape[-1:], eps=1e-5).type_as(x) * self.weight
+
+
+class KVCache:
+    """A static key/value cache for one attention layer (as in gpt-fast): allocated once per generation,
+    (B, H, S, hd) with S = N + 1 slots, written at explicit positions; keys are stored after RoPE."""
+
+    def __init__(self, batch, heads, length, head_dim, dtype, device):
+        self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, positions, k, v):           # k, v (B, H, n, hd) at positions (n,)
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v                     # (B, H, S, hd); slots after the position are masked
+
+
+class LlamaAttention(nn.Module):
+    """Causal multi-head self-attention with a fused qkv projection and 1D RoPE, no biases."""
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)   # rows: [q | k | v], heads of hd inside each
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.residual_dropout)
+
+    def forward(self, x, rope, cache=None, positions=None, mask=None):
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, H, T, hd)
+        q, k, v = map(heads, self.wqkv(x).chunk(3, dim=-1))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:                                      # the whole sequence: plain causal attention
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:                                                  # new positions attend to every cached slot <= them
+            k, v = cache.update(positions, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dropout(self.wo(out.transpose(1, 2).flatten(2)))          # (B, T, D)
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: w2(SiLU(w1 x) * w3 x), no biases."""
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.dropout = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.attention_norm, self.attention = RMSNorm(cfg.dim), LlamaAttention(cfg)
+        self.ffn_norm, self.feed_forward = RMSNorm(cfg.dim), SwiGLU(cfg)
+
+    def forward(self, x, rope, cache=None, positions=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache, positions, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LlamaAR(nn.Module):
+    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the tokens (no changes).
+
+    Input sequence [y; z_1 .. z_{N-1}]: the class label y is one prefix token at position 0, so the
+    output at position i predicts z_{i+1} (0-based: logits[:, i] predicts tokens[:, i]). Row
+    `num_classes` of the class table is the null class y_0 used for classifier-free guidance.
+    """
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.class_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.depth))
+        self.norm = RMSNorm(cfg.dim)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_1d(cfg.num_tokens + 1, cfg.head_dim, cfg.rope_theta)  # position 0 = the class token
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("positions", torch.arange(cfg.num_tokens + 1), persistent=False)
+        slots = cfg.num_tokens + 1
+        self.register_buffer("cache_mask", torch.ones(slots, slots, dtype=torch.bool).tril(), persistent=False)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """The release's initialisation: every Linear and Embedding ~ N(0, 0.02); the output head zero."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.output.weight)
+
+    def check_tokens(self, tokens, labels):
+        V, N, classes = self.cfg.vocab_size, self.cfg.num_tokens, self.cfg.num_classes
+        if tokens.dim() != 2 or tokens.is_floating_point() or not 0 < tokens.shape[1] <= N:
+            raise ValueError(f"tokens must be integer ids (B, T) with 1 <= T <= {N}, got {tokens.dtype} "
+                             f"{tuple(tokens.shape)}")
+        if tokens.min() < 0 or tokens.max() >= V:
+            raise ValueError(f"tokens must lie in [0, {V}), got [{tokens.min().item()}, {tokens.max().item()}]")
+        if labels.shape != tokens.shape[:1] or labels.is_floating_point():
+            raise ValueError(f"labels must be integer class ids of shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() > classes:
+            raise ValueError(f"labels must lie in [0, {classes}] ({classes} = the null class), got "
+                             f"[{labels.min().item()}, {labels.max().item()}]")
+
+    def embed(self, labels, tokens):
+        """[class token; token embeddings]: labels (B,), tokens (B, T) -> (B, 1 + T, D)."""
+        return torch.cat([self.class_embedding(labels)[:, None], self.tok_embeddings(tokens)], dim=1)
+
+    def transformer(self, h, positions, caches=None):
+        """h (B, T, D) at `positions` (T,) -> logits (B, T, V) in float32. Without caches the positions are
+        0..T-1 and attention is causal; with caches, keys and values are written to them and reused."""
+        rope = (self.rope_cos[positions], self.rope_sin[positions])              # (T, hd/2) each
+        mask = None if caches is None else self.cache_mask[positions]            # (T, S)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, None if caches is None else caches[i], positions, mask)
+        return self.output(self.norm(h)).float()
+
+    def forward(self, tokens, labels):
+        """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i] predicts tokens[:, i]."""
+        self.check_tokens(tokens, labels)
+        if self.training and self.cfg.label_dropout > 0:  # trains the null class used by CFG
+            dropped = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
+            labels = labels.masked_fill(dropped, self.cfg.num_classes)
+        h = self.token_dropout(self.embed(labels, tokens[:, :-1]))                # (B, T, D)
+        return self.transformer(h, self.positions[:tokens.shape[1]])
+
+    def loss(self, tokens, labels):
+        """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i) over the batch and the N tokens."""
+        logits = self(tokens, labels)
+        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+    # ---- generation with a static KV cache --------------------------------------------------------
+    def new_cache(self, batch):
+        """One KVCache per layer for `batch` sequences, in the model's dtype and device."""
+        weight = self.tok_embeddings.weight
+        return [KVCache(batch, self.cfg.num_heads, self.cfg.num_tokens + 1, self.cfg.head_dim, weight.dtype,
+                        weight.device) for _ in self.layers]
+
+    @torch.no_grad()
+    def next_logits(self, h, start, caches):
+        """Cached forward of embeddings h (B, T, D) at positions start..start+T-1 -> logits of the last
+        position, i.e. for the next token (B, V). One new token costs one forward of one position."""
+        return self.transformer(h, self.positions[start:start + h.shape[1]], caches)[:, -1]
+
+
+# official GPT key prefix -> ours (LlamaGen's names are kept everywhere else)
+OFFICIAL_AR_KEYS = {"cls_embedding.embedding_table.": "class_embedding."}
+
+
+def official_ar_state(ckpt):
+    """The state dict inside an official AR file, read as the official sampler does (`model`, then
+    `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped and keys renamed."""
+    state = next((ckpt[key] for key in ("model", "module", "state_dict") if isinstance(ckpt.get(key), dict)), ckpt)
+    converted = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"not an AR state dict: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        key = key.removeprefix("_orig_mod.").removeprefix("module.")
+        for official, ours in OFFICIAL_AR_KEYS.items():
+            if key.startswith(official):
+                key = ours + key[len(official):]
+        converted[key] = tensor
+    return converted
+
+
+def infer_ar_config(state, head_dim=64, num_tokens=256):
+    """An ARConfig from the weight shapes, assuming `head_dim`-wide heads and N = `num_tokens` (neither is
+    stored in the weights; both hold for every released model)."""
+    if "tok_embeddings.weight" not in state or "class_embedding.weight" not in state:
+        raise ValueError("not an AR state dict: no token or class embedding")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    depth = len({key.split(".")[1] for key in state if key.startswith("layers.")})
+    return ARConfig(dim=dim, depth=depth, num_heads=dim // head_dim, vocab_size=vocab_size,
+                    num_tokens=num_tokens, num_classes=state["class_embedding.weight"].shape[0] - 1)
+
+
+def load_ar(path, config=None, device="cpu"):
+    """Load an AR checkpoint -- ours or an official release file (detected) -- in eval mode.
+
+    Ours: {"kind": "ar", "config": dict, "model": state, optional "ema": state}; uses "ema" when present.
+    Official (`D-AR-L-360K.pt`, ...): the configuration is not stored; `config` (an ARConfig or a preset
+    name) gives it, else it is inferred from the shapes with 64-wide heads and N = 256.
+    """
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not an AR checkpoint (a {type(ckpt).__name__}, not a dict)")
+    if ckpt.get("kind") == "ar":
+        if config is not None:
+            raise ValueError(f"{path} stores its own configuration; do not pass `config`")
+        cfg = ARConfig(**ckpt["config"])
+        weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    elif "kind" in ckpt or isinstance(ckpt.get("config"), _ForeignObject):
+        raise ValueError(f"{path} is not an AR checkpoint (it is a {ckpt.get('kind', 'tokenizer')} checkpoint)")
+    else:
+        weights = official_ar_state(ckpt)
+        if isinstance(config, str):
+            if config not in AR_PRESETS:
+                raise ValueError(f"unknown AR preset {config!r}; choose one of {sorted(AR_PRESETS)}")
+            config = AR_PRESETS[config]
+        cfg = config or infer_ar_config(weights)
+    model = LlamaAR(cfg)
+    load_state_strict(model, weights, f"AR checkpoint {path}")
+    return model.to(device).eval()
+
+
+# ================================================================================================
+#  §3.3  The D-AR sampler: every group of generated tokens drives one diffusion step
+# ================================================================================================
+
+
+def guidance_scales(cfg, num_tokens):
+    """Classifier-free guidance scale per token: a number, or the release's linear schedule (start, end)
+    over the N tokens (token 0 uses start, token N-1 end; the paper uses (1.1, 8.0) for L, (1.1, 10.0) for XL)."""
+    start, end = cfg if isinstance(cfg, (tuple, list)) else (cfg, cfg)
+    if min(start, end) < 0:
+        raise ValueError(f"cfg scales must be >= 0, got {cfg}")
+    # release: a schedule starting at exactly 1.0 is nudged to 1.001 to switch guidance on; we need no nudge
+    return torch.linspace(start, end, num_tokens).tolist()
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus (top-p)
+    filtering, then one multinomial draw. top_k = 1 is greedy."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    if top_p < 1.0:  # drop the tail whose cumulative mass exceeds top_p; the most likely token always stays
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        beyond = sorted_logits.softmax(-1).cumsum(-1) > top_p
+        beyond = torch.cat([torch.zeros_like(beyond[:, :1]), beyond[:, :-1]], dim=-1)  # keep the boundary token
+        logits = logits.masked_fill(beyond.scatter(-1, order, beyond), -math.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]     # (B,)
+
+
+@dataclass
+class SampleStep:
+    """What the sampler yields after group k (1-based) of tokens has driven its diffusion step."""
+    group: int               # k = 1..K
+    tokens: torch.Tensor     # (B, k G) the tokens so far
+    t: float                 # the diffusion time reached, t_k of Eq. (8) (t_K = 1)
+    x: torch.Tensor          # (B, 3, H, W) the diffusion state x_{t_k}, in the scaled pixel space
+    preview: torch.Tensor    # (B, 3, H, W) the jump estimate x_hat_1 from t_{k-1}, in image space [-1, 1]
+    image: torch.Tensor = None  # (B, 3, H, W) the final image, on the last step only
+
+
+@torch.no_grad()
+def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
+           solver="adams2", noise=None, generator=None):
+    """§3.3: D-AR sampling. The AR model writes the tokens one by one (Eq. 6); as soon as group k is
+    complete, the tokenizer's decoder takes diffusion step k (Eq. 5, 8) and the jump estimate gives a
+    preview. A generator: yields one SampleStep per group; the last one carries `.image`, equal to
+    `tokenizer.decode(tokens, noise, solver)`.
+
+    labels (B,) class ids; cfg a scale or a (start, end) schedule (logit-space guidance
+    l = l_u + s (l_c - l_u)); temperature / top_k / top_p as `sample_token`; prefix (B, P) tokens kept
+    fixed (zero-shot layout control, Fig. 5: the steps their groups cover run before any token is
+    generated); noise x_0 (B, 3, H, W) in the scaled pixel space; generator seeds token draws and noise
+    and must live on the models' device.
+
+    The preview of step k is the solver's own step from t_{k-1} extended to t = 1: with Euler exactly the
+    paper's x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
+    the paper's Table 5), whose last preview is the final image.
+    """
+    N, K, G, V = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size, ar.cfg.vocab_size
+    device = tokenizer.sampling_times.device
+    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size, N):
+        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the "
+                         f"tokenizer ({tokenizer.cfg.codebook_size} ids, {N} tokens)")
+    if ar.training:
+        raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before sampling")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if temperature < 0 or top_k < 0:
+        raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(f"the generator is on {generator.device}, the models on {device}; they must match")
+    labels = torch.as_tensor(labels, device=device)
+    B = labels.shape[0]
+    if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
+        raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got {labels.tolist()}")
+    prefix = torch.as_tensor([[]] * B if prefix is None else prefix, dtype=torch.long, device=device)  # (B, P)
+    if prefix.dim() != 2 or prefix.shape[0] != B or prefix.shape[1] > N:
+        raise ValueError(f"prefix must be ({B}, P) tokens with P <= {N}, got shape {tuple(prefix.shape)}")
+    if prefix.numel() and (prefix.min() < 0 or prefix.max() >= V):
+        raise ValueError(f"prefix tokens must lie in [0, {V}), got [{prefix.min().item()}, {prefix.max().item()}]")
+    scales = guidance_scales(cfg, N)
+    guided = any(scale != 1.0 for scale in scales)
+
+    # the AR side: prefill the class token and the prefix; guidance doubles the batch (labels ; null labels)
+    batch_labels = torch.cat([labels, torch.full_like(labels, ar.cfg.num_classes)]) if guided else labels
+    double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
+    caches = ar.new_cache(batch_labels.shape[0])
+    logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), 0, caches)        # (B', V)
+    tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    tokens[:, :prefix.shape[1]] = prefix
+
+    # the diffusion side: x_0, and the K steps of Eq. (8)
+    x, v, times = tokenizer.initial_noise(B, noise, generator, device), None, tokenizer.sampling_times
+    for k in range(K):
+        for i in range(max(k * G, prefix.shape[1]), (k + 1) * G):   # (a) the tokens of group k not in the prefix
+            if i > prefix.shape[1]:
+                logits = ar.next_logits(ar.tok_embeddings(double(tokens[:, i - 1:i])), i, caches)
+            if guided:
+                conditional, unconditional = logits.chunk(2)
+                guided_logits = unconditional + scales[i] * (conditional - unconditional)
+            else:
+                guided_logits = logits
+            tokens[:, i] = sample_token(guided_logits, temperature, top_k, top_p, generator)
+        cond = tokenizer.conditions(tokens[:, :(k + 1) * G])[:, k * G:]                 # (b) z' of group k
+        x_prev, v_prev = x.to(cond), v
+        x, v = tokenizer.denoise_step(x_prev, k, cond, v_prev, solver)                 # (c) step k
+        preview = solver_step(x_prev, v, v_prev, times[K] - times[k], solver) / tokenizer.cfg.data_std
+        yield SampleStep(group=k + 1, tokens=tokens[:, :(k + 1) * G].clone(), t=times[k + 1].item(), x=x,
+                         preview=preview, image=x / tokenizer.cfg.data_std if k == K - 1 else None)  # (d)

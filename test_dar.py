@@ -413,3 +413,245 @@ def test_bad_inputs_raise_clear_value_errors(official, expected):
         official.velocity(expected["velocity_x_t"], 0.5, expected["cond"])
     with pytest.raises(ValueError, match="no REPA"):
         official(images, repa_target=lambda x: x)
+
+
+# ==== §3.2 the AR model and §3.3 the D-AR sampler ==================================================
+
+OFFICIAL_AR = FIXTURES / "official_ar.pt"
+
+
+def fixture_ar_config(expected):
+    c = expected["ar_model"]
+    return dar.ARConfig(dim=c["dim"], depth=c["n_layer"], num_heads=c["n_head"], vocab_size=c["vocab_size"],
+                        num_tokens=c["block_size"], num_classes=c["num_classes"])
+
+
+@pytest.fixture(scope="module")
+def official_ar(expected):
+    return dar.load_ar(OFFICIAL_AR, fixture_ar_config(expected))
+
+
+def test_ar_preset_parameter_counts_match_the_release():
+    counts = {"B": 110_888_448, "L": 342_910_976, "XL": 774_699_520, "XXL": 1_410_972_672}
+    for name, count in counts.items():
+        with torch.device("meta"):
+            assert sum(p.numel() for p in dar.LlamaAR(dar.AR_PRESETS[name]).parameters()) == count, name
+    assert [dar.AR_PRESETS[name].ffn_hidden for name in counts] == [2048, 2816, 3584, 4096]
+    tiny_tok, tiny_ar = dar.TOKENIZER_PRESETS["tiny"], dar.AR_PRESETS["tiny"]
+    assert (tiny_ar.vocab_size, tiny_ar.num_tokens) == (tiny_tok.codebook_size, tiny_tok.num_tokens)
+
+
+def test_official_ar_teacher_forced_logits(official_ar, expected):
+    logits = official_ar(expected["tokens"], expected["labels"])
+    torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_official_greedy_tokens_through_the_sampler(official_ar, official, expected, guided):
+    cfg = (expected["cfg_start"], expected["cfg_end"]) if guided else 1.0
+    steps = list(dar.sample(official_ar, official, expected["labels"], cfg=cfg, top_k=1))
+    want = expected["greedy_tokens_cfg" if guided else "greedy_tokens_nocfg"]
+    assert torch.equal(steps[-1].tokens, want)
+
+
+def test_official_ar_file_loads_safely_in_every_layout(tmp_path, official_ar, expected, monkeypatch):
+    with pytest.raises(Exception):  # the file pickles an argparse.Namespace: plain weights_only loading refuses it
+        torch.load(OFFICIAL_AR, weights_only=True)
+    state = dar.load_checkpoint_file(OFFICIAL_AR)["model"]
+    layouts = {"module": {"module": state}, "state_dict": {"state_dict": state},
+               "bare": dict(state), "compiled": {"model": {"_orig_mod." + k: v for k, v in state.items()}}}
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw.get("weights_only")) or real_load(*a, **kw))
+    for name, ckpt in layouts.items():
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        ar = dar.load_ar(tmp_path / f"{name}.pt", fixture_ar_config(expected))
+        assert not ar.training
+        torch.testing.assert_close(ar(expected["tokens"], expected["labels"]), expected["logits"], atol=1e-5, rtol=0)
+    assert seen == [True] * len(layouts)
+
+
+def test_load_ar_infers_the_config_from_shapes_with_64_wide_heads(expected):
+    ar = dar.load_ar(OFFICIAL_AR)  # the fixture's heads are 32 wide, so only an explicit config reproduces it
+    c = ar.cfg
+    assert (c.dim, c.depth, c.num_heads, c.vocab_size, c.num_classes, c.num_tokens) == (64, 2, 1, 64, 10, 256)
+    with pytest.raises(ValueError, match="missing key 'layers.2."):
+        dar.load_ar(OFFICIAL_AR, "B")
+    with pytest.raises(ValueError, match="unknown AR preset 'GPT-L'"):
+        dar.load_ar(OFFICIAL_AR, "GPT-L")
+
+
+def test_own_ar_checkpoint_round_trip_uses_ema(tmp_path, official_ar, expected):
+    ema = {k: v + 0.01 for k, v in official_ar.state_dict().items()}
+    torch.save({"kind": "ar", "config": asdict(official_ar.cfg), "model": official_ar.state_dict(), "ema": ema},
+               tmp_path / "ar.pt")
+    ar = dar.load_ar(tmp_path / "ar.pt")
+    assert ar.cfg == official_ar.cfg
+    assert torch.equal(ar.output.weight, ema["output.weight"])
+    del ema["norm.weight"]
+    torch.save({"kind": "ar", "config": asdict(official_ar.cfg), "model": ema}, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="missing key 'norm.weight'"):
+        dar.load_ar(tmp_path / "broken.pt")
+
+
+def test_load_ar_rejects_tokenizer_files(tmp_path, official):
+    with pytest.raises(ValueError, match="not an AR checkpoint"):
+        dar.load_ar(OFFICIAL_TOKENIZER)
+    with pytest.raises(ValueError, match="not an AR checkpoint"):
+        dar.load_ar(own_checkpoint(tmp_path, official))
+
+
+def test_eq6_logits_are_causal_and_the_loss_is_next_token_cross_entropy(official_ar, expected):
+    tokens, labels = expected["tokens"], expected["labels"]
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % official_ar.cfg.vocab_size
+    logits, logits_changed = official_ar(tokens, labels), official_ar(changed, labels)
+    torch.testing.assert_close(logits[:, :11], logits_changed[:, :11])  # position i sees tokens < i only
+    assert not torch.allclose(logits[:, 11:], logits_changed[:, 11:])
+    by_hand = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean()
+    torch.testing.assert_close(official_ar.loss(tokens, labels), by_hand)
+
+
+def test_label_dropout_trains_the_null_class(expected):
+    cfg = replace(fixture_ar_config(expected), token_dropout=0.0, residual_dropout=0.0, ffn_dropout=0.0,
+                  label_dropout=1.0)
+    ar = dar.LlamaAR(cfg)
+    nn_init = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ar.output.weight.normal_(generator=nn_init)  # the head starts at zero; make the logits informative
+    tokens, labels = expected["tokens"], expected["labels"]
+    null = torch.full_like(labels, cfg.num_classes)
+    dropped = ar.train()(tokens, labels)
+    ar.eval()
+    torch.testing.assert_close(dropped, ar(tokens, null))
+    assert not torch.allclose(dropped, ar(tokens, labels))
+
+
+def test_release_initialisation_zeroes_the_output_head():
+    ar = dar.LlamaAR(dar.AR_PRESETS["tiny"])
+    assert torch.all(ar.output.weight == 0)
+    assert abs(ar.tok_embeddings.weight.std().item() - 0.02) < 0.002
+    assert torch.all(ar.norm.weight == 1)
+
+
+def guided_greedy_by_full_forward(ar, labels, scales):
+    """Greedy decoding that re-runs the whole sequence for every token (no cache): the slow reference."""
+    null = torch.full_like(labels, ar.cfg.num_classes)
+    tokens = torch.zeros(len(labels), 0, dtype=torch.long)
+    for i, scale in enumerate(scales):
+        padded = torch.cat([tokens, torch.zeros_like(labels)[:, None]], dim=1)  # the last input is never read
+        conditional, unconditional = ar(padded, labels)[:, i], ar(padded, null)[:, i]
+        tokens = torch.cat([tokens, (unconditional + scale * (conditional - unconditional)).argmax(-1, keepdim=True)], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("cfg", [1.0, (1.5, 6.0)])
+def test_kv_cached_greedy_generation_equals_full_forward_argmax(official_ar, official, cfg):
+    labels = torch.arange(4)
+    steps = list(dar.sample(official_ar, official, labels, cfg=cfg, top_k=1))
+    scales = dar.guidance_scales(cfg, official_ar.cfg.num_tokens)
+    assert torch.equal(steps[-1].tokens, guided_greedy_by_full_forward(official_ar, labels, scales))
+
+
+def test_guidance_schedule_is_linear_over_the_tokens():
+    scales = dar.guidance_scales((1.1, 8.0), 256)
+    assert scales[0] == pytest.approx(1.1) and scales[-1] == pytest.approx(8.0)
+    assert scales[1] == pytest.approx(1.1 + 6.9 / 255)
+    assert dar.guidance_scales(4.0, 3) == [4.0, 4.0, 4.0]
+
+
+def test_top_k_and_top_p_keep_the_release_support():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(500, -1)
+    support = lambda **kw: set(dar.sample_token(logits, generator=gen, **kw).tolist())
+    assert support() == {0, 1, 2, 3}
+    assert support(top_k=2) == {0, 1}
+    assert support(top_k=1) == {0}
+    assert support(top_p=0.7) == {0, 1}    # cumulative 0.5, 0.8: the token that crosses 0.7 stays
+    assert support(top_p=0.4) == {0}       # the most likely token always stays
+    assert support(temperature=0) == {0}
+
+
+def test_sampler_runs_the_decoder_k_times_and_the_ar_once_per_position(official_ar, official):
+    decoder_calls, ar_positions = [], []
+    hooks = [official.diffusion.register_forward_hook(lambda m, args, out: decoder_calls.append(args[0].shape[0])),
+             official_ar.layers[0].register_forward_hook(lambda m, args, out: ar_positions.append(args[0].shape[1]))]
+    try:
+        list(dar.sample(official_ar, official, torch.arange(3), cfg=2.0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(decoder_calls) == official.cfg.num_groups                   # K network calls per image
+    assert sum(ar_positions) == official.cfg.num_tokens                    # prefill (class) + N - 1 single tokens
+    assert max(ar_positions) == 1
+
+
+@pytest.mark.parametrize("solver", dar.SOLVERS)
+def test_streaming_equals_offline_decode(official_ar, official, solver):
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    steps = list(dar.sample(official_ar, official, torch.arange(4), cfg=(1.1, 4.0), noise=noise, solver=solver,
+                           generator=torch.Generator().manual_seed(2)))
+    assert [s.group for s in steps] == list(range(1, official.cfg.num_groups + 1))
+    assert [s.tokens.shape[1] for s in steps] == [official.cfg.group_size * k for k in range(1, 5)]
+    assert all(s.image is None for s in steps[:-1])
+    torch.testing.assert_close(steps[-1].image, official.decode(steps[-1].tokens, noise, solver), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor([s.t for s in steps]), official.sampling_times[1:])
+
+
+@pytest.mark.parametrize("solver", dar.SOLVERS)
+def test_previews_jump_estimates_converge_to_the_image(official_ar, official, solver):
+    noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    steps = list(dar.sample(official_ar, official, torch.arange(8), noise=noise, solver=solver,
+                           generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(steps[-1].preview, steps[-1].image)
+    group0 = official.conditions(steps[-1].tokens)[:, :official.cfg.group_size]
+    v0 = official.velocity(noise, 0.0, group0)
+    torch.testing.assert_close(steps[0].preview, (noise + v0) / official.cfg.data_std)  # x_hat_1 = x_0 + v_0 at t = 0
+    distances = [(s.preview - steps[-1].image).pow(2).mean().item() for s in steps]
+    assert all(a > b for a, b in zip(distances, distances[1:])), distances
+
+
+def test_layout_control_prefix_is_kept_and_fixes_the_first_steps(official_ar, official, expected):
+    G = official.cfg.group_size
+    prefix = expected["codes"][:1, :2 * G].expand(3, -1)           # the first two groups of a real image
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)).expand(3, -1, -1, -1)
+    steps = list(dar.sample(official_ar, official, torch.tensor([0, 4, 9]), prefix=prefix, noise=noise,
+                           generator=torch.Generator().manual_seed(6)))
+    assert torch.equal(steps[-1].tokens[:, :2 * G], prefix)
+    for step in steps[:2]:  # groups inside the prefix: identical whatever the label
+        assert torch.equal(step.preview[0], step.preview[1]) and torch.equal(step.preview[0], step.preview[2])
+    assert not torch.equal(steps[-1].tokens[0], steps[-1].tokens[1])  # the labels decide the rest
+
+
+def test_generator_makes_sampling_reproducible(official_ar, official):
+    def draw(seed):
+        steps = list(dar.sample(official_ar, official, torch.arange(4), cfg=3.0, top_p=0.9,
+                               generator=torch.Generator().manual_seed(seed)))
+        return steps[-1].tokens, steps[-1].image
+    (tokens_a, image_a), (tokens_b, image_b), (tokens_c, _) = draw(7), draw(7), draw(8)
+    assert torch.equal(tokens_a, tokens_b) and torch.equal(image_a, image_b)
+    assert not torch.equal(tokens_a, tokens_c)
+
+
+def test_sampler_bad_inputs_raise_clear_value_errors(official_ar, official, expected):
+    first = lambda **kw: next(dar.sample(official_ar, official, **{"labels": torch.arange(2), **kw}))
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 10\)"):
+        first(labels=torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="P <= 32"):
+        first(prefix=torch.zeros(2, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"prefix tokens must lie in \[0, 64\)"):
+        first(prefix=torch.full((2, 4), 64))
+    with pytest.raises(ValueError, match=">= 0"):
+        first(cfg=(-1.0, 4.0))
+    for top_p in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+            first(top_p=top_p)
+    with pytest.raises(ValueError, match="unknown solver"):
+        first(solver="heun")
+    for change in ({"vocab_size": 128}, {"num_tokens": 64}):
+        with pytest.raises(ValueError, match="does not match the tokenizer"):
+            next(dar.sample(dar.LlamaAR(replace(official_ar.cfg, **change)).eval(), official, torch.arange(2)))
+    with pytest.raises(ValueError, match="training mode"):
+        next(dar.sample(dar.LlamaAR(official_ar.cfg), official, torch.arange(2)))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
+        official_ar(expected["tokens"], expected["labels"] + 20)
