@@ -3,8 +3,8 @@
 The file follows the paper:
   §3.1  the sequential diffusion tokenizer: Eq. (1) encoder + VQ, Eq. (2)-(4) flow matching,
         Eq. (5) condition schedule, Eq. (7) training loss, Eq. (8) sampling schedule (from §4)
-  §3.2  the Llama AR model, Eq. (6)                     -- coming (issue 3)
-  §3.3  the D-AR sampler: AR token groups drive diffusion steps  -- coming (issue 3)
+  §3.2  the Llama AR model, Eq. (6), with a static KV cache and logit-space classifier-free guidance
+  §3.3  the D-AR sampler: each group of G generated tokens drives one diffusion step, with a preview
   data utilities                                        -- coming (issue 4)
 
 Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
@@ -13,7 +13,8 @@ follow the release, so that its checkpoints load and give the same numbers; a co
 Shape legend, used by every shape comment:
   B batch, N tokens per image (queries), K condition groups, G = N/K tokens per group,
   L tokens of a 2D grid (patches), D width, H heads, hd head width (64), C codebook vector width,
-  V codebook size, P pixel patch size.
+  V codebook size (= the AR vocabulary), P pixel patch size, T positions of an AR sequence,
+  S slots of a KV cache (N + 1), B' the AR batch (2B with guidance).
 """
 import argparse
 import math
