@@ -5,7 +5,7 @@ The file follows the paper:
         Eq. (5) condition schedule, Eq. (7) training loss, Eq. (8) sampling schedule (from §4)
   §3.2  the Llama AR model, Eq. (6), with a static KV cache and logit-space classifier-free guidance
   §3.3  the D-AR sampler: each group of G generated tokens drives one diffusion step, with a preview
-  data utilities                                        -- coming (issue 4)
+  data and training utilities: the built-in shapes dataset, an ImageNet-style folder, the training stream
 
 Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
 follow the release, so that its checkpoints load and give the same numbers; a comment marks each place.
@@ -18,11 +18,17 @@ Shape legend, used by every shape comment:
 """
 import argparse
 import math
+import os
+import random
+import warnings
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 # ================================================================================================
@@ -717,6 +723,7 @@ class ARConfig:
     residual_dropout: float = 0.1    # and class-label dropout (which also trains the null class for CFG)
     ffn_dropout: float = 0.1
     label_dropout: float = 0.1
+    reverse: bool = False        # trained on the reversed, fine-to-coarse order (Table 7's ablation)
 
     def __post_init__(self):
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
@@ -823,6 +830,12 @@ class LlamaBlock(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def next_token_loss(logits, tokens):
+    """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i) over the batch and the positions;
+    logits (B, T, V) from `LlamaAR`, tokens (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+
 class LlamaAR(nn.Module):
     """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the tokens (no changes).
 
@@ -890,11 +903,6 @@ class LlamaAR(nn.Module):
             labels = labels.masked_fill(dropped, self.cfg.num_classes)
         h = self.token_dropout(self.embed(labels, tokens[:, :-1]))                # (B, T, D)
         return self.transformer(h, self.positions[:tokens.shape[1]])
-
-    def loss(self, tokens, labels):
-        """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i) over the batch and the N tokens."""
-        logits = self(tokens, labels)
-        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
     # ---- generation with a static KV cache --------------------------------------------------------
     def new_cache(self, batch):
@@ -1004,7 +1012,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 class SampleStep:
     """What the sampler yields after group k (1-based) of tokens has driven its diffusion step."""
     group: int               # k = 1..K
-    tokens: torch.Tensor     # (B, k G) the tokens so far
+    tokens: torch.Tensor     # (B, k G) the first k groups of tokens, in the tokenizer's coarse-to-fine order
     t: float                 # the diffusion time reached, t_k of Eq. (8) (t_K = 1)
     x: torch.Tensor          # (B, 3, H, W) the diffusion state x_{t_k}, in the scaled pixel space
     preview: torch.Tensor    # (B, 3, H, W) the jump estimate x_hat_1 from t_{k-1}, in image space [-1, 1]
@@ -1022,7 +1030,8 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     labels (B,) class ids; cfg a scale or a (start, end) schedule (logit-space guidance
     l = l_u + s (l_c - l_u)); temperature / top_k / top_p as `sample_token`; prefix (B, P) tokens kept
     fixed (zero-shot layout control, Fig. 5: the steps their groups cover run before any token is
-    generated); noise x_0 (B, 3, H, W) in the scaled pixel space; generator seeds token draws and noise
+    generated); an AR model trained on the reversed order (`ar.cfg.reverse`) writes the fine tokens
+    first, so every diffusion step waits for the last token; noise x_0 (B, 3, H, W) in the scaled pixel space; generator seeds token draws and noise
     and must live on the models' device.
 
     The preview of step k is the solver's own step from t_{k-1} extended to t = 1: with Euler exactly the
@@ -1053,6 +1062,8 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
         raise ValueError(f"prefix must be ({B}, P) tokens with P <= {N}, got shape {tuple(prefix.shape)}")
     if prefix.numel() and (prefix.min() < 0 or prefix.max() >= V):
         raise ValueError(f"prefix tokens must lie in [0, {V}), got [{prefix.min().item()}, {prefix.max().item()}]")
+    if prefix.numel() and ar.cfg.reverse:
+        raise ValueError("a prefix fixes the coarse tokens, which a reversed-order AR model writes last")
     scales = guidance_scales(cfg, N)
     guided = any(scale != 1.0 for scale in scales)
 
@@ -1061,13 +1072,15 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
     caches = ar.new_cache(batch_labels.shape[0])
     logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), 0, caches)        # (B', V)
-    tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    tokens = torch.empty(B, N, dtype=torch.long, device=device)                     # in the AR's order
     tokens[:, :prefix.shape[1]] = prefix
+    written = prefix.shape[1]
 
     # the diffusion side: x_0, and the K steps of Eq. (8)
     x, v, times = tokenizer.initial_noise(B, noise, generator, device), None, tokenizer.sampling_times
     for k in range(K):
-        for i in range(max(k * G, prefix.shape[1]), (k + 1) * G):   # (a) the tokens of group k not in the prefix
+        needed = N if ar.cfg.reverse else (k + 1) * G
+        for i in range(written, needed):                        # (a) the AR tokens that group k waits for
             if i > prefix.shape[1]:
                 logits = ar.next_logits(ar.tok_embeddings(double(tokens[:, i - 1:i])), i, caches)
             if guided:
@@ -1076,9 +1089,256 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
             else:
                 guided_logits = logits
             tokens[:, i] = sample_token(guided_logits, temperature, top_k, top_p, generator)
-        cond = tokenizer.conditions(tokens[:, :(k + 1) * G])[:, k * G:]                 # (b) z' of group k
+        written = max(written, needed)
+        coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
+        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k
         x_prev, v_prev = x.to(cond), v
         x, v = tokenizer.denoise_step(x_prev, k, cond, v_prev, solver)                 # (c) step k
         preview = solver_step(x_prev, v, v_prev, times[K] - times[k], solver) / tokenizer.cfg.data_std
-        yield SampleStep(group=k + 1, tokens=tokens[:, :(k + 1) * G].clone(), t=times[k + 1].item(), x=x,
+        yield SampleStep(group=k + 1, tokens=coarse_to_fine.clone(), t=times[k + 1].item(), x=x,
                          preview=preview, image=x / tokenizer.cfg.data_std if k == K - 1 else None)  # (d)
+
+
+# ================================================================================================
+#  Data and training utilities (used by the scripts)
+# ================================================================================================
+
+def pil_to_tensor(image):
+    """A PIL RGB image -> (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def to_uint8(images):
+    """Images in [-1, 1] -> uint8 as the release converts them: clamp(127.5 x + 128, 0, 255), truncated."""
+    return (127.5 * images + 128).clamp(0, 255).to(torch.uint8)
+
+
+def save_grid(rows, path):
+    """Write images (R, C, 3, H, W) in [-1, 1] as one PNG of R rows and C columns."""
+    R, C, _, H, W = rows.shape
+    grid = to_uint8(rows.detach().float().cpu()).permute(0, 3, 1, 4, 2).reshape(R * H, C * W, 3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
+
+
+SHAPE_CLASSES = ("disc", "square", "triangle", "diamond", "ring", "frame", "plus", "cross", "half-disc", "bars")
+
+
+def shape_mask(kind, dy, dx):
+    """Inside-test of a shape on coordinates relative to its centre, in units of its radius."""
+    box, radius = torch.maximum(dy.abs(), dx.abs()), (dy ** 2 + dx ** 2).sqrt()
+    return {
+        "disc": radius <= 1,
+        "square": box <= 0.8,
+        "triangle": (dy <= 0.75) & (dx.abs() <= 0.55 * (dy + 0.95)),
+        "diamond": dy.abs() + dx.abs() <= 1,
+        "ring": (radius <= 1) & (radius >= 0.55),
+        "frame": (box <= 0.85) & (box >= 0.5),
+        "plus": ((dx.abs() <= 0.3) & (dy.abs() <= 1)) | ((dy.abs() <= 0.3) & (dx.abs() <= 1)),
+        "cross": (((dx - dy).abs() <= 0.4) | ((dx + dy).abs() <= 0.4)) & (box <= 0.8),
+        "half-disc": (radius <= 1) & (dy >= -0.1),
+        "bars": (dx.abs() <= 0.9) & (((dy - 0.45).abs() <= 0.22) | ((dy + 0.45).abs() <= 0.22)),
+    }[kind]
+
+
+class BuiltinShapes(torch.utils.data.Dataset):
+    """A procedural dataset for CPUs and tests (no download): one shape on a background.
+
+    The class is the shape's identity (`SHAPE_CLASSES`, label = index mod 10); its position, size and
+    colours, and the background's colour and gradient, vary per image. Image i is a pure function of
+    (seed, i); a different seed gives a held-out set.
+    """
+
+    num_classes = len(SHAPE_CLASSES)
+    views = 1  # no augmentation: each image has one view (see `ImageFolder.views`)
+
+    def __init__(self, num_images=10000, image_size=32, seed=0):
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, key):
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation here)."""
+        index = key[0] if isinstance(key, tuple) else key
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image {index} of {self.num_images}")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=gen)
+        size, label = self.image_size, index % self.num_classes
+        radius = uniform(0.2, 0.4, 1) * size
+        cy, cx = uniform(radius.item(), size - radius.item(), 2)
+        # 4x supersampled inside-test, averaged: smooth edges
+        coords = (torch.arange(4 * size) + 0.5) / 4
+        dy, dx = torch.meshgrid((coords - cy) / radius, (coords - cx) / radius, indexing="ij")
+        cover = shape_mask(SHAPE_CLASSES[label], dy, dx).float().view(size, 4, size, 4).mean((1, 3))
+        background = uniform(-1, 1, 3, 1, 1) + uniform(-0.4, 0.4, 1) * torch.linspace(-1, 1, size).view(1, size, 1)
+        foreground = uniform(-1, 1, 3, 1, 1)
+        while (foreground - background.mean((1, 2), keepdim=True)).abs().mean() < 0.5:  # keep it visible
+            foreground = uniform(-1, 1, 3, 1, 1)
+        image = background * (1 - cover) + foreground * cover
+        return image.clamp(-1, 1), label
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def resize_short_side(image, size):
+    """ADM's resize: halve with a box filter while the image is at least twice too large, then bicubic."""
+    while min(image.size) >= 2 * size:
+        image = image.reduce(2)
+    scale = size / min(image.size)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+
+
+def center_crop(image, size):
+    image = resize_short_side(image, size)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(image, size, rng):
+    """The tokenizer's augmentation (release): short side uniform in [size, 1.25 size], a random crop,
+    a horizontal flip with probability 1/2."""
+    image = resize_short_side(image, rng.randint(size, round(1.25 * size)))
+    left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
+    image = image.crop((left, top, left + size, top + size))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def ten_crop(image, size, view):
+    """The AR's augmentation (release): centre crop to 1.1x, then view 0-9 of the ten crops (four corners
+    and the centre, of the image and of its mirror image, in torchvision's TenCrop order)."""
+    image = center_crop(image, int(size * 1.1))
+    if view >= 5:
+        image, view = image.transpose(Image.FLIP_LEFT_RIGHT), view - 5
+    far, mid = image.width - size, round((image.width - size) / 2)
+    left, top = [(0, 0), (far, 0), (0, far), (far, far), (mid, mid)][view]
+    return image.crop((left, top, left + size, top + size))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """An ImageNet-style folder (root/<class>/<image>): sorted class names -> labels 0..C-1, PIL only.
+
+    augment: "tokenizer" (random resized crop + flip), "ar" (one of ten crops at random), or None
+    (centre crop). An unreadable or truncated file is skipped -- the next file stands in -- with a
+    warning and a count in `skipped` (per process).
+    """
+
+    def __init__(self, root, image_size, augment=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"image folder {root} does not exist")
+        if augment not in (None, "tokenizer", "ar"):
+            raise ValueError(f"unknown augmentation {augment!r}; use 'tokenizer', 'ar' or None")
+        self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        self.files = [(path, label) for label, name in enumerate(self.classes)
+                      for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.files:
+            raise ValueError(f"{root} holds no images in class sub-folders (expected {root}/<class>/<image>.jpg)")
+        self.num_classes, self.image_size, self.augment, self.skipped = len(self.classes), image_size, augment, 0
+
+    @property
+    def views(self):  # distinct augmented versions of one image that a codes cache must hold
+        return 10 if self.augment == "ar" else 1
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, index):
+        for attempt in range(len(self.files)):
+            path, label = self.files[(index + attempt) % len(self.files)]
+            try:
+                with Image.open(path) as file:
+                    return file.convert("RGB"), label
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                self.skipped += 1
+                warnings.warn(f"skipping unreadable image {path} ({self.skipped} skipped so far): {error}")
+        raise ValueError(f"no readable image in {len(self.files)} files")
+
+    def __getitem__(self, key):
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields; (index, seed, view)
+        picks an AR view explicitly (for a codes cache)."""
+        index, seed, *view = key if isinstance(key, tuple) else (key, 0)
+        image, label = self.read(index)
+        rng = random.Random(seed)
+        if self.augment == "tokenizer":
+            image = random_resized_crop(image, self.image_size, rng)
+        elif self.augment == "ar":
+            image = ten_crop(image, self.image_size, view[0] if view else rng.randrange(10))
+        else:
+            image = center_crop(image, self.image_size)
+        return pil_to_tensor(image), label
+
+
+def stream_seed(seed, position, purpose):
+    """A seed for one position of the training stream and one purpose (0 augmentation, 1 model noise)."""
+    return (seed * 1_000_003 + position) * 2 + purpose
+
+
+class TrainingStream(torch.utils.data.Sampler):
+    """Which samples every process sees at every step: a pure function of (seed, step).
+
+    Step s consumes global positions [s GB, (s + 1) GB) of an endless stream (GB = batch x grad_accum x
+    world size); position p is sample perm_e[p mod n] of epoch e = p // n, with a fresh permutation per
+    epoch. Micro-batch m of rank r takes the slice starting at `first_position(s, m)`, so the same
+    samples meet the same augmentation and noise seeds whatever the number of processes, and a resumed
+    run continues exactly.
+    """
+
+    def __init__(self, num_samples, batch_size, grad_accum, world_size, rank, seed, start_step, num_steps):
+        self.n, self.batch_size, self.grad_accum, self.world_size, self.rank = (
+            num_samples, batch_size, grad_accum, world_size, rank)
+        self.seed, self.start_step, self.num_steps = seed, start_step, num_steps
+        self.epoch, self.permutation = None, None
+
+    def first_position(self, step, micro):
+        global_batch = self.batch_size * self.grad_accum * self.world_size
+        return step * global_batch + (micro * self.world_size + self.rank) * self.batch_size
+
+    def sample_index(self, position):
+        epoch, offset = divmod(position, self.n)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.permutation = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self.permutation[offset].item()
+
+    def __len__(self):
+        return (self.num_steps - self.start_step) * self.grad_accum
+
+    def __iter__(self):
+        for step in range(self.start_step, self.num_steps):
+            for micro in range(self.grad_accum):
+                first = self.first_position(step, micro)
+                yield [(self.sample_index(p), stream_seed(self.seed, p, 0)) for p in range(first, first + self.batch_size)]
+
+
+def save_checkpoint(checkpoint, path):
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves a broken checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, over parameters (as released; no buffer is persistent)."""
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param.detach(), 1 - decay)
+
+
+def setup_distributed(device="auto"):
+    """-> (rank, world_size, device). Launched by torchrun (RANK set): DDP, NCCL on CUDA and gloo on CPU.
+    Otherwise one plain process and no torch.distributed call at all."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not use_cuda:
+        return rank, world_size, torch.device("cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    return rank, world_size, torch.device("cuda", local_rank)

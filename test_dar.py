@@ -2,6 +2,8 @@
 
 Fixture tests compare with files written by the official code (testdata/official_tiny/, random weights).
 """
+import os
+import socket
 import sys
 import time
 from dataclasses import asdict, replace
@@ -509,7 +511,7 @@ def test_eq6_logits_are_causal_and_the_loss_is_next_token_cross_entropy(official
     torch.testing.assert_close(logits[:, :11], logits_changed[:, :11])  # position i sees tokens < i only
     assert not torch.allclose(logits[:, 11:], logits_changed[:, 11:])
     by_hand = -logits.log_softmax(-1).gather(-1, tokens[..., None]).mean()
-    torch.testing.assert_close(official_ar.loss(tokens, labels), by_hand)
+    torch.testing.assert_close(dar.next_token_loss(logits, tokens), by_hand)
 
 
 def test_label_dropout_trains_the_null_class(expected):
@@ -655,3 +657,210 @@ def test_sampler_bad_inputs_raise_clear_value_errors(official_ar, official, expe
         next(dar.sample(dar.LlamaAR(official_ar.cfg), official, torch.arange(2)))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
         official_ar(expected["tokens"], expected["labels"] + 20)
+
+
+def test_reversed_order_model_samples_back_in_coarse_to_fine_order(official_ar, official):
+    reversed_ar = dar.LlamaAR(replace(official_ar.cfg, reverse=True))
+    reversed_ar.load_state_dict(official_ar.state_dict())
+    reversed_ar.eval()
+    labels = torch.arange(3)
+    noise = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    steps = list(dar.sample(reversed_ar, official, labels, top_k=1, noise=noise))
+    written = guided_greedy_by_full_forward(reversed_ar, labels, [1.0] * official_ar.cfg.num_tokens)
+    assert torch.equal(steps[-1].tokens, written.flip(1))   # the AR wrote fine-to-coarse
+    torch.testing.assert_close(steps[-1].image, official.decode(written.flip(1), noise), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reversed-order"):
+        next(dar.sample(reversed_ar, official, labels, prefix=written[:, :4]))
+
+
+# ==== data and the training scripts ===============================================================
+
+import train_ar  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+
+def test_builtin_shapes_are_deterministic_balanced_and_varied():
+    data = dar.BuiltinShapes(40, 32, seed=0)
+    image, label = data[13]
+    assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1 and label == 3
+    assert torch.equal(image, dar.BuiltinShapes(40, 32, seed=0)[13][0])
+    assert not torch.equal(image, dar.BuiltinShapes(40, 32, seed=1)[13][0])
+    assert [data[i][1] for i in range(20)] == list(range(10)) * 2
+    same_class = torch.stack([data[i][0] for i in range(3, 40, 10)])
+    assert (same_class[1:] - same_class[:1]).abs().mean() > 0.2   # layout and colours vary within a class
+
+
+def write_folder(root, corrupt=False):
+    gen = torch.Generator().manual_seed(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=gen).numpy()
+            dar.Image.fromarray(pixels).save(root / name / f"{i}.png")
+    if corrupt:
+        data = (root / "dogs" / "0.png").read_bytes()
+        (root / "dogs" / "1.png").write_bytes(data[:len(data) // 3])   # truncated
+
+
+def test_image_folder_labels_augmentations_and_corrupt_files(tmp_path):
+    write_folder(tmp_path / "ok")
+    for augment in (None, "tokenizer", "ar"):
+        data = dar.ImageFolder(tmp_path / "ok", 32, augment=augment)
+        image, label = data[(3, 7)]
+        assert data.classes == ["cats", "dogs"] and label == 1 and image.shape == (3, 32, 32)
+        assert torch.equal(image, data[(3, 7)][0])                       # the augmentation follows the seed
+    views = {dar.ImageFolder(tmp_path / "ok", 32, augment="ar")[(0, 0, v)][0].numpy().tobytes() for v in range(10)}
+    assert len(views) == 10 and dar.ImageFolder(tmp_path / "ok", 32, "ar").views == 10
+
+    write_folder(tmp_path / "bad", corrupt=True)
+    data = dar.ImageFolder(tmp_path / "bad", 32)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        images = [data[i] for i in range(4)]
+    assert data.skipped == 1 and len(images) == 4
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        dar.ImageFolder(tmp_path / "empty", 32)
+    with pytest.raises(ValueError, match="does not exist"):
+        dar.ImageFolder(tmp_path / "missing", 32)
+
+
+def test_training_stream_is_the_same_samples_whatever_the_process_layout():
+    def keys(world_size, grad_accum, rank):
+        stream = dar.TrainingStream(10, 2, grad_accum, world_size, rank, seed=3, start_step=0, num_steps=4)
+        return [key for batch in stream for key in batch]
+    single = keys(1, 4, 0)
+    split = [keys(2, 2, rank) for rank in range(2)]
+    assert sorted(single) == sorted(split[0] + split[1])
+    resumed = dar.TrainingStream(10, 2, 4, 1, 0, seed=3, start_step=2, num_steps=4)
+    assert [key for batch in resumed for key in batch] == single[16:]
+    epoch_one = [index for index, _ in single[:10]]
+    assert sorted(epoch_one) == list(range(10))                        # each epoch is a permutation
+
+
+def tokenizer_args(out, *extra):
+    return train_tokenizer.parse_args(["--out", str(out), "--builtin-size", "64", "--batch-size", "2",
+                                       "--log-every", "1", "--sample-every", "2", "--save-every", "2", *extra])
+
+
+def ar_args(out, tokenizer, *extra):
+    return train_ar.parse_args(["--out", str(out), "--tokenizer", str(tokenizer), "--builtin-size", "32",
+                                "--batch-size", "4", "--log-every", "1", "--sample-every", "4", "--save-every", "2",
+                                *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer.main(tokenizer_args(out, "--steps", "2"))
+    return out / "tokenizer.pt"
+
+
+def test_train_tokenizer_writes_a_loadable_checkpoint_and_pictures(trained_tokenizer):
+    tok = dar.load_tokenizer(trained_tokenizer)
+    assert tok.cfg.image_size == 32 and tok.diffusion.repa_out is None   # trained without REPA: no head saved
+    raw = torch.load(trained_tokenizer, weights_only=True)
+    assert raw["step"] == 2 and set(raw) >= {"model", "ema", "optimizer", "config", "seed"}
+    assert (trained_tokenizer.parent / "tokenizer_0000002.png").exists()
+
+
+def test_train_ar_writes_a_loadable_checkpoint_and_samples(tmp_path, trained_tokenizer):
+    train_ar.main(ar_args(tmp_path, trained_tokenizer, "--epochs", "0.5"))
+    ar = dar.load_ar(tmp_path / "ar.pt")
+    assert (ar.cfg.num_classes, ar.cfg.vocab_size, ar.cfg.num_tokens, ar.cfg.reverse) == (10, 256, 64, False)
+    assert (tmp_path / "samples_0000004.png").exists()
+    assert torch.load(tmp_path / "ar.pt", weights_only=True)["step"] == 4
+
+
+def test_train_ar_reverse_is_recorded_and_cached_codes_round_trip(tmp_path, trained_tokenizer):
+    train_ar.main(ar_args(tmp_path / "rev", trained_tokenizer, "--epochs", "0.25", "--reverse",
+                          "--cache-codes", str(tmp_path / "codes")))
+    assert dar.load_ar(tmp_path / "rev" / "ar.pt").cfg.reverse
+    codes = train_ar.np.load(tmp_path / "codes" / "codes.npy")
+    tok, data = dar.load_tokenizer(trained_tokenizer), dar.BuiltinShapes(32, 32, seed=0)
+    images = torch.stack([data[i][0] for i in range(32)])
+    assert codes.shape == (1, 32, 64) and torch.equal(torch.from_numpy(codes[0]).long(), tok.encode(images))
+
+
+def final_state(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["model"], ckpt["ema"]
+
+
+@pytest.mark.parametrize("script", ["tokenizer", "ar"])
+def test_resume_is_exact(tmp_path, trained_tokenizer, monkeypatch, script):
+    """n steps in one go == a run killed after step k (its checkpoint) + --resume, bit for bit (CPU, fp32)."""
+    if script == "tokenizer":
+        run, name = lambda out, *extra: train_tokenizer.main(tokenizer_args(out, "--steps", "4", *extra)), "tokenizer.pt"
+    else:
+        run, name = lambda out, *extra: train_ar.main(
+            ar_args(out, trained_tokenizer, "--epochs", "0.5", "--ema", "0.9", *extra)), "ar.pt"   # 4 steps
+    straight = run(tmp_path / "straight")
+    real_update_ema, calls = dar.update_ema, []
+
+    def killed_at_step_three(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        real_update_ema(*args)
+    monkeypatch.setattr(dar, "update_ema", killed_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split")
+    monkeypatch.setattr(dar, "update_ema", real_update_ema)
+    assert torch.load(tmp_path / "split" / name, weights_only=True)["step"] == 2
+    resumed = run(tmp_path / "split", "--resume")
+    assert resumed[1] == straight[1]   # the last step's losses
+    for a, b in zip(final_state(tmp_path / "straight" / name), final_state(tmp_path / "split" / name)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.pt"
+    dar.save_checkpoint({"step": 1, "weights": torch.ones(3)}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt("power cut")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dar.save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    train_tokenizer.main(tokenizer_args(tmp_path, "--steps", "2"))
+    real_forward = dar.Tokenizer.forward
+
+    def poisoned(self, *args, **kwargs):
+        losses = real_forward(self, *args, **kwargs)
+        return {**losses, "loss": losses["loss"] * float("nan")}
+    monkeypatch.setattr(dar.Tokenizer, "forward", poisoned)
+    with pytest.raises(SystemExit, match="the loss became nan"):
+        train_tokenizer.main(tokenizer_args(tmp_path, "--steps", "4", "--resume"))
+    assert torch.load(tmp_path / "tokenizer.pt", weights_only=True)["step"] == 2
+
+
+def ddp_worker(rank, world_size, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = train_tokenizer.main(train_tokenizer.parse_args(argv))
+    out = Path(argv[argv.index("--out") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+
+
+def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
+    common = ["--builtin-size", "64", "--batch-size", "2", "--steps", "3", "--warmup", "0", "--save-every", "3",
+              "--sample-every", "100"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_worker, args=(2, port, ["--out", str(tmp_path / "ddp"), *common]), nprocs=2)
+    model, _ = train_tokenizer.main(train_tokenizer.parse_args(["--out", str(tmp_path / "one"), "--grad-accum", "2",
+                                                                *common]))
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    single = model.state_dict()
+    for key in single:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key                   # the ranks stay in sync
+        torch.testing.assert_close(ranks[0][key], single[key], atol=1e-5, rtol=1e-4)  # == accumulation
+    assert not torch.equal(single["quant_in.weight"], dar.Tokenizer(model.cfg).quant_in.weight)  # it trained

@@ -1,0 +1,211 @@
+"""Train the sequential diffusion tokenizer (§3.1) with the loss of Eq. (7).
+
+    python train_tokenizer.py                                   # tiny config, built-in shapes, CPU, ~2 min
+    python train_tokenizer.py --config v1 --data /imagenet/train --batch-size 64 --grad-accum 2 \\
+        --grad-checkpointing --compile                          # the paper's run on one GPU
+    torchrun --nproc_per_node 8 train_tokenizer.py --config v1 --data /imagenet/train --batch-size 128
+
+Each config brings its recipe (RECIPES below: the paper's values for v1 and ablation); any flag overrides
+it. The global batch is --batch-size x --grad-accum x the number of processes. The checkpoint
+`<out>/tokenizer.pt` is rewritten atomically every --save-every steps and at the end; --resume continues it.
+"""
+import argparse
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import dar
+
+RECIPES = {
+    # paper §4: 210K iterations at batch 1024, lr 2e-4, EMA 0.999, lambda_1 = lambda_2 = 0.5; release: AdamW
+    # betas (0.9, 0.95), weight decay 0, 500 warmup steps, grad clip 1.0 (OFFICIAL_FORMAT §4.2)
+    "v1": dict(steps=210_000, batch_size=64, grad_accum=16, lr=2e-4, warmup=500, ema=0.999,
+               lpips_weight=0.5, repa_weight=0.5),
+    # appendix A.4: the lightweight ablation tokenizer, 50K iterations at batch 256
+    "ablation": dict(steps=50_000, batch_size=64, grad_accum=4, lr=2e-4, warmup=500, ema=0.999,
+                     lpips_weight=0.5, repa_weight=0.5),
+    # the laptop run on the built-in shapes. lr 2e-4..3e-4 with warm-up: at >= 1e-3 the codes collapse to
+    # one codebook row (the zero-initialised gates leave the encoder only the commitment loss at first).
+    # No LPIPS or REPA: their pretrained networks are not available offline and do not fit 32 x 32 images.
+    "tiny": dict(steps=1500, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ema=0.99,
+                 lpips_weight=0.0, repa_weight=0.0),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", choices=list(dar.TOKENIZER_PRESETS))
+    parser.add_argument("--data", default="builtin", help="'builtin' (procedural shapes) or an ImageNet-style folder")
+    parser.add_argument("--builtin-size", type=int, default=10000, help="images in the built-in dataset")
+    parser.add_argument("--out", default=None, help="output folder (default out/<config>)")
+    recipe = parser.add_argument_group("recipe (default: RECIPES[--config])")
+    recipe.add_argument("--steps", type=int)
+    recipe.add_argument("--batch-size", type=int, help="per process")
+    recipe.add_argument("--grad-accum", type=int)
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--warmup", type=int, help="linear warm-up steps (release: 500)")
+    recipe.add_argument("--ema", type=float, help="EMA decay (paper: 0.999)")
+    recipe.add_argument("--lpips-weight", type=float, help="lambda_1 of Eq. (7) (paper: 0.5; needs VGG16 weights)")
+    recipe.add_argument("--repa-weight", type=float, help="lambda_2 of Eq. (7) (paper: 0.5; needs DINOv2-B/14)")
+    parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="(release: 0)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (release: 1.0)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--sample-every", type=int, default=500, help="PNG of inputs above reconstructions")
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true", help="continue <out>/tokenizer.pt")
+    args = parser.parse_args(argv)
+    for key, value in RECIPES[args.config].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = Path(args.out or f"out/{args.config}")
+    return args
+
+
+def load_lpips(device):
+    """LPIPS-VGG from the `lpips` package, as released (its VGG16 backbone comes from torchvision)."""
+    try:
+        import lpips
+        metric = lpips.LPIPS(net="vgg", verbose=False)
+    except Exception as error:  # no network, no cached weights
+        raise SystemExit(f"LPIPS needs torchvision's ImageNet VGG16 weights (vgg16-397923af.pth in "
+                         f"{torch.hub.get_dir()}/checkpoints) and could not load them: {error}\n"
+                         f"Download them once with network access, or turn the term off with --lpips-weight 0.")
+    return metric.to(device)  # release: left in train mode, so the dropout of its linear heads is active
+
+
+def load_repa_target(device):
+    """REPA targets: DINOv2-B/14 patch tokens (OFFICIAL_FORMAT §4.1 preprocessing), from torch.hub."""
+    try:
+        dino = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True, skip_validation=True)
+    except Exception as error:
+        raise SystemExit(f"REPA needs DINOv2-B/14 from torch.hub (facebookresearch/dinov2, dinov2_vitb14, cached in "
+                         f"{torch.hub.get_dir()}) and could not load it: {error}\n"
+                         f"Download it once with network access, or turn the term off with --repa-weight 0.")
+    dino = dino.to(device).eval().requires_grad_(False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+    def target(images):  # [-1, 1] -> ImageNet-normalised, then bicubic to 224 (normalised first, as released)
+        x = F.interpolate((images * 0.5 + 0.5 - mean) / std, size=224, mode="bicubic", align_corners=False)
+        return dino.forward_features(x)["x_norm_patchtokens"]                # (B, 256, 768)
+    return target
+
+
+def main(args):
+    # ---- processes, device, precision
+    rank, world_size, device = dar.setup_distributed(args.device)
+    distributed = world_size > 1
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    log = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the initial weights; the training stream seeds itself per step
+
+    # ---- data
+    cfg = dar.TOKENIZER_PRESETS[args.config]
+    if args.data == "builtin":
+        dataset = dar.BuiltinShapes(args.builtin_size, cfg.image_size, seed=args.seed)
+    else:
+        dataset = dar.ImageFolder(args.data, cfg.image_size, augment="tokenizer")
+
+    # ---- model, EMA, optimiser; a run without REPA builds no REPA head (nothing untrained is saved)
+    if args.repa_weight == 0:
+        cfg = replace(cfg, repa_dim=0)
+    model = dar.Tokenizer(cfg).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay)
+    checkpoint_path, start_step = args.out / "tokenizer.pt", 0
+    if args.resume:
+        if not checkpoint_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        log(f"resumed {checkpoint_path} at step {start_step}")
+    log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"global batch {args.batch_size * args.grad_accum * world_size}, {args.steps} steps")
+    perceptual = load_lpips(device) if args.lpips_weight > 0 else None
+    repa_target = load_repa_target(device) if args.repa_weight > 0 else None
+    trained = torch.compile(model) if args.compile else model
+    if distributed:
+        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stream = dar.TrainingStream(len(dataset), args.batch_size, args.grad_accum, world_size, rank, args.seed,
+                                start_step, args.steps)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=stream, num_workers=args.workers,
+                                               pin_memory=device.type == "cuda"))
+
+    def save(step):
+        if rank == 0:
+            dar.save_checkpoint({"kind": "tokenizer", "config": asdict(cfg), "model": model.state_dict(),
+                                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                 "seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}},
+                                checkpoint_path)
+
+    # ---- the loop
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0)
+    window_start, window_images = time.time(), 0
+    for step in progress:
+        for group in optimizer.param_groups:  # release: linear warm-up from 0, then constant
+            group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
+        terms = {}
+        for micro in range(args.grad_accum):
+            images = next(batches)[0].to(device, non_blocking=True)
+            # the time u and noise x_0 of Eq. (3) follow the samples, not the process layout
+            torch.manual_seed(dar.stream_seed(args.seed, stream.first_position(step, micro), 1))
+            sync = not distributed or micro == args.grad_accum - 1
+            with (nullcontext() if sync else trained.no_sync()), autocast:
+                losses = trained(images, perceptual, repa_target, args.lpips_weight, args.repa_weight)
+                (losses["loss"] / args.grad_accum).backward()
+            for name, value in losses.items():
+                value = value.detach().item() if torch.is_tensor(value) else value
+                terms[name] = terms.get(name, 0.0) + value / args.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if not math.isfinite(grad_norm.item()):  # the all-reduced norm: every rank stops together
+            raise SystemExit(f"step {step}: the loss became {terms['loss']:.4g} (gradient norm {grad_norm.item()}); "
+                             f"stopping. The last good checkpoint is {checkpoint_path}.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dar.update_ema(ema, model, args.ema)
+        done = step + 1
+
+        window_images += images.shape[0] * args.grad_accum * world_size
+        progress.set_postfix({name: f"{value:.3f}" for name, value in terms.items()})
+        if done % args.log_every == 0 or done == args.steps:
+            rate = window_images / (time.time() - window_start)
+            log(f"step {done}: " + " ".join(f"{name} {value:.4f}" for name, value in terms.items())
+                + f" lr {optimizer.param_groups[0]['lr']:.2e} {rate:.1f} img/s")
+            window_start, window_images = time.time(), 0
+        if rank == 0 and (done % args.sample_every == 0 or done == args.steps):
+            shown = images[:8]
+            recon = ema.decode(ema.encode(shown.float()))
+            dar.save_grid(torch.stack([shown, recon]), args.out / f"tokenizer_{done:07d}.png")
+        if done % args.save_every == 0 or done == args.steps:
+            save(done)
+    progress.close()
+    log(f"saved {checkpoint_path}")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return model, terms  # for notebooks and tests
+
+
+if __name__ == "__main__":
+    main(parse_args())
