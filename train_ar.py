@@ -11,6 +11,7 @@ fly by the tokenizer (EMA weights, float32), or once per augmentation view with 
 """
 import argparse
 import copy
+import json
 import math
 import random
 import time
@@ -29,8 +30,8 @@ RECIPES = {
     # paper §4: batch 1024 for 300 epochs, AdamW lr 4e-4 (the release's script used its default 1e-4),
     # betas (0.9, 0.95), weight decay 0.05, linear decay to 1e-5 over the last 50 epochs
     **{name: dict(epochs=300, batch_size=64, grad_accum=16, lr=4e-4) for name in ("B", "L", "XL", "XXL")},
-    # the laptop run: the built-in shapes, a higher lr for the small model and short schedule
-    "tiny": dict(epochs=10, batch_size=64, grad_accum=1, lr=1e-3),
+    # the laptop run on the built-in shapes: a higher lr for the small model and the short schedule
+    "tiny": dict(epochs=3, batch_size=64, grad_accum=1, lr=1e-3),
 }
 
 
@@ -41,7 +42,8 @@ def parse_args(argv=None):
                         "(default for tiny: out/tiny/tokenizer.pt)")
     parser.add_argument("--data", default="builtin", help="'builtin' (procedural shapes) or an ImageNet-style folder")
     parser.add_argument("--builtin-size", type=int, default=10000, help="images in the built-in dataset")
-    parser.add_argument("--cache-codes", default=None, help="folder for the tokens of every image and view")
+    parser.add_argument("--cache-codes", default=None, help="folder for the tokens of every image and view "
+                        "(default for tiny: <out>/codes; otherwise tokens are computed on the fly)")
     parser.add_argument("--reverse", action="store_true", help="train on the reversed (fine-to-coarse) order")
     parser.add_argument("--out", default=None, help="output folder (default out/<config>)")
     recipe = parser.add_argument_group("recipe (default: RECIPES[--config])")
@@ -75,6 +77,8 @@ def parse_args(argv=None):
             parser.error("--tokenizer is required for the paper configs (e.g. the released D-AR-tokenizer_v1.pt)")
         args.tokenizer = "out/tiny/tokenizer.pt"
     args.out = Path(args.out or f"out/{args.config}")
+    if args.cache_codes is None and args.config == "tiny":
+        args.cache_codes = str(args.out / "codes")
     return args
 
 
@@ -93,12 +97,16 @@ class CachedCodes(torch.utils.data.Dataset):
         return torch.from_numpy(self.codes[view, index].astype(np.int64)), int(self.labels[index])
 
 
-def cache_codes(tokenizer, dataset, folder, rank, world_size, device, batch_size):
-    """Encode every view of every image once into <folder>/codes.npy (sharded over the processes)."""
+def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, device, batch_size):
+    """Encode every view of every image once into <folder>/codes.npy (sharded over the processes); a
+    cache made by another tokenizer file or of another shape is rebuilt."""
     folder = Path(folder)
     shape = (dataset.views, len(dataset), tokenizer.cfg.num_tokens)
-    codes_path, labels_path = folder / "codes.npy", folder / "labels.npy"
-    if not codes_path.exists():
+    codes_path, labels_path, source_path = folder / "codes.npy", folder / "labels.npy", folder / "source.json"
+    stat = Path(tokenizer_path).stat()
+    source = {"tokenizer": str(Path(tokenizer_path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "shape": list(shape)}
+    if not codes_path.exists() or not source_path.exists() or json.loads(source_path.read_text()) != source:
         partial = folder / "codes.npy.partial"
         if rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
@@ -122,13 +130,10 @@ def cache_codes(tokenizer, dataset, folder, rank, world_size, device, batch_size
         if rank == 0:
             (folder / "labels.partial.npy").replace(labels_path)
             partial.replace(codes_path)
+            source_path.write_text(json.dumps(source))
         if world_size > 1:
             torch.distributed.barrier()
-    codes = np.load(codes_path, mmap_mode="r")
-    if codes.shape != shape:
-        raise SystemExit(f"{codes_path} holds codes of shape {codes.shape}, this run needs {shape}; "
-                         f"delete {folder} or choose another --cache-codes folder")
-    return CachedCodes(codes, np.load(labels_path), dataset.num_classes)
+    return CachedCodes(np.load(codes_path, mmap_mode="r"), np.load(labels_path), dataset.num_classes)
 
 
 def main(args):
@@ -152,7 +157,8 @@ def main(args):
         dataset = dar.ImageFolder(args.data, size, augment="ar")
     cached = args.cache_codes is not None
     if cached:
-        dataset = cache_codes(tokenizer, dataset, args.cache_codes, rank, world_size, device, args.batch_size)
+        dataset = cache_codes(tokenizer, args.tokenizer, dataset, args.cache_codes, rank, world_size, device,
+                              args.batch_size)
 
     # ---- model, EMA, optimiser (weight decay on matrices and embeddings, not on norm weights)
     cfg = replace(dar.AR_PRESETS[args.config], vocab_size=tokenizer.cfg.codebook_size,
