@@ -21,7 +21,7 @@ import math
 import os
 import random
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -1313,6 +1313,10 @@ class TrainingStream(torch.utils.data.Sampler):
     def __len__(self):
         return (self.num_steps - self.start_step) * self.grad_accum
 
+    def batches(self, dataset, workers, pin_memory):
+        """An iterator over this process's micro-batches of `dataset`, in stream order."""
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=self, num_workers=workers, pin_memory=pin_memory))
+
     def __iter__(self):
         for step in range(self.start_step, self.num_steps):
             for micro in range(self.grad_accum):
@@ -1349,3 +1353,46 @@ def setup_distributed(device="auto"):
     local_rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local_rank)
     return rank, world_size, torch.device("cuda", local_rank)
+
+
+def wrap_for_training(model, compile_model, world_size, device):
+    """The module the training step calls: optionally compiled, DDP-wrapped under torchrun. Checkpoints
+    are taken from `model` itself, so they never carry `_orig_mod.` or `module.` prefixes."""
+    trained = torch.compile(model) if compile_model else model
+    if world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            trained, device_ids=[device.index] if device.type == "cuda" else None)
+    return trained
+
+
+def training_checkpoint(kind, cfg, model, ema, optimizer, step, args):
+    """What the training scripts save: tensors and plain values only (the seed replaces RNG states, since
+    every random draw of training is seeded by the position of its samples in the stream)."""
+    return {"kind": kind, "config": asdict(cfg), "model": model.state_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {}), "optimizer": optimizer.state_dict(),
+            "step": step, "seed": args.seed, "args": {key: str(value) for key, value in vars(args).items()}}
+
+
+def resume_training(path, model, ema, optimizer):
+    """Load a checkpoint written by `training_checkpoint` into model, ema (or None) and optimizer; -> step."""
+    if not Path(path).exists():
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: the optimizer state is updated in place
+    model.load_state_dict(checkpoint["model"])
+    if ema is not None:
+        ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["step"]
+
+
+def optimizer_step(model, optimizer, ema, ema_decay, grad_clip, step, loss, checkpoint_path):
+    """Clip the global gradient norm, stop on a non-finite one (the all-reduced norm, so every rank stops
+    together and the last good checkpoint stays), step, clear the gradients, update the EMA."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not math.isfinite(grad_norm.item()):
+        raise SystemExit(f"step {step}: the loss became {loss:.4g} (gradient norm {grad_norm.item()}); "
+                         f"stopping. The last good checkpoint is {checkpoint_path}.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        update_ema(ema, model, ema_decay)

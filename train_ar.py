@@ -16,12 +16,11 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dar
@@ -174,32 +173,18 @@ def main(args):
     decay_start = round((1 - args.decay_fraction) * total_steps)
     checkpoint_path, start_step = args.out / "ar.pt", 0
     if args.resume:
-        if not checkpoint_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
+        start_step = dar.resume_training(checkpoint_path, model, ema, optimizer)
         log(f"resumed {checkpoint_path} at step {start_step}")
     log(f"AR {args.config}{' (reversed order)' if args.reverse else ''}: {sum(p.numel() for p in model.parameters()):,} "
         f"parameters, {len(dataset)} images, global batch {global_batch}, {total_steps} steps ({args.epochs} epochs)")
-    trained = torch.compile(model) if args.compile else model
-    if distributed:
-        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-
+    trained = dar.wrap_for_training(model, args.compile, world_size, device)
     stream = dar.TrainingStream(len(dataset), args.batch_size, args.grad_accum, world_size, rank, args.seed,
                                 start_step, total_steps)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=stream, num_workers=args.workers,
-                                               pin_memory=device.type == "cuda"))
+    batches = stream.batches(dataset, args.workers, pin_memory=device.type == "cuda")
 
     def save(step):
         if rank == 0:
-            dar.save_checkpoint({"kind": "ar", "config": asdict(cfg), "model": model.state_dict(),
-                                 **({"ema": ema.state_dict()} if ema is not None else {}),
-                                 "optimizer": optimizer.state_dict(), "step": step, "seed": args.seed,
-                                 "args": {k: str(v) for k, v in vars(args).items()}}, checkpoint_path)
+            dar.save_checkpoint(dar.training_checkpoint("ar", cfg, model, ema, optimizer, step, args), checkpoint_path)
 
     @torch.no_grad()
     def save_samples(step):  # rows: samples; columns: the previews after each group, then the final image
@@ -233,14 +218,7 @@ def main(args):
                 loss = dar.next_token_loss(trained(tokens, labels), tokens)           # Eq. (6)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not math.isfinite(grad_norm.item()):  # the all-reduced norm: every rank stops together
-            raise SystemExit(f"step {step}: the loss became {loss_sum:.4g} (gradient norm {grad_norm.item()}); "
-                             f"stopping. The last good checkpoint is {checkpoint_path}.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            dar.update_ema(ema, model, args.ema)
+        dar.optimizer_step(model, optimizer, ema, args.ema, args.grad_clip, step, loss_sum, checkpoint_path)
         done = step + 1
 
         window_tokens += tokens.numel() * args.grad_accum * world_size

@@ -11,15 +11,13 @@ it. The global batch is --batch-size x --grad-accum x the number of processes. T
 """
 import argparse
 import copy
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import dar
@@ -132,32 +130,20 @@ def main(args):
                                   weight_decay=args.weight_decay)
     checkpoint_path, start_step = args.out / "tokenizer.pt", 0
     if args.resume:
-        if not checkpoint_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
+        start_step = dar.resume_training(checkpoint_path, model, ema, optimizer)
         log(f"resumed {checkpoint_path} at step {start_step}")
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"global batch {args.batch_size * args.grad_accum * world_size}, {args.steps} steps")
     perceptual = load_lpips(device) if args.lpips_weight > 0 else None
     repa_target = load_repa_target(device) if args.repa_weight > 0 else None
-    trained = torch.compile(model) if args.compile else model
-    if distributed:
-        trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-
+    trained = dar.wrap_for_training(model, args.compile, world_size, device)
     stream = dar.TrainingStream(len(dataset), args.batch_size, args.grad_accum, world_size, rank, args.seed,
                                 start_step, args.steps)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=stream, num_workers=args.workers,
-                                               pin_memory=device.type == "cuda"))
+    batches = stream.batches(dataset, args.workers, pin_memory=device.type == "cuda")
 
     def save(step):
         if rank == 0:
-            dar.save_checkpoint({"kind": "tokenizer", "config": asdict(cfg), "model": model.state_dict(),
-                                 "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                 "seed": args.seed, "args": {k: str(v) for k, v in vars(args).items()}},
+            dar.save_checkpoint(dar.training_checkpoint("tokenizer", cfg, model, ema, optimizer, step, args),
                                 checkpoint_path)
 
     # ---- the loop
@@ -178,13 +164,7 @@ def main(args):
             for name, value in losses.items():
                 value = value.detach().item() if torch.is_tensor(value) else value
                 terms[name] = terms.get(name, 0.0) + value / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not math.isfinite(grad_norm.item()):  # the all-reduced norm: every rank stops together
-            raise SystemExit(f"step {step}: the loss became {terms['loss']:.4g} (gradient norm {grad_norm.item()}); "
-                             f"stopping. The last good checkpoint is {checkpoint_path}.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dar.update_ema(ema, model, args.ema)
+        dar.optimizer_step(model, optimizer, ema, args.ema, args.grad_clip, step, terms["loss"], checkpoint_path)
         done = step + 1
 
         window_images += images.shape[0] * args.grad_accum * world_size
