@@ -544,6 +544,8 @@ class Tokenizer(nn.Module):
     def initial_noise(self, batch, noise=None, generator=None, device=None):
         """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise` checked, or drawn with `generator`."""
         size = self.cfg.image_size
+        if noise is None and isinstance(generator, (list, tuple)):  # one generator per sample
+            return torch.cat([torch.randn(1, 3, size, size, generator=g, device=device) for g in generator])
         if noise is None:
             return torch.randn(batch, 3, size, size, generator=generator, device=device)
         if noise.shape != (batch, 3, size, size):
@@ -922,7 +924,7 @@ class LlamaAR(nn.Module):
     def next_logits(self, h, start, caches):
         """Cached forward of embeddings h (B, T, D) at positions start..start+T-1 -> logits of the last
         position, i.e. for the next token (B, V). One new token costs one forward of one position."""
-        return self.transformer(h, self.positions[start:start + h.shape[1]], caches)[:, -1]
+        return self.transformer(h, self.positions[start:start + h.shape[1]], caches)[:, -1].float()
 
 
 # official GPT key prefix -> ours (LlamaGen's names are kept everywhere else)
@@ -1002,7 +1004,11 @@ def guidance_scales(cfg, num_tokens):
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus (top-p)
-    filtering, then one multinomial draw. top_k = 1 is greedy."""
+    filtering, then one draw from what is left. top_k = 1 is greedy.
+
+    generator: one torch.Generator for the batch, or a list of B (one per sample), so that a sample's
+    tokens do not depend on the batch it is drawn in (`sample.py --fid` seeds each sample by its index).
+    The draw inverts the cumulative distribution at one uniform number per row."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -1012,7 +1018,14 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         beyond = sorted_logits.softmax(-1).cumsum(-1) > top_p
         beyond = torch.cat([torch.zeros_like(beyond[:, :1]), beyond[:, :-1]], dim=-1)  # keep the boundary token
         logits = logits.masked_fill(beyond.scatter(-1, order, beyond), -math.inf)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]     # (B,)
+    if isinstance(generator, (list, tuple)):
+        uniform = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generator])
+    else:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    cdf = logits.float().softmax(-1).cumsum(-1)                                         # (B, V)
+    # side="right": the first token whose cumulative mass exceeds u, so a token of zero mass is never drawn
+    drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), side="right")[:, 0]
+    return drawn.clamp(max=logits.shape[-1] - 1)                                        # (B,)
 
 
 @dataclass
@@ -1038,8 +1051,9 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     l = l_u + s (l_c - l_u)); temperature / top_k / top_p as `sample_token`; prefix (B, P) tokens kept
     fixed (zero-shot layout control, Fig. 5: the steps their groups cover run before any token is
     generated); an AR model trained on the reversed order (`ar.cfg.reverse`) writes the fine tokens
-    first, so every diffusion step waits for the last token; noise x_0 (B, 3, H, W) in the scaled pixel space; generator seeds token draws and noise
-    and must live on the models' device.
+    first, so every diffusion step waits for the last token; noise x_0 (B, 3, H, W) in the scaled pixel
+    space; generator (on the models' device) draws the tokens and the noise: one for the batch, or a list
+    of B, one per sample, which makes each sample independent of the batch it is drawn in.
 
     The preview of step k is the solver's own step from t_{k-1} extended to t = 1: with Euler exactly the
     paper's x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
@@ -1058,10 +1072,13 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
     if temperature < 0 or top_k < 0:
         raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
-    if generator is not None and generator.device.type != torch.device(device).type:
-        raise ValueError(f"the generator is on {generator.device}, the models on {device}; they must match")
     labels = torch.as_tensor(labels, device=device)
     B = labels.shape[0]
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"generator: give one, or one per sample ({B}), got a list of {len(generator)}")
+    if any(g is not None and g.device.type != torch.device(device).type for g in generators):
+        raise ValueError(f"the generator is on {generators[0].device}, the models on {device}; they must match")
     if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
         raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got {labels.tolist()}")
     prefix = torch.as_tensor([[]] * B if prefix is None else prefix, dtype=torch.long, device=device)  # (B, P)
@@ -1396,3 +1413,66 @@ def optimizer_step(model, optimizer, ema, ema_decay, grad_clip, step, loss, chec
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         update_ema(ema, model, ema_decay)
+
+
+# ================================================================================================
+#  A toy evaluator for the built-in shapes (sample.py --eval): class accuracy and a "toy FID"
+# ================================================================================================
+
+class ShapeClassifier(nn.Module):
+    """A small CNN that tells the built-in shapes apart; its pooled features stand in for Inception's in
+    a Frechet distance. It sees the shape's outline, not its position or colours (global average pool)."""
+
+    def __init__(self, num_classes=len(SHAPE_CLASSES), widths=(16, 32, 64, 128)):
+        super().__init__()
+        layers, channels = [], 3
+        for out_channels in widths:  # 32 -> 16 -> 8 -> 4 pixels, then a global average
+            layers += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), nn.GELU(),
+                       nn.MaxPool2d(2) if out_channels != widths[-1] else nn.Identity()]
+            channels = out_channels
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, num_classes)
+
+    def features(self, images):
+        """(B, 3, H, W) in [-1, 1] -> (B, widths[-1]) pooled features."""
+        return self.body(images).mean((2, 3))
+
+    def forward(self, images):
+        return self.head(self.features(images))
+
+
+# the evaluator trains on its own images, and the real side of a toy FID is a third set: neither is
+# the seed-0 set the tokenizer and the AR model learn from
+EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED = 1, 2
+
+
+def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3, seed=0):
+    """Train a `ShapeClassifier` on `num_images` built-in images (set EVALUATOR_TRAIN_SEED); -> the model
+    in eval mode. AdamW with a cosine decay; the images are drawn once and cycled."""
+    data = BuiltinShapes(num_images, image_size, seed=EVALUATOR_TRAIN_SEED)
+    images = torch.stack([data[i][0] for i in range(num_images)])
+    labels = torch.arange(num_images) % data.num_classes
+    torch.manual_seed(seed)
+    model = ShapeClassifier(data.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    order = torch.cat([torch.randperm(num_images) for _ in range(steps * batch_size // num_images + 1)])
+    for step in range(steps):
+        batch = order[step * batch_size:(step + 1) * batch_size]
+        F.cross_entropy(model(images[batch]), labels[batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+    return model.eval()
+
+
+def frechet_distance(features_a, features_b):
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (n, d), in float64 NumPy.
+    tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2)."""
+    a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov_a)
+    root_a = (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
+    cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(cross).sum())

@@ -867,3 +867,162 @@ def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
     initial = dar.Tokenizer(model.cfg).state_dict()
     assert not torch.equal(single["quant_in.weight"], initial["quant_in.weight"])
     assert not torch.equal(ranks[0]["encoder_layers.0.attention.q.weight"], initial["encoder_layers.0.attention.q.weight"])
+
+
+# ---- sample.py ----------------------------------------------------------------------------------
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory, trained_tokenizer):
+    out = tmp_path_factory.mktemp("pair")
+    train_ar.main(ar_args(out, trained_tokenizer, "--epochs", "0.25", "--sample-every", "100"))
+    return ["--tokenizer", str(trained_tokenizer), "--ar", str(out / "ar.pt")]
+
+
+@pytest.fixture
+def sampler_calls(monkeypatch):
+    """Records the labels and prefix of every dar.sample call that sample.py makes."""
+    calls, real_sample = [], dar.sample
+
+    def recording_sample(ar, tokenizer, labels, **options):
+        calls.append({"labels": torch.as_tensor(labels).tolist(), "prefix": options.get("prefix")})
+        yield from real_sample(ar, tokenizer, labels, **options)
+    monkeypatch.setattr(dar, "sample", recording_sample)
+    return calls
+
+
+def test_sample_default_picture_has_a_row_per_class_and_a_column_per_group(tmp_path, trained_pair):
+    path = sample.main([*trained_pair, "--out", str(tmp_path / "pic.png")])
+    width, height = Image.open(path).size
+    rows, columns, cell = 10, 8, 96                  # 32-pixel images enlarged 3x; K = 8 previews
+    assert height == sample.GRID_HEADER + rows * cell
+    assert 0 < width - columns * cell < 200          # the class names on the left
+
+
+def test_fid_mode_is_balanced_named_by_index_and_packed_for_the_adm_evaluator(tmp_path, trained_pair, sampler_calls):
+    folder = sample.main([*trained_pair, "--fid", "12", "--batch-size", "5", "--out", str(tmp_path / "fid")])
+    assert sorted(label for call in sampler_calls for label in call["labels"]) == sorted(i % 10 for i in range(12))
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(12)]
+    packed = np.load(tmp_path / "fid.npz")
+    assert list(packed) == ["arr_0"] and packed["arr_0"].dtype == np.uint8 and packed["arr_0"].shape == (12, 32, 32, 3)
+    assert np.array_equal(packed["arr_0"][7], np.asarray(Image.open(folder / "000007.png")))
+
+
+def test_fid_mode_resumes_without_redoing_finished_images(tmp_path, trained_pair, sampler_calls):
+    argv = [*trained_pair, "--fid", "6", "--batch-size", "4", "--out", str(tmp_path / "fid")]
+    folder = sample.main(argv)
+    first = {p.name: np.asarray(Image.open(p)) for p in folder.glob("*.png")}
+    for index in (2, 4, 5):
+        (folder / f"{index:06d}.png").unlink()
+    (folder / "000004.png.tmp").write_bytes(b"half a PNG")              # a write that was interrupted
+    sampler_calls.clear()
+    sample.main(argv)
+    assert [call["labels"] for call in sampler_calls] == [[2, 4, 5]]   # only the missing ones
+    for name, image in first.items():                                   # and they come out the same
+        assert np.array_equal(np.asarray(Image.open(folder / name)), image), name
+    assert not list(folder.glob("*.tmp"))
+
+
+def fid_shard_worker(rank, world_size, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sample.main(argv)
+
+
+def test_fid_mode_gives_the_same_images_in_one_or_two_processes(tmp_path, trained_pair):
+    common = [*trained_pair, "--fid", "6", "--cfg", "2.0"]
+    sample.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(fid_shard_worker, args=(2, port, [*common, "--batch-size", "2", "--out",
+                                                                   str(tmp_path / "two")]), nprocs=2)
+    one, two = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert one.shape == two.shape == (6, 32, 32, 3)
+    assert np.array_equal(one, two)
+    assert not np.array_equal(one[0], one[1])                           # per-sample seeds: different images
+
+
+def test_preview_steps_stop_the_ar_model_early(tmp_path, trained_pair, monkeypatch):
+    positions = []
+    real_next_logits = dar.LlamaAR.next_logits
+    monkeypatch.setattr(dar.LlamaAR, "next_logits",
+                        lambda self, h, start, caches: positions.append(h.shape[1]) or real_next_logits(self, h, start, caches))
+    sample.main([*trained_pair, "--fid", "2", "--preview-steps", "2", "--out", str(tmp_path / "partial")])
+    assert sum(positions) == 2 * 8       # class token + 15 tokens: the 16 tokens of groups 1-2, no more
+    assert np.load(tmp_path / "partial.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_layout_control_keeps_the_reference_prefix(tmp_path, trained_pair, sampler_calls):
+    path = sample.main([*trained_pair, "--layout-from", "builtin:3", "--prefix-tokens", "0,8,24", "--labels",
+                        "disc,plus,7", "--out", str(tmp_path / "layout.png")])
+    tokenizer = dar.load_tokenizer(trained_pair[1])
+    codes = tokenizer.encode(dar.BuiltinShapes(4, 32, seed=dar.EVALUATOR_REFERENCE_SEED)[3][0][None])
+    assert [call["labels"] for call in sampler_calls] == [[0, 6, 7]] * 3
+    for call, count in zip(sampler_calls, (0, 8, 24)):
+        assert torch.equal(call["prefix"], codes[:, :count].expand(3, count))
+    width, height = Image.open(path).size
+    assert height == sample.GRID_HEADER + 3 * 96 and width > 4 * 96   # rows: P; columns: reference + labels
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "evaluator.pt"
+    classifier = dar.train_shape_classifier(32, num_images=2000, steps=300)
+    dar.save_checkpoint({"kind": "evaluator", "image_size": 32, "model": classifier.state_dict()}, path)
+    return classifier, path
+
+
+def test_evaluator_classifies_held_out_real_shapes(evaluator):
+    classifier, _ = evaluator
+    real = dar.BuiltinShapes(500, 32, seed=dar.EVALUATOR_REFERENCE_SEED)
+    images, labels = torch.stack([real[i][0] for i in range(500)]), torch.arange(500) % 10
+    with torch.no_grad():
+        accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
+    assert accuracy > 0.95
+
+
+def test_frechet_distance_closed_form_and_real_versus_noise(evaluator):
+    x = np.random.default_rng(0).normal(size=(400, 5)) @ np.random.default_rng(1).normal(size=(5, 5))
+    # b = 2a + 1 shares a's covariance shape: FD = |mu_a - mu_b|^2 + tr(S + 4S - 2 * 2S) = |mu_a + 1|^2 + tr(S)
+    expected = ((x.mean(0) + 1) ** 2).sum() + np.trace(np.cov(x, rowvar=False))
+    assert dar.frechet_distance(x, 2 * x + 1) == pytest.approx(expected, rel=1e-9)
+    assert dar.frechet_distance(x, x) == pytest.approx(0, abs=1e-9)
+    classifier, _ = evaluator
+    features = lambda images: classifier.features(images).detach().numpy()
+    real = lambda seed: torch.stack([image for image, _ in dar.BuiltinShapes(500, 32, seed=seed)])
+    real_a, real_b = features(real(dar.EVALUATOR_REFERENCE_SEED)), features(real(7))
+    noise = features(torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert dar.frechet_distance(real_a, real_b) < 0.02 * dar.frechet_distance(real_a, noise)
+
+
+def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator, capsys):
+    accuracy, toy_fid = sample.main([*trained_pair, "--eval", "--n", "20", "--evaluator", str(evaluator[1])])
+    assert 0 <= accuracy <= 1 and toy_fid > 0
+    assert "20 samples (cfg 4.0): accuracy" in capsys.readouterr().out
+    accuracy, _ = sample.main([*trained_pair, "--eval", "--reconstruct", "builtin", "--n", "20",
+                               "--evaluator", str(evaluator[1])])
+    assert 0 <= accuracy <= 1
+
+
+def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
+    run = subprocess.run([sys.executable, "sample.py", "--tokenizer", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().count("\n") == 0 and "python train_tokenizer.py" in run.stderr
+    unreadable = tmp_path / "broken.png"
+    unreadable.write_bytes(b"not a png")
+    for extra, message in [(["--labels", "3,10"], r"class 10 is outside the AR model's 10 classes"),
+                           (["--layout-from", "builtin:0", "--prefix-tokens", "65"], r"must lie in \[0, 64\]"),
+                           (["--layout-from", str(unreadable)], r"cannot read .*broken.png as an image"),
+                           (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it")]:
+        with pytest.raises(SystemExit, match=message) as raised:
+            sample.main([*trained_pair, *extra])
+        assert "\n" not in str(raised.value)

@@ -1,0 +1,388 @@
+"""Sample from a trained D-AR pair (§3.3): images forming group by group, layout control, the files the
+paper's FIDs are computed from, and a toy metric for the built-in shapes.
+
+    python sample.py                              # out/tiny: a row per class, its previews, then the image
+    python sample.py --stream --labels plus       # one line per group, as its tokens arrive
+    python sample.py --layout-from builtin:4 --prefix-tokens 8,16,32 --labels 0,1,2,3   # Fig. 5
+    python sample.py --eval                       # class accuracy and toy FID of the tiny pair
+    python sample.py --eval --preview-steps 2     # ... of the jump estimates after 2 groups (Table 5)
+    python sample.py --tokenizer D-AR-tokenizer_v1.pt --ar D-AR-L-360K.pt --cfg 1.1,8.0 \\
+        --fid 50000 --out samples/L               # 50,000 PNGs + samples/L.npz for the ADM evaluator
+    torchrun --nproc_per_node 8 sample.py ...     # the same files, shared out over 8 GPUs
+    python sample.py --tokenizer D-AR-tokenizer_v1.pt --reconstruct /imagenet/val --out recon/v1   # rFID
+
+Sample i of --fid and --eval asks for class i mod C and draws its noise and tokens from its own generator,
+seeded with --seed + i, so the set is the same whatever the batch size or the number of processes.
+"""
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import dar
+
+DIT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes, shown for 1000-class models
+GRID_HEADER, GRID_PAD = 24, 6                           # pixels above a picture's first row, around its names
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", default="out/tiny/tokenizer.pt", help="ours or the release's")
+    parser.add_argument("--ar", default="out/tiny/ar.pt", help="ours or the release's (D-AR-L-360K.pt, ...)")
+    parser.add_argument("--ar-config", default=None, choices=list(dar.AR_PRESETS),
+                        help="preset of a release AR file (default: inferred from its shapes)")
+    parser.add_argument("--labels", help="comma-separated class ids (or shape names, for the built-in data)")
+    parser.add_argument("--n", type=int, help="how many: rows of the picture (default: one per label), "
+                        "--eval samples (default 1000), --reconstruct images (default: all)")
+    parser.add_argument("--out", help="the PNG of a picture mode, or the folder of --fid / --reconstruct "
+                        "(default: next to the AR checkpoint)")
+    sampling = parser.add_argument_group("sampling (release defaults)")
+    sampling.add_argument("--cfg", default="4.0", help="guidance scale, or 'start,end' for the linear schedule "
+                          "(paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=0, help="0: off")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    sampling.add_argument("--solver", default="adams2", choices=dar.SOLVERS)
+    sampling.add_argument("--seed", type=int, default=0)
+    modes = parser.add_argument_group("modes (default: a picture of previews)")
+    modes.add_argument("--stream", action="store_true", help="print a line per group as it arrives")
+    modes.add_argument("--layout-from", metavar="IMAGE", help="keep this image's first tokens (Fig. 5); "
+                       "'builtin:I' is held-out built-in image I")
+    modes.add_argument("--prefix-tokens", default="8,16,32", help="with --layout-from: tokens kept, one row each")
+    modes.add_argument("--fid", type=int, metavar="N", help="write N class-balanced samples as PNGs and an .npz")
+    modes.add_argument("--reconstruct", metavar="FOLDER", help="write tokenizer reconstructions of an image "
+                       "folder ('builtin': held-out built-in images) as PNGs and an .npz (rFID)")
+    modes.add_argument("--eval", action="store_true", help="built-in data: class accuracy and toy FID of the "
+                       "samples (or, with --reconstruct builtin, of the reconstructions)")
+    modes.add_argument("--preview-steps", type=int, metavar="K",
+                       help="--fid / --eval: use the jump estimate after K groups instead of the image (Table 5)")
+    modes.add_argument("--evaluator", default="out/evaluator.pt", help="--eval's classifier (trained if missing)")
+    parser.add_argument("--batch-size", type=int, default=64, help="per process (release FID run: 64)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                        help="the AR model's weights on CUDA (release: bf16; the tokenizer runs in fp32/TF32)")
+    return parser.parse_args(argv)
+
+
+def fail(message):
+    """Bad input ends the run with one line, no traceback."""
+    raise SystemExit(f"sample.py: error: {message}")
+
+
+def load_models(args, device, need_ar=True):
+    """-> (tokenizer, ar or None) in eval mode, the AR model in bf16 on CUDA as released."""
+    checks = [(args.tokenizer, "python train_tokenizer.py", "--tokenizer")]
+    if need_ar:
+        checks.append((args.ar, "python train_ar.py", "--ar"))
+    for path, command, flag in checks:
+        if not Path(path).is_file():
+            fail(f"no checkpoint at {path}; `{command}` creates it, or pass {flag} PATH")
+    try:
+        tokenizer = dar.load_tokenizer(args.tokenizer, device)
+        ar = dar.load_ar(args.ar, args.ar_config, device) if need_ar else None
+    except Exception as error:  # a wrong or damaged file: say which and why, in one line
+        fail(str(error).splitlines()[0])
+    if ar is not None and (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size,
+                                                                      tokenizer.cfg.num_tokens):
+        fail(f"{args.ar} ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match {args.tokenizer} "
+             f"({tokenizer.cfg.codebook_size} ids, {tokenizer.cfg.num_tokens} tokens)")
+    if ar is not None and device.type == "cuda" and args.precision == "bf16":
+        ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
+    return tokenizer, ar
+
+
+def is_builtin(ar):
+    return ar is not None and ar.cfg.num_classes == len(dar.SHAPE_CLASSES)
+
+
+def class_name(ar, label):
+    return dar.SHAPE_CLASSES[label] if is_builtin(ar) else f"class {label}"
+
+
+def parse_labels(text, ar):
+    """'0,3,plus' -> [0, 3, 6]; each must be one of the AR model's classes."""
+    labels = []
+    for item in text.split(","):
+        item = item.strip()
+        if is_builtin(ar) and item in dar.SHAPE_CLASSES:
+            labels.append(dar.SHAPE_CLASSES.index(item))
+            continue
+        try:
+            label = int(item)
+        except ValueError:
+            names = f" or a shape name ({', '.join(dar.SHAPE_CLASSES)})" if is_builtin(ar) else ""
+            fail(f"--labels: {item!r} is not a class id{names}")
+        if not 0 <= label < ar.cfg.num_classes:
+            fail(f"--labels: class {label} is outside the AR model's {ar.cfg.num_classes} classes "
+                 f"(0-{ar.cfg.num_classes - 1})")
+        labels.append(label)
+    return labels
+
+
+def parse_cfg(text):
+    try:
+        scales = [float(value) for value in text.split(",")]
+    except ValueError:
+        scales = []
+    if len(scales) not in (1, 2):
+        fail(f"--cfg: expected a scale or 'start,end', got {text!r}")
+    return scales[0] if len(scales) == 1 else tuple(scales)
+
+
+def generators(seeds, device):
+    """One generator per sample, so a sample depends on its seed only, not on its batch."""
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+
+def save_labelled_grid(cells, row_names, column_names, path):
+    """cells (R, C, 3, H, W) in [-1, 1] -> a PNG with a name left of each row and above each column.
+    Small images are enlarged (nearest neighbour) to about 96 pixels so that they can be seen."""
+    R, C, _, H, W = cells.shape
+    scale = max(1, 96 // H)
+    grid = dar.to_uint8(cells.float().cpu()).permute(0, 3, 1, 4, 2).reshape(R * H, C * W, 3).numpy()
+    picture = Image.fromarray(grid).resize((C * W * scale, R * H * scale), Image.NEAREST)
+    font, pad, top = ImageFont.load_default(), GRID_PAD, GRID_HEADER
+    measure = ImageDraw.Draw(picture)
+    left = int(max(measure.textlength(name, font=font) for name in row_names)) + 2 * pad
+    canvas = Image.new("RGB", (left + picture.width, top + picture.height), "white")
+    canvas.paste(picture, (left, top))
+    draw, cell_w, cell_h = ImageDraw.Draw(canvas), W * scale, H * scale
+    for r, name in enumerate(row_names):
+        draw.text((pad, top + r * cell_h + cell_h // 2), name, fill="black", font=font, anchor="lm")
+    for c, name in enumerate(column_names):
+        draw.text((left + c * cell_w + cell_w // 2, top // 2), name, fill="black", font=font, anchor="mm")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def sampling_options(args):
+    return dict(cfg=parse_cfg(args.cfg), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                solver=args.solver)
+
+
+def picture(args, tokenizer, ar, device):
+    """The default mode: one row per sample, the jump estimates after groups 1..K (the K-th is the image)."""
+    labels = parse_labels(args.labels, ar) if args.labels else (
+        list(DIT_CLASSES) if ar.cfg.num_classes == 1000 else list(range(min(ar.cfg.num_classes, 10))))
+    rows = args.n or len(labels)
+    labels = [labels[i % len(labels)] for i in range(rows)]
+    K, G = tokenizer.cfg.num_groups, tokenizer.cfg.group_size
+    steps = dar.sample(ar, tokenizer, labels, generator=generators(range(args.seed, args.seed + rows), device),
+                       **sampling_options(args))
+    previews, start = [], time.perf_counter()
+    for step in steps:
+        previews.append(step.preview)
+        if args.stream:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            print(f"group {step.group}/{K}: {step.tokens.shape[1]:4d} tokens, t = {step.t:.3f}, preview ready "
+                  f"at {1000 * (time.perf_counter() - start):7.1f} ms")
+    path = Path(args.out or Path(args.ar).parent / "samples.png")
+    columns = [f"{k * G} tokens" for k in range(1, K)] + [f"image ({K * G})"]
+    save_labelled_grid(torch.stack(previews, 1), [class_name(ar, label) for label in labels], columns, path)
+    return path
+
+
+def load_reference(text, image_size):
+    """--layout-from: an image file, or 'builtin:I' (held-out built-in image I) -> (1, 3, S, S)."""
+    if text.startswith("builtin:"):
+        try:
+            index = int(text.split(":", 1)[1])
+        except ValueError:
+            fail(f"--layout-from: expected builtin:INDEX, got {text!r}")
+        return dar.BuiltinShapes(index + 1, image_size, seed=dar.EVALUATOR_REFERENCE_SEED)[index][0][None]
+    try:
+        with Image.open(text) as image:
+            image = image.convert("RGB")
+    except (OSError, ValueError) as error:
+        fail(f"--layout-from: cannot read {text} as an image ({error})")
+    return dar.pil_to_tensor(dar.center_crop(image, image_size))[None]
+
+
+def layout_control(args, tokenizer, ar, device):
+    """Fig. 5: the reference's first P tokens, the rest sampled under each label; a row per P. Every cell
+    uses the same seed, so within a row only the label changes."""
+    N = tokenizer.cfg.num_tokens
+    try:
+        prefix_counts = [int(value) for value in args.prefix_tokens.split(",")]
+    except ValueError:
+        fail(f"--prefix-tokens: expected comma-separated counts, got {args.prefix_tokens!r}")
+    if any(not 0 <= count <= N for count in prefix_counts):
+        fail(f"--prefix-tokens {args.prefix_tokens}: each count must lie in [0, {N}] (the tokenizer has N = {N})")
+    if ar.cfg.reverse:
+        fail(f"{args.ar} writes the fine tokens first (--reverse); layout control needs the coarse ones first")
+    reference = load_reference(args.layout_from, tokenizer.cfg.image_size).to(device)
+    codes = tokenizer.encode(reference)
+    labels = parse_labels(args.labels, ar) if args.labels else list(range(min(ar.cfg.num_classes, 5)))
+    rows = []
+    for count in prefix_counts:
+        *_, last = dar.sample(ar, tokenizer, labels, prefix=codes[:, :count].expand(len(labels), count),
+                              generator=generators([args.seed] * len(labels), device), **sampling_options(args))
+        rows.append(torch.cat([reference, last.image]))
+    path = Path(args.out or Path(args.ar).parent / "layout.png")
+    save_labelled_grid(torch.stack(rows), [f"{count} tokens kept" for count in prefix_counts],
+                       ["reference"] + [class_name(ar, label) for label in labels], path)
+    return path
+
+
+def sample_batch(args, tokenizer, ar, device):
+    """-> make(indices) = (images, requested labels): sample i asks for class i mod C, seed --seed + i."""
+    options, K = sampling_options(args), tokenizer.cfg.num_groups
+    groups = args.preview_steps or K
+    if not 1 <= groups <= K:
+        fail(f"--preview-steps {args.preview_steps}: must lie in [1, {K}]")
+
+    def make(indices):
+        labels = torch.tensor(indices, device=device) % ar.cfg.num_classes
+        seeds = [args.seed + index for index in indices]
+        for step in dar.sample(ar, tokenizer, labels, generator=generators(seeds, device), **options):
+            if step.group == groups:  # the AR model stops here too: later tokens are never written
+                return step.preview, labels
+    return make
+
+
+def reconstruction_batch(args, tokenizer, device):
+    """-> (make(indices) = (reconstructions, labels), number of images) for --reconstruct."""
+    size = tokenizer.cfg.image_size
+    if args.reconstruct == "builtin":
+        dataset = dar.BuiltinShapes(args.n or 1000, size, seed=dar.EVALUATOR_REFERENCE_SEED)
+    else:
+        try:
+            dataset = dar.ImageFolder(args.reconstruct, size)
+        except ValueError as error:
+            fail(f"--reconstruct: {error}")
+
+    def make(indices):
+        images, labels = zip(*(dataset[index] for index in indices))
+        codes = tokenizer.encode(torch.stack(images).to(device))
+        seeds = [args.seed + index for index in indices]
+        return tokenizer.decode(codes, generator=generators(seeds, device), solver=args.solver), torch.tensor(labels)
+    return make, min(len(dataset), args.n or len(dataset))
+
+
+def write_pngs(make, total, folder, rank, world_size, batch_size):
+    """Images 0..total-1 as folder/NNNNNN.png. This process makes i = rank, rank + world_size, ...; images
+    whose PNG exists are kept, so an interrupted run continues. Each PNG is written under a temporary
+    name and renamed, so an interruption never leaves a truncated one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, total, world_size) if not (folder / f"{i:06d}.png").exists()]
+    batches = range(0, len(todo), batch_size)
+    for start in tqdm(batches, desc=f"{folder}", disable=rank != 0, dynamic_ncols=True):
+        indices = todo[start:start + batch_size]
+        images, _ = make(indices)
+        for index, image in zip(indices, dar.to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()):
+            temporary = folder / f"{index:06d}.png.tmp"
+            Image.fromarray(image).save(temporary, format="PNG")
+            os.replace(temporary, folder / f"{index:06d}.png")
+    return len(todo)
+
+
+def pack_npz(folder, total):
+    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3), in index order."""
+    first = np.asarray(Image.open(folder / f"{0:06d}.png").convert("RGB"))
+    images = np.empty((total, *first.shape), dtype=np.uint8)
+    for index in range(total):
+        images[index] = np.asarray(Image.open(folder / f"{index:06d}.png").convert("RGB"))
+    path = folder.parent / f"{folder.name}.npz"
+    np.savez(path, arr_0=images)
+    return path
+
+
+def load_evaluator(path, image_size):
+    """The toy evaluator of the built-in shapes, trained once (~1 minute on 2 CPU cores) and cached."""
+    path = Path(path)
+    if not path.is_file():
+        print(f"training the toy evaluator once -> {path}")
+        classifier = dar.train_shape_classifier(image_size)
+        dar.save_checkpoint({"kind": "evaluator", "image_size": image_size, "model": classifier.state_dict()}, path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("image_size") != image_size:
+        fail(f"{path} evaluates {checkpoint.get('image_size')}-pixel images, the tokenizer makes {image_size}; "
+             f"pass another --evaluator")
+    classifier = dar.ShapeClassifier()
+    classifier.load_state_dict(checkpoint["model"])
+    return classifier.eval()
+
+
+@torch.no_grad()
+def toy_eval(make, total, args, image_size, device):
+    """Accuracy of the evaluator on the images w.r.t. the class each was asked for, and the Frechet distance
+    of its features to `total` held-out real images; the same two numbers for the real images as a floor."""
+    classifier = load_evaluator(args.evaluator, image_size).to(device)
+    real = dar.BuiltinShapes(total, image_size, seed=dar.EVALUATOR_REFERENCE_SEED)
+    real_images = torch.stack([real[i][0] for i in range(total)]).to(device)
+    real_labels = torch.arange(total, device=device) % real.num_classes
+    features, correct = [], 0
+    for start in tqdm(range(0, total, args.batch_size), desc="eval", dynamic_ncols=True):
+        images, labels = make(list(range(start, min(start + args.batch_size, total))))
+        images = images.float().clamp(-1, 1)
+        features.append(classifier.features(images).cpu())
+        correct += (classifier.head(features[-1].to(device)).argmax(-1) == labels.to(device)).sum().item()
+    real_features = classifier.features(real_images).cpu()
+    real_accuracy = (classifier.head(real_features.to(device)).argmax(-1) == real_labels).float().mean().item()
+    toy_fid = dar.frechet_distance(torch.cat(features).numpy(), real_features.numpy())
+    return correct / total, toy_fid, real_accuracy
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    modes = [name for name in ("layout_from", "fid", "reconstruct") if getattr(args, name) is not None]
+    if len(modes) > 1:
+        fail(f"choose one of --layout-from, --fid, --reconstruct (got {', '.join('--' + m.replace('_', '-') for m in modes)})")
+    if args.eval and (args.fid is not None or args.layout_from is not None):
+        fail("--eval measures samples (or --reconstruct builtin); it does not combine with --fid or --layout-from")
+    writes_files = args.fid is not None or (args.reconstruct is not None and not args.eval)
+    if writes_files and args.out is None:
+        fail("--fid and --reconstruct write a folder of PNGs: pass --out DIR")
+    if "RANK" in os.environ and not writes_files:
+        fail("only --fid and --reconstruct are shared out over processes; run the other modes without torchrun")
+    rank, world_size, device = dar.setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as released
+
+    tokenizer, ar = load_models(args, device, need_ar=args.reconstruct is None)
+    with torch.no_grad():
+        if args.eval:
+            if args.reconstruct not in (None, "builtin"):
+                fail("--eval measures the built-in shapes: use --reconstruct builtin")
+            if ar is not None and not is_builtin(ar):
+                fail(f"--eval measures models of the built-in shapes ({len(dar.SHAPE_CLASSES)} classes); "
+                     f"{args.ar} has {ar.cfg.num_classes}. For ImageNet, use --fid and the ADM evaluator")
+            if args.reconstruct:
+                make, total = reconstruction_batch(args, tokenizer, device)
+                what = "reconstructions"
+            else:
+                make, total = sample_batch(args, tokenizer, ar, device), args.n or 1000
+                what = f"samples (cfg {args.cfg}" + (f", previews after {args.preview_steps} groups)"
+                                                     if args.preview_steps else ")")
+            accuracy, toy_fid, real_accuracy = toy_eval(make, total, args, tokenizer.cfg.image_size, device)
+            print(f"{total} {what}: accuracy {accuracy:.1%}, toy FID {toy_fid:.2f} "
+                  f"(real held-out images: accuracy {real_accuracy:.1%})")
+            return accuracy, toy_fid
+        if args.fid is not None or args.reconstruct is not None:
+            make, total = ((sample_batch(args, tokenizer, ar, device), args.fid) if args.fid is not None
+                           else reconstruction_batch(args, tokenizer, device))
+            folder = Path(args.out)
+            made = write_pngs(make, total, folder, rank, world_size, args.batch_size)
+            if world_size > 1:
+                torch.distributed.barrier()
+            if rank == 0:
+                print(f"{folder}: {total} PNGs ({made} made now by process 0) -> {pack_npz(folder, total)}")
+            if world_size > 1:
+                torch.distributed.destroy_process_group()
+            return folder
+        if args.preview_steps is not None:
+            fail("--preview-steps applies to --fid and --eval; the picture shows every preview")
+        path = layout_control(args, tokenizer, ar, device) if args.layout_from else picture(args, tokenizer, ar, device)
+        print(path)
+        return path
+
+
+if __name__ == "__main__":
+    main()
