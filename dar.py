@@ -6,6 +6,7 @@ The file follows the paper:
   §3.2  the Llama AR model, Eq. (6), with a static KV cache and logit-space classifier-free guidance
   §3.3  the D-AR sampler: each group of G generated tokens drives one diffusion step, with a preview
   data and training utilities: the built-in shapes dataset, an ImageNet-style folder, the training stream
+  a toy evaluator for the built-in shapes: a shape classifier and a NumPy Frechet distance ("toy FID")
 
 Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
 follow the release, so that its checkpoints load and give the same numbers; a comment marks each place.
