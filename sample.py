@@ -16,6 +16,7 @@ seeded with --seed + i, so the set is the same whatever the batch size or the nu
 """
 import argparse
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -83,11 +84,13 @@ def load_models(args, device, need_ar=True):
     for path, command, flag in checks:
         if not Path(path).is_file():
             fail(f"no checkpoint at {path}; `{command}` creates it, or pass {flag} PATH")
-    try:
-        tokenizer = dar.load_tokenizer(args.tokenizer, device)
-        ar = dar.load_ar(args.ar, args.ar_config, device) if need_ar else None
-    except Exception as error:  # a wrong or damaged file: say which and why, in one line
-        fail(str(error).splitlines()[0])
+    def load(flag, loader, *options):
+        try:
+            return loader(*options, device=device)
+        except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as error:  # a wrong or damaged file
+            fail(f"{flag} {options[0]} cannot be loaded: {str(error).splitlines()[0]}")
+    tokenizer = load("--tokenizer", dar.load_tokenizer, args.tokenizer)
+    ar = load("--ar", dar.load_ar, args.ar, args.ar_config) if need_ar else None
     if ar is not None and (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size,
                                                                       tokenizer.cfg.num_tokens):
         fail(f"{args.ar} ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match {args.tokenizer} "
@@ -340,6 +343,9 @@ def main(argv=None):
         fail(f"choose one of --layout-from, --fid, --reconstruct (got {', '.join('--' + m.replace('_', '-') for m in modes)})")
     if args.eval and (args.fid is not None or args.layout_from is not None):
         fail("--eval measures samples (or --reconstruct builtin); it does not combine with --fid or --layout-from")
+    for flag in ("fid", "n", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     writes_files = args.fid is not None or (args.reconstruct is not None and not args.eval)
     if writes_files and args.out is None:
         fail("--fid and --reconstruct write a folder of PNGs: pass --out DIR")

@@ -4,11 +4,13 @@ Fixture tests compare with files written by the official code (testdata/official
 """
 import os
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -775,10 +777,28 @@ def test_train_ar_reverse_is_recorded_and_cached_codes_round_trip(tmp_path, trai
     train_ar.main(ar_args(tmp_path / "rev", trained_tokenizer, "--epochs", "0.25", "--reverse",
                           "--cache-codes", str(tmp_path / "codes")))
     assert dar.load_ar(tmp_path / "rev" / "ar.pt").cfg.reverse
-    codes = train_ar.np.load(tmp_path / "codes" / "codes.npy")
+    codes = np.load(tmp_path / "codes" / "codes.npy")
     tok, data = dar.load_tokenizer(trained_tokenizer), dar.BuiltinShapes(32, 32, seed=0)
     images = torch.stack([data[i][0] for i in range(32)])
     assert codes.shape == (1, 32, 64) and torch.equal(torch.from_numpy(codes[0]).long(), tok.encode(images))
+
+
+def test_code_cache_is_reused_and_rebuilt_when_the_tokenizer_file_changes(tmp_path, trained_tokenizer):
+    data, path = dar.BuiltinShapes(8, 32, seed=0), tmp_path / "tokenizer.pt"
+    path.write_bytes(trained_tokenizer.read_bytes())
+    cache = lambda tok: train_ar.cache_codes(tok, path, data, tmp_path / "codes", 0, 1, torch.device("cpu"), 4)
+    images = torch.stack([data[i][0] for i in range(8)])
+    tok = dar.load_tokenizer(path)
+    first = cache(tok).codes[0].copy()
+    assert np.array_equal(first, tok.encode(images).numpy())
+    stamp = (tmp_path / "codes" / "codes.npy").stat().st_mtime_ns
+    cache(tok)
+    assert (tmp_path / "codes" / "codes.npy").stat().st_mtime_ns == stamp        # unchanged file: reused
+    other = dar.Tokenizer(tok.cfg)                                                # another tokenizer, saved over it
+    torch.save({"kind": "tokenizer", "config": asdict(tok.cfg), "model": other.state_dict()}, path)
+    other = dar.load_tokenizer(path)
+    rebuilt = cache(other).codes[0]
+    assert np.array_equal(rebuilt, other.encode(images).numpy()) and not np.array_equal(rebuilt, first)
 
 
 def final_state(path):
@@ -870,9 +890,6 @@ def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
 
 
 # ---- sample.py ----------------------------------------------------------------------------------
-import subprocess  # noqa: E402
-
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import sample  # noqa: E402
