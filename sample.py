@@ -1,7 +1,7 @@
 """Sample from a trained D-AR pair (§3.3): images forming group by group, layout control, the files the
 paper's FIDs are computed from, and a toy metric for the built-in shapes.
 
-    python sample.py                              # out/tiny: a row per class, its previews, then the image
+    python sample.py                              # out/tiny: a row per class, the preview after each group
     python sample.py --stream --labels plus       # one line per group, as its tokens arrive
     python sample.py --layout-from builtin:4 --prefix-tokens 8,16,32 --labels 0,1,2,3   # Fig. 5
     python sample.py --eval                       # class accuracy and toy FID of the tiny pair
