@@ -1003,13 +1003,12 @@ def guidance_scales(cfg, num_tokens):
     return torch.linspace(start, end, num_tokens).tolist()
 
 
-def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
     """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus (top-p)
     filtering, then one draw from what is left. top_k = 1 is greedy.
 
-    generator: one torch.Generator for the batch, or a list of B (one per sample), so that a sample's
-    tokens do not depend on the batch it is drawn in (`sample.py --fid` seeds each sample by its index).
-    The draw inverts the cumulative distribution at one uniform number per row."""
+    The draw inverts the cumulative distribution at one uniform number per row: `uniform` (B,) when given
+    (`sample` draws them per sample, so that a sample does not depend on its batch), else from `generator`."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -1019,9 +1018,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         beyond = sorted_logits.softmax(-1).cumsum(-1) > top_p
         beyond = torch.cat([torch.zeros_like(beyond[:, :1]), beyond[:, :-1]], dim=-1)  # keep the boundary token
         logits = logits.masked_fill(beyond.scatter(-1, order, beyond), -math.inf)
-    if isinstance(generator, (list, tuple)):
-        uniform = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generator])
-    else:
+    if uniform is None:
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     cdf = logits.float().softmax(-1).cumsum(-1)                                         # (B, V)
     # side="right": the first token whose cumulative mass exceeds u, so a token of zero mass is never drawn
@@ -1038,6 +1035,13 @@ class SampleStep:
     x: torch.Tensor          # (B, 3, H, W) the diffusion state x_{t_k}, in the scaled pixel space
     preview: torch.Tensor    # (B, 3, H, W) the jump estimate x_hat_1 from t_{k-1}, in image space [-1, 1]
     image: torch.Tensor = None  # (B, 3, H, W) the final image, on the last step only
+
+
+def check_pair(ar, tokenizer):
+    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's V and N."""
+    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size, tokenizer.cfg.num_tokens):
+        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the "
+                         f"tokenizer ({tokenizer.cfg.codebook_size} ids, {tokenizer.cfg.num_tokens} tokens)")
 
 
 @torch.no_grad()
@@ -1062,9 +1066,7 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     """
     N, K, G, V = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size, ar.cfg.vocab_size
     device = tokenizer.sampling_times.device
-    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size, N):
-        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the "
-                         f"tokenizer ({tokenizer.cfg.codebook_size} ids, {N} tokens)")
+    check_pair(ar, tokenizer)
     if ar.training:
         raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before sampling")
     if solver not in SOLVERS:
@@ -1103,6 +1105,9 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
 
     # the diffusion side: x_0, and the K steps of Eq. (8)
     x, v, times = tokenizer.initial_noise(B, noise, generator, device), None, tokenizer.sampling_times
+    # every token draw's uniform number, up front: (B, N), row b from sample b's generator when given a list
+    uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator])
+                if isinstance(generator, (list, tuple)) else torch.rand(B, N, generator=generator, device=device))
     for k in range(K):
         needed = N if ar.cfg.reverse else (k + 1) * G
         for i in range(written, needed):                        # (a) the AR tokens that group k waits for
@@ -1113,7 +1118,7 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
                 guided_logits = unconditional + scales[i] * (conditional - unconditional)
             else:
                 guided_logits = logits
-            tokens[:, i] = sample_token(guided_logits, temperature, top_k, top_p, generator)
+            tokens[:, i] = sample_token(guided_logits, temperature, top_k, top_p, uniform=uniforms[:, i])
         written = max(written, needed)
         coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
         cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k

@@ -91,10 +91,11 @@ def load_models(args, device, need_ar=True):
             fail(f"{flag} {options[0]} cannot be loaded: {str(error).splitlines()[0]}")
     tokenizer = load("--tokenizer", dar.load_tokenizer, args.tokenizer)
     ar = load("--ar", dar.load_ar, args.ar, args.ar_config) if need_ar else None
-    if ar is not None and (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size,
-                                                                      tokenizer.cfg.num_tokens):
-        fail(f"{args.ar} ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match {args.tokenizer} "
-             f"({tokenizer.cfg.codebook_size} ids, {tokenizer.cfg.num_tokens} tokens)")
+    if ar is not None:
+        try:
+            dar.check_pair(ar, tokenizer)
+        except ValueError as error:
+            fail(f"--ar {args.ar} and --tokenizer {args.tokenizer}: {error}")
     if ar is not None and device.type == "cuda" and args.precision == "bf16":
         ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
     return tokenizer, ar
@@ -319,21 +320,24 @@ def toy_eval(make, total, args, image_size, device):
     of its features to `total` held-out real images; then, as the floor, the accuracy on those real images
     and the distance of another `total` real images to them."""
     classifier = load_evaluator(args.evaluator, image_size).to(device)
-    real = dar.BuiltinShapes(total, image_size, seed=dar.EVALUATOR_REFERENCE_SEED)
-    real_images = torch.stack([real[i][0] for i in range(total)]).to(device)
-    real_labels = torch.arange(total, device=device) % real.num_classes
+
+    def judge(images, labels):  # -> pooled features (CPU), how many are classified as `labels`
+        features = classifier.features(images.float().clamp(-1, 1).to(device))
+        return features.cpu(), (classifier.head(features).argmax(-1).cpu() == labels.cpu()).sum().item()
+
+    def real_set(seed):
+        real = dar.BuiltinShapes(total, image_size, seed=seed)
+        return torch.stack([real[i][0] for i in range(total)]), torch.arange(total) % real.num_classes
+
     features, correct = [], 0
     for start in tqdm(range(0, total, args.batch_size), desc="eval", dynamic_ncols=True):
-        images, labels = make(list(range(start, min(start + args.batch_size, total))))
-        images = images.float().clamp(-1, 1)
-        features.append(classifier.features(images).cpu())
-        correct += (classifier.head(features[-1].to(device)).argmax(-1) == labels.to(device)).sum().item()
-    real_features = classifier.features(real_images).cpu()
-    real_accuracy = (classifier.head(real_features.to(device)).argmax(-1) == real_labels).float().mean().item()
-    other = dar.BuiltinShapes(total, image_size, seed=REAL_FLOOR_SEED)
-    other_features = classifier.features(torch.stack([other[i][0] for i in range(total)]).to(device)).cpu()
-    toy_fid = dar.frechet_distance(torch.cat(features).numpy(), real_features.numpy())
-    return correct / total, toy_fid, real_accuracy, dar.frechet_distance(other_features.numpy(), real_features.numpy())
+        batch_features, batch_correct = judge(*make(list(range(start, min(start + args.batch_size, total)))))
+        features.append(batch_features)
+        correct += batch_correct
+    real_features, real_correct = judge(*real_set(dar.EVALUATOR_REFERENCE_SEED))
+    floor_features, _ = judge(*real_set(REAL_FLOOR_SEED))
+    return (correct / total, dar.frechet_distance(torch.cat(features).numpy(), real_features.numpy()),
+            real_correct / total, dar.frechet_distance(floor_features.numpy(), real_features.numpy()))
 
 
 def main(argv=None):

@@ -1024,9 +1024,18 @@ def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator, capsys)
     accuracy, toy_fid = sample.main([*trained_pair, "--eval", "--n", "20", "--evaluator", str(evaluator[1])])
     assert 0 <= accuracy <= 1 and toy_fid > 0
     assert "20 samples (cfg 4.0): accuracy" in capsys.readouterr().out
-    accuracy, _ = sample.main([*trained_pair, "--eval", "--reconstruct", "builtin", "--n", "20",
-                               "--evaluator", str(evaluator[1])])
-    assert 0 <= accuracy <= 1
+    accuracy, toy_fid = sample.main([*trained_pair, "--eval", "--reconstruct", "builtin", "--n", "20",
+                                     "--evaluator", str(evaluator[1])])
+    # the same numbers by hand: image i of the reference set, decoded with the generator seeded i (--seed 0)
+    tokenizer, classifier = dar.load_tokenizer(trained_pair[1]), sample.load_evaluator(evaluator[1], 32)
+    real = lambda seed: torch.stack([image for image, _ in dar.BuiltinShapes(20, 32, seed=seed)])
+    images = real(dar.EVALUATOR_REFERENCE_SEED)
+    recon = tokenizer.decode(tokenizer.encode(images), generator=[torch.Generator().manual_seed(i) for i in range(20)])
+    with torch.no_grad():
+        features = classifier.features(recon.clamp(-1, 1))
+        expected = (classifier.head(features).argmax(-1) == torch.arange(20) % 10).float().mean().item()
+        expected_fid = dar.frechet_distance(features.numpy(), classifier.features(images).numpy())
+    assert accuracy == pytest.approx(expected) and toy_fid == pytest.approx(expected_fid, rel=1e-4)
 
 
 def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
