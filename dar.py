@@ -1077,11 +1077,12 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
         raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
     labels = torch.as_tensor(labels, device=device)
     B = labels.shape[0]
-    generators = generator if isinstance(generator, (list, tuple)) else [generator]
-    if isinstance(generator, (list, tuple)) and len(generator) != B:
+    per_sample = isinstance(generator, (list, tuple))
+    if per_sample and len(generator) != B:
         raise ValueError(f"generator: give one, or one per sample ({B}), got a list of {len(generator)}")
-    if any(g is not None and g.device.type != torch.device(device).type for g in generators):
-        raise ValueError(f"the generator is on {generators[0].device}, the models on {device}; they must match")
+    for g in generator if per_sample else [generator]:
+        if g is not None and g.device.type != torch.device(device).type:
+            raise ValueError(f"the generator is on {g.device}, the models on {device}; they must match")
     if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
         raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got {labels.tolist()}")
     prefix = torch.as_tensor([[]] * B if prefix is None else prefix, dtype=torch.long, device=device)  # (B, P)
@@ -1106,8 +1107,8 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     # the diffusion side: x_0, and the K steps of Eq. (8)
     x, v, times = tokenizer.initial_noise(B, noise, generator, device), None, tokenizer.sampling_times
     # every token draw's uniform number, up front: (B, N), row b from sample b's generator when given a list
-    uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator])
-                if isinstance(generator, (list, tuple)) else torch.rand(B, N, generator=generator, device=device))
+    uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator]) if per_sample
+                else torch.rand(B, N, generator=generator, device=device))
     for k in range(K):
         needed = N if ar.cfg.reverse else (k + 1) * G
         for i in range(written, needed):                        # (a) the AR tokens that group k waits for

@@ -1021,21 +1021,29 @@ def test_frechet_distance_closed_form_and_real_versus_noise(evaluator):
 
 
 def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator, capsys):
+    # the same numbers by hand: item i uses class i mod 10 and a generator seeded i (--seed 0); the real
+    # side is the first 20 images of the reference set
+    tokenizer, classifier = dar.load_tokenizer(trained_pair[1]), sample.load_evaluator(evaluator[1], 32)
+    ar, classes = dar.load_ar(trained_pair[3]), torch.arange(20) % 10
+    seeded = lambda: [torch.Generator().manual_seed(i) for i in range(20)]
+    real = torch.stack([image for image, _ in dar.BuiltinShapes(20, 32, seed=dar.EVALUATOR_REFERENCE_SEED)])
+
+    def by_hand(images):
+        with torch.no_grad():
+            features = classifier.features(images.clamp(-1, 1))
+            accuracy = (classifier.head(features).argmax(-1) == classes).float().mean().item()
+            return accuracy, dar.frechet_distance(features.numpy(), classifier.features(real).numpy())
+
     accuracy, toy_fid = sample.main([*trained_pair, "--eval", "--n", "20", "--evaluator", str(evaluator[1])])
-    assert 0 <= accuracy <= 1 and toy_fid > 0
     assert "20 samples (cfg 4.0): accuracy" in capsys.readouterr().out
+    *_, last = dar.sample(ar, tokenizer, classes, cfg=4.0, generator=seeded())
+    expected_accuracy, expected_fid = by_hand(last.image)
+    assert accuracy == pytest.approx(expected_accuracy) and toy_fid == pytest.approx(expected_fid, rel=1e-4)
+
     accuracy, toy_fid = sample.main([*trained_pair, "--eval", "--reconstruct", "builtin", "--n", "20",
                                      "--evaluator", str(evaluator[1])])
-    # the same numbers by hand: image i of the reference set, decoded with the generator seeded i (--seed 0)
-    tokenizer, classifier = dar.load_tokenizer(trained_pair[1]), sample.load_evaluator(evaluator[1], 32)
-    real = lambda seed: torch.stack([image for image, _ in dar.BuiltinShapes(20, 32, seed=seed)])
-    images = real(dar.EVALUATOR_REFERENCE_SEED)
-    recon = tokenizer.decode(tokenizer.encode(images), generator=[torch.Generator().manual_seed(i) for i in range(20)])
-    with torch.no_grad():
-        features = classifier.features(recon.clamp(-1, 1))
-        expected = (classifier.head(features).argmax(-1) == torch.arange(20) % 10).float().mean().item()
-        expected_fid = dar.frechet_distance(features.numpy(), classifier.features(images).numpy())
-    assert accuracy == pytest.approx(expected) and toy_fid == pytest.approx(expected_fid, rel=1e-4)
+    expected_accuracy, expected_fid = by_hand(tokenizer.decode(tokenizer.encode(real), generator=seeded()))
+    assert accuracy == pytest.approx(expected_accuracy) and toy_fid == pytest.approx(expected_fid, rel=1e-4)
 
 
 def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
