@@ -62,6 +62,8 @@ class TokenizerConfig:
     repa_grid: int = 16          # the target's patch grid (DINOv2-B/14 at 224 px: 16 x 16)
     head_dim: int = 64           # every attention of the tokenizer uses 64-wide heads
     rope_theta: float = 10000.0
+    prediction: str = "velocity" # D_FM outputs "velocity" v (release) or "data" x_hat_1 (an option, not the release)
+    codebook_restart: int = 0    # every this many training batches, unused codebook rows restart (0: never, release)
     init_std: float = 0.02       # std of the blocks' Linear weights at initialisation (release: 0.02)
     gate_init: float = 0.0       # the blocks' residual gates at initialisation (release: 0)
 
@@ -76,6 +78,8 @@ class TokenizerConfig:
                 raise ValueError(f"{name} must be a multiple of head_dim ({self.head_dim})")
         if self.head_dim % 4:
             raise ValueError("head_dim must be a multiple of 4 (2D RoPE rotates pairs on two axes)")
+        if self.prediction not in ("velocity", "data"):
+            raise ValueError(f"prediction must be 'velocity' or 'data', got {self.prediction!r}")
         if self.num_tokens > self.table_size:
             raise ValueError(f"num_tokens ({self.num_tokens}) exceeds table_size ({self.table_size})")
         pixel_grid = self.image_size // self.pixel_patch_size
@@ -128,11 +132,13 @@ TOKENIZER_PRESETS = {
     # Not the release's init: at width 128, std 0.02 and closed gates leave the encoder's output
     # image-independent for thousands of steps (measured: identical codes for every image after 1500
     # steps); std 0.1 and open gates make the codes informative within ~400 steps.
+    # Codebook restarts: without them 6 of the 256 codes were in use after 340 steps at batch 32 (lr 1e-3),
+    # with them 164-232.
     "tiny": TokenizerConfig(
         image_size=32, patch_size=4, encoder_dim=128, encoder_depth=2, num_tokens=64, num_groups=8,
         codebook_size=256, table_size=64, decoder_dim=128, decoder_depth=2, diffusion_dim=128,
         diffusion_depth=4, pixel_patch_size=4, repa_layer=2, repa_dim=64, repa_hidden=256, repa_grid=4,
-        init_std=0.1, gate_init=1.0),
+        init_std=0.1, gate_init=1.0, codebook_restart=100),
 }
 
 
@@ -242,13 +248,22 @@ class VectorQuantizer(nn.Module):
     Encoder outputs f and codebook rows are l2-normalised; the token is argmin_k ||f - e_k||^2; the
     forward value f + sg[e - f] equals e while gradients pass straight through to f. Per token,
     l_VQ = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25, no entropy term.
+
+    `restart_every` > 0 (not in the release) counts, in training, how often each row is chosen; the
+    training script calls `restart_dead_codes` every `restart_every` steps, which replaces each row that
+    no token chose since the last call by a randomly drawn encoder output of the last batch, so that the
+    codebook stays in use (a standard VQ-VAE remedy against collapse).
     """
 
     beta = 0.25
 
-    def __init__(self, codebook_size, dim):
+    def __init__(self, codebook_size, dim, restart_every=0):
         super().__init__()
         self.codebook = nn.Embedding(codebook_size, dim)
+        self.restart_every = restart_every
+        if restart_every:  # saved with the weights, so that a resumed run restarts exactly as an unbroken one
+            self.register_buffer("recent_use", torch.zeros(codebook_size))
+        self.latest_outputs = None  # f of the last training batch, (B N, C): what dead rows restart from
 
     def normalized_codebook(self):
         return F.normalize(self.codebook.weight, dim=-1)                        # (V, C)
@@ -262,7 +277,26 @@ class VectorQuantizer(nn.Module):
         codes = distance.argmin(-1)                                                   # (B, N)
         e_codes = e[codes]                                                            # (B, N, C)
         vq_loss = (e_codes - f.detach()).pow(2).mean(-1) + self.beta * (e_codes.detach() - f).pow(2).mean(-1)
+        if self.restart_every and self.training:
+            use = torch.bincount(codes.flatten(), minlength=self.recent_use.numel()).float()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(use)  # every process counts the whole global batch
+            self.recent_use += use
+            self.latest_outputs = f.detach().flatten(0, 1)
         return f + (e_codes - f).detach(), codes, vq_loss
+
+    @torch.no_grad()
+    def restart_dead_codes(self):
+        """Re-seed the rows unused since the last call (call it after an optimizer step); -> how many."""
+        dead = (self.recent_use == 0).nonzero().flatten()
+        outputs = self.latest_outputs
+        replacement = outputs[torch.randint(0, outputs.shape[0], (dead.numel(),), device=outputs.device)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the last process holds the last samples of the step, as one process accumulating would
+            torch.distributed.broadcast(replacement, torch.distributed.get_world_size() - 1)
+        self.codebook.weight[dead] = replacement
+        self.recent_use.zero_()
+        return dead.numel()
 
 
 class TimestepEmbedder(nn.Module):
@@ -317,13 +351,14 @@ class PixelDiffusionTransformer(nn.Module):
 
     x_t (B, 3, H, W) in the scaled pixel space, t (B,) the diffusion time, cond (B, G, D) = c(t).
     Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer` (None unless
-    `return_repa`).
+    `return_repa`). With cfg.prediction = "data" the network outputs the clean image x_hat_1 instead and
+    v = (x_hat_1 - x_t) / (1 - t), so the loss, the solvers and the previews stay those of Eq. (2)-(4).
     """
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         dim, P = cfg.diffusion_dim, cfg.pixel_patch_size
-        self.patch_size, self.repa_layer = P, cfg.repa_layer
+        self.patch_size, self.repa_layer, self.prediction = P, cfg.repa_layer, cfg.prediction
         self.cond_mlp = nn.Linear(cfg.decoder_dim, dim)
         self.pixel_in = nn.Linear(3 * P * P, dim)
         self.blocks = nn.ModuleList(DiffusionBlock(dim, cfg.head_dim) for _ in range(cfg.diffusion_depth))
@@ -357,8 +392,10 @@ class PixelDiffusionTransformer(nn.Module):
             x = run_blocks([block], x, checkpointed, t=t, cond=cond, rope=rope)
         x = self.pixel_out(layer_norm(x))                                      # (B, L, 3P^2)
         grid = x.transpose(1, 2).unflatten(2, (height // self.patch_size, width // self.patch_size))
-        v = F.pixel_shuffle(grid, self.patch_size)                             # (B, 3, H, W)
-        return v, repa
+        out = F.pixel_shuffle(grid, self.patch_size)                           # (B, 3, H, W)
+        if self.prediction == "data":  # 1 - t floored at 0.05 (as JiT does) so that t -> 1 stays finite
+            return (out - x_t) / (1 - t).clamp(min=0.05).view(-1, 1, 1, 1), repa
+        return out, repa
 
 
 def shift_time(u, beta):
@@ -434,7 +471,7 @@ class Tokenizer(nn.Module):
         self.query_linear = nn.Linear(cfg.query_rank, cfg.encoder_dim)
         self.encoder_layers = nn.ModuleList(GatedBlock(cfg.encoder_dim, cfg.head_dim) for _ in range(cfg.encoder_depth))
         self.quant_in = nn.Linear(cfg.encoder_dim, cfg.codebook_dim, bias=False)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.codebook_restart)
         self.quant_out = nn.Linear(cfg.codebook_dim, cfg.decoder_dim, bias=False)
         self.decoder_embedding = nn.Embedding(cfg.table_size, cfg.decoder_dim)
         self.decoder_layers = nn.ModuleList(GatedBlock(cfg.decoder_dim, cfg.head_dim) for _ in range(cfg.decoder_depth))
@@ -1172,12 +1209,18 @@ def shape_mask(kind, dy, dx):
     }[kind]
 
 
-class BuiltinShapes(torch.utils.data.Dataset):
-    """A procedural dataset for CPUs and tests (no download): one shape on a background.
+# colours of the built-in shapes: the eight corners of the RGB cube
+SHAPE_COLOURS = torch.tensor([[r, g, b] for r in (-1.0, 1.0) for g in (-1.0, 1.0) for b in (-1.0, 1.0)])
 
-    The class is the shape's identity (`SHAPE_CLASSES`, label = index mod 10); its position, size and
-    colours, and the background's colour and gradient, vary per image. Image i is a pure function of
-    (seed, i); a different seed gives a held-out set.
+
+class BuiltinShapes(torch.utils.data.Dataset):
+    """A procedural dataset for CPUs and tests (no download): one shape on a plain background.
+
+    The class is the shape's identity (`SHAPE_CLASSES`, label = index mod 10); its position and size vary
+    continuously, and the shape and the background take two different colours of `SHAPE_COLOURS`. Image i
+    is a pure function of (seed, i); a different seed gives a held-out set. Plain backgrounds and eight
+    colours make a sample's layout readable from its pixels (`shape_layout`, which measures layout
+    control); shapes span 56-90% of the image so that their outline covers many pixels.
     """
 
     num_classes = len(SHAPE_CLASSES)
@@ -1195,20 +1238,15 @@ class BuiltinShapes(torch.utils.data.Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} of {self.num_images}")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=gen)
         size, label = self.image_size, index % self.num_classes
-        radius = uniform(0.2, 0.4, 1) * size
-        cy, cx = uniform(radius.item(), size - radius.item(), 2)
+        radius = (0.28 + 0.17 * torch.rand(1, generator=gen)) * size
+        cy, cx = radius + (size - 2 * radius) * torch.rand(2, generator=gen)
         # 4x supersampled inside-test, averaged: smooth edges
         coords = (torch.arange(4 * size) + 0.5) / 4
         dy, dx = torch.meshgrid((coords - cy) / radius, (coords - cx) / radius, indexing="ij")
         cover = shape_mask(SHAPE_CLASSES[label], dy, dx).float().view(size, 4, size, 4).mean((1, 3))
-        background = uniform(-1, 1, 3, 1, 1) + uniform(-0.4, 0.4, 1) * torch.linspace(-1, 1, size).view(1, size, 1)
-        foreground = uniform(-1, 1, 3, 1, 1)
-        while (foreground - background.mean((1, 2), keepdim=True)).abs().mean() < 0.5:  # keep it visible
-            foreground = uniform(-1, 1, 3, 1, 1)
-        image = background * (1 - cover) + foreground * cover
-        return image.clamp(-1, 1), label
+        background, foreground = SHAPE_COLOURS[torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]].view(2, 3, 1, 1)
+        return background * (1 - cover) + foreground * cover, label
 
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -1397,6 +1435,17 @@ def training_checkpoint(kind, cfg, model, ema, optimizer, step, args):
             "step": step, "seed": args.seed, "args": {key: str(value) for key, value in vars(args).items()}}
 
 
+def export_weights(checkpoint_path, path, command):
+    """Write a training checkpoint as a small file to share: the EMA weights alone (the model's where the run
+    kept no EMA), floats in half precision (the loaders cast them back to float32), the config, the step,
+    the arguments of the training run and `command`, the invocation that exported it. No optimizer state."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    weights = checkpoint.get("ema") or checkpoint["model"]
+    save_checkpoint({"kind": checkpoint["kind"], "config": checkpoint["config"], "step": checkpoint["step"],
+                     "model": {key: value.half() if value.is_floating_point() else value for key, value in weights.items()},
+                     "training_args": checkpoint["args"], "command": command}, path)
+
+
 def resume_training(path, model, ema, optimizer):
     """Load a checkpoint written by `training_checkpoint` into model, ema (or None) and optimizer; -> step."""
     if not Path(path).exists():
@@ -1453,6 +1502,7 @@ class ShapeClassifier(nn.Module):
 EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED = 1, 2
 
 
+@torch.enable_grad()  # also when called under no_grad (sample.py --eval trains it on first use)
 def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3, seed=0):
     """Train a `ShapeClassifier` on `num_images` built-in images (set EVALUATOR_TRAIN_SEED); -> the model
     in eval mode. AdamW with a cosine decay; the images are drawn once and cycled."""
@@ -1471,6 +1521,23 @@ def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_siz
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
     return model.eval()
+
+
+def shape_layout(images):
+    """Where the shape of a built-in image is and which colours it has, read from the pixels alone:
+    the background is the median colour of the border, the shape the pixels that differ from it by more
+    than 0.5 (mean over channels). images (B, 3, H, W) -> centroid (B, 2) in pixels (row, column),
+    background and shape colours (B, 3) snapped to the nearest of `SHAPE_COLOURS` (centroid NaN if no shape)."""
+    B, _, H, W = images.shape
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]], -1)
+    background = border.median(-1).values                                       # (B, 3)
+    inside = (images - background[..., None, None]).abs().mean(1) > 0.5         # (B, H, W)
+    rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    count = inside.sum((1, 2)).float()
+    centroid = torch.stack([(inside * rows).sum((1, 2)), (inside * cols).sum((1, 2))], -1) / count[:, None]
+    shape_colour = (images * inside[:, None]).sum((2, 3)) / count[:, None].clamp(min=1)
+    snap = lambda colours: SHAPE_COLOURS[torch.cdist(colours, SHAPE_COLOURS).argmin(-1)]
+    return centroid, snap(background), snap(shape_colour)
 
 
 def frechet_distance(features_a, features_b):

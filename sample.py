@@ -6,6 +6,7 @@ paper's FIDs are computed from, and a toy metric for the built-in shapes.
     python sample.py --layout-from builtin:4 --prefix-tokens 8,16,32 --labels 0,1,2,3   # Fig. 5
     python sample.py --eval                       # class accuracy and toy FID of the tiny pair
     python sample.py --eval --preview-steps 2     # ... of the jump estimates after 2 groups (Table 5)
+    python sample.py --eval --layout-from builtin --prefix-tokens 0,8,16   # layout control, measured
     python sample.py --tokenizer D-AR-tokenizer_v1.pt --ar D-AR-L-360K.pt --cfg 1.1,8.0 \\
         --fid 50000 --out samples/L               # 50,000 PNGs + samples/L.npz for the ADM evaluator
     torchrun --nproc_per_node 8 sample.py ...     # the same files, shared out over 8 GPUs
@@ -53,8 +54,10 @@ def parse_args(argv=None):
     sampling.add_argument("--seed", type=int, default=0)
     modes = parser.add_argument_group("modes (default: a picture of previews)")
     modes.add_argument("--stream", action="store_true", help="print a line per group as it arrives")
+    modes.add_argument("--gif", action="store_true", help="also write the picture as an animated GIF of the "
+                       "samples forming, a frame per group (same name, .gif)")
     modes.add_argument("--layout-from", metavar="IMAGE", help="keep this image's first tokens (Fig. 5); "
-                       "'builtin:I' is held-out built-in image I")
+                       "'builtin:I' is held-out built-in image I; with --eval, 'builtin' measures it on --n of them")
     modes.add_argument("--prefix-tokens", default="8,16,32", help="with --layout-from: tokens kept, one row each")
     modes.add_argument("--fid", type=int, metavar="N", help="write N class-balanced samples as PNGs and an .npz")
     modes.add_argument("--reconstruct", metavar="FOLDER", help="write tokenizer reconstructions of an image "
@@ -144,8 +147,8 @@ def generators(seeds, device):
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]
 
 
-def save_labelled_grid(cells, row_names, column_names, path):
-    """cells (R, C, 3, H, W) in [-1, 1] -> a PNG with a name left of each row and above each column.
+def labelled_grid(cells, row_names, column_names):
+    """cells (R, C, 3, H, W) in [-1, 1] -> a PIL image with a name left of each row and above each column.
     Small images are enlarged (nearest neighbour) to about 96 pixels so that they can be seen."""
     R, C, _, H, W = cells.shape
     scale = max(1, 96 // H)
@@ -161,8 +164,22 @@ def save_labelled_grid(cells, row_names, column_names, path):
         draw.text((pad, top + r * cell_h + cell_h // 2), name, fill="black", font=font, anchor="lm")
     for c, name in enumerate(column_names):
         draw.text((left + c * cell_w + cell_w // 2, top // 2), name, fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def save_labelled_grid(cells, row_names, column_names, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    labelled_grid(cells, row_names, column_names).save(path)
+
+
+def save_forming_gif(previews, names, group_size, path):
+    """previews (R, K, 3, H, W) -> an animated GIF: frame k shows every sample's preview after group k, the
+    last frame (the images) held longest."""
+    K = previews.shape[1]
+    frames = [labelled_grid(previews[:, k][None], [f"{(k + 1) * group_size} tokens" if k < K - 1 else "image"],
+                            names) for k in range(K)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000], loop=0)
 
 
 def sampling_options(args):
@@ -189,7 +206,11 @@ def picture(args, tokenizer, ar, device):
                   f"at {1000 * (time.perf_counter() - start):7.1f} ms")
     path = Path(args.out or Path(args.ar).parent / "samples.png")
     columns = [f"{k * G} tokens" for k in range(1, K)] + [f"image ({K * G})"]
-    save_labelled_grid(torch.stack(previews, 1), [class_name(ar, label) for label in labels], columns, path)
+    names = [class_name(ar, label) for label in labels]
+    save_labelled_grid(torch.stack(previews, 1), names, columns, path)
+    if args.gif:
+        save_forming_gif(torch.stack(previews, 1), names, G, path.with_suffix(".gif"))
+        print(path.with_suffix(".gif"))
     return path
 
 
@@ -209,18 +230,25 @@ def load_reference(text, image_size):
     return dar.pil_to_tensor(dar.center_crop(image, image_size))[None]
 
 
+def layout_prefix_counts(args, tokenizer, ar):
+    """--prefix-tokens, checked: counts in [0, N], and an AR model that writes the coarse tokens first."""
+    num_tokens = tokenizer.cfg.num_tokens
+    if ar.cfg.reverse:
+        fail(f"{args.ar} writes the fine tokens first (--reverse); layout control needs the coarse ones first")
+    try:
+        counts = [int(value) for value in args.prefix_tokens.split(",")]
+    except ValueError:
+        fail(f"--prefix-tokens: expected comma-separated counts, got {args.prefix_tokens!r}")
+    if any(not 0 <= count <= num_tokens for count in counts):
+        fail(f"--prefix-tokens {args.prefix_tokens}: each count must lie in [0, {num_tokens}] (the tokenizer has "
+             f"N = {num_tokens})")
+    return counts
+
+
 def layout_control(args, tokenizer, ar, device):
     """Fig. 5: the reference's first P tokens, the rest sampled under each label; a row per P. Every cell
     uses the same seed, so within a row only the label changes."""
-    N = tokenizer.cfg.num_tokens
-    try:
-        prefix_counts = [int(value) for value in args.prefix_tokens.split(",")]
-    except ValueError:
-        fail(f"--prefix-tokens: expected comma-separated counts, got {args.prefix_tokens!r}")
-    if any(not 0 <= count <= N for count in prefix_counts):
-        fail(f"--prefix-tokens {args.prefix_tokens}: each count must lie in [0, {N}] (the tokenizer has N = {N})")
-    if ar.cfg.reverse:
-        fail(f"{args.ar} writes the fine tokens first (--reverse); layout control needs the coarse ones first")
+    prefix_counts = layout_prefix_counts(args, tokenizer, ar)
     reference = load_reference(args.layout_from, tokenizer.cfg.image_size).to(device)
     codes = tokenizer.encode(reference)
     labels = parse_labels(args.labels, ar) if args.labels else list(range(min(ar.cfg.num_classes, 5)))
@@ -233,6 +261,36 @@ def layout_control(args, tokenizer, ar, device):
     save_labelled_grid(torch.stack(rows), [f"{count} tokens kept" for count in prefix_counts],
                        ["reference"] + [class_name(ar, label) for label in labels], path)
     return path
+
+
+@torch.no_grad()
+def layout_eval(args, tokenizer, ar, device):
+    """--eval --layout-from builtin: Fig. 5 measured. For --n held-out references, keep the first P tokens
+    and sample every class from one seed per reference; per P: how often the evaluator sees the asked-for
+    class, how far the shape's centroid lies from the reference's (pixels), and how often the shape and
+    background colours are the reference's (`dar.shape_layout`). P = 0 keeps nothing: the chance level."""
+    C, size = ar.cfg.num_classes, tokenizer.cfg.image_size
+    classifier = load_evaluator(args.evaluator, size).to(device)
+    data = dar.BuiltinShapes(args.n or 50, size, seed=dar.EVALUATOR_REFERENCE_SEED)
+    references = torch.stack([image for image, _ in data]).to(device)              # (R, 3, H, W)
+    codes, labels = tokenizer.encode(references), torch.arange(C, device=device)
+    where, background, colour = dar.shape_layout(references.cpu())
+    results = []
+    for count in layout_prefix_counts(args, tokenizer, ar):
+        correct = distance = same_colours = 0
+        for r in tqdm(range(len(data)), desc=f"{count} tokens kept", dynamic_ncols=True):
+            *_, last = dar.sample(ar, tokenizer, labels, prefix=codes[r:r + 1, :count].expand(C, count),
+                                  generator=generators([args.seed + r] * C, device), **sampling_options(args))
+            images = last.image.float().clamp(-1, 1)
+            correct += (classifier(images).argmax(-1) == labels).sum().item()
+            sample_where, sample_background, sample_colour = dar.shape_layout(images.cpu())
+            distance += (sample_where - where[r]).norm(dim=-1).nan_to_num(float(size)).sum().item()
+            same_colours += ((sample_background == background[r]).all(-1) & (sample_colour == colour[r]).all(-1)).sum().item()
+        total = len(data) * C
+        results.append((count, correct / total, distance / total, same_colours / total))
+        print(f"{count:3d} tokens kept, {total} samples: class as asked {correct / total:.1%}, "
+              f"shape centroid {distance / total:.1f} px from the reference's, both colours kept {same_colours / total:.1%}")
+    return results
 
 
 def sample_batch(args, tokenizer, ar, device):
@@ -345,8 +403,8 @@ def main(argv=None):
     modes = [name for name in ("layout_from", "fid", "reconstruct") if getattr(args, name) is not None]
     if len(modes) > 1:
         fail(f"choose one of --layout-from, --fid, --reconstruct (got {', '.join('--' + m.replace('_', '-') for m in modes)})")
-    if args.eval and (args.fid is not None or args.layout_from is not None):
-        fail("--eval measures samples (or --reconstruct builtin); it does not combine with --fid or --layout-from")
+    if args.eval and (args.fid is not None or args.layout_from not in (None, "builtin")):
+        fail("--eval measures samples, --reconstruct builtin or --layout-from builtin; not --fid or one image")
     for flag in ("fid", "n", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -368,6 +426,8 @@ def main(argv=None):
             if ar is not None and not is_builtin(ar):
                 fail(f"--eval measures models of the built-in shapes ({len(dar.SHAPE_CLASSES)} classes); "
                      f"{args.ar} has {ar.cfg.num_classes}. For ImageNet, use --fid and the ADM evaluator")
+            if args.layout_from:
+                return layout_eval(args, tokenizer, ar, device)
             if args.reconstruct:
                 make, total = reconstruction_batch(args, tokenizer, device)
                 what = "reconstructions"

@@ -3,6 +3,8 @@
 Fixture tests compare with files written by the official code (testdata/official_tiny/, random weights).
 """
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -230,6 +232,43 @@ def test_vq_straight_through_gradient_and_loss():
 
 
 # ---- causality: the property the method rests on --------------------------------------------------
+
+def test_codebook_restart_reseeds_only_unused_rows_from_encoder_outputs():
+    torch.manual_seed(0)
+    quantizer = dar.VectorQuantizer(16, 4, restart_every=2).train()
+    f, g = torch.randn(1, 32, 4), torch.randn(1, 32, 4)
+    _, codes_f, _ = quantizer(f)
+    _, codes_g, _ = quantizer(g)                               # the rows used by either batch count as used
+    used = torch.cat([codes_f, codes_g]).unique()
+    assert quantizer.recent_use.sum() == 64 and (quantizer.recent_use > 0).sum() == used.numel()
+    before = quantizer.codebook.weight.clone()
+    dead = torch.tensor([row not in used for row in range(16)])
+    assert quantizer.restart_dead_codes() == dead.sum() > 0
+    after = quantizer.codebook.weight
+    assert torch.equal(after[~dead], before[~dead])
+    latest = F.normalize(g[0], dim=-1)                          # the restarted rows come from the last batch
+    assert all((latest - row).abs().amax(-1).min() < 1e-6 for row in after[dead])
+    assert quantizer.recent_use.sum() == 0 and "recent_use" in quantizer.state_dict()
+    release_like = dar.Tokenizer(replace(dar.TOKENIZER_PRESETS["tiny"], codebook_restart=0))
+    assert not any("recent_use" in key for key in release_like.state_dict())   # the release's keys stay as they are
+
+
+def test_data_prediction_turns_the_predicted_image_into_the_velocity():
+    # the same weights read as x-prediction: v = (x_hat_1 - x_t) / (1 - t), so the jump estimate is x_hat_1
+    cfg = replace(dar.TOKENIZER_PRESETS["tiny"], repa_dim=0, prediction="velocity")
+    torch.manual_seed(0)
+    velocity_model = dar.Tokenizer(cfg)
+    data_model = dar.Tokenizer(replace(cfg, prediction="data"))
+    torch.nn.init.normal_(velocity_model.diffusion.pixel_out.weight, std=0.02)   # not the zero init
+    data_model.load_state_dict(velocity_model.state_dict())
+    x_t, t, cond = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.7]), torch.randn(2, 8, 128)
+    with torch.no_grad():
+        x_hat, _ = velocity_model.diffusion(x_t, t, cond)     # the raw network output
+        v, _ = data_model.diffusion(x_t, t, cond)
+    torch.testing.assert_close(dar.jump_estimate(x_t, t, v), x_hat, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        dar.TokenizerConfig(prediction="noise")
+
 
 def test_conditions_are_causal_in_the_tokens(official, expected):
     codes = expected["codes"]
@@ -871,7 +910,7 @@ def ddp_worker(rank, world_size, port, argv):
 
 def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
     common = ["--builtin-size", "64", "--batch-size", "2", "--steps", "3", "--warmup", "0", "--save-every", "3",
-              "--sample-every", "100"]
+              "--sample-every", "100", "--codebook-restart", "2"]   # a restart at step 2, with the usage of both ranks
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -1060,3 +1099,104 @@ def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
         with pytest.raises(SystemExit, match=message) as raised:
             sample.main([*trained_pair, *extra])
         assert "\n" not in str(raised.value)
+
+
+# ---- a new user's commands -------------------------------------------------------------------------
+
+def test_eval_on_a_first_run_trains_the_evaluator_without_a_traceback(tmp_path, trained_tokenizer, monkeypatch):
+    # a new user's first `--eval` with no evaluator file: it is trained inside sample.py's no_grad block
+    real_training = dar.train_shape_classifier
+    monkeypatch.setattr(dar, "train_shape_classifier", lambda size: real_training(size, num_images=200, steps=20))
+    monkeypatch.chdir(tmp_path)
+    accuracy, toy_fid = sample.main(["--tokenizer", str(trained_tokenizer), "--eval", "--reconstruct", "builtin",
+                                     "--n", "10", "--evaluator", "out/evaluator.pt"])
+    assert (tmp_path / "out" / "evaluator.pt").is_file() and 0 <= accuracy <= 1 and np.isfinite(toy_fid)
+
+
+def readme_sample_commands():
+    """Every `python sample.py ...` of the README that runs on the tiny pair (not on the release's files)."""
+    text = (Path(__file__).parent / "README.md").read_text()
+    found = re.findall(r"^python sample\.py[^#\n]*", text, flags=re.M) + re.findall(r"`(python sample\.py[^`]*)`", text)
+    return sorted({command.strip() for command in found
+                   if not any(marker in command for marker in ("D-AR-", "imagenet", "..."))})
+
+
+def test_readme_shows_the_gif_eval_and_layout_commands():
+    commands = readme_sample_commands()
+    assert "python sample.py" in commands and any("--gif" in command for command in commands)
+    assert any("--eval" in command for command in commands)
+    assert any("--layout-from" in command and "--eval" not in command for command in commands)
+
+
+@pytest.mark.parametrize("command", readme_sample_commands())
+def test_every_readme_sample_command_runs_and_writes_what_it_says(command, tmp_path, trained_pair, evaluator,
+                                                                  monkeypatch, capsys):
+    # the README's commands as they stand, in a folder laid out as after the quickstart (out/tiny, out/evaluator.pt)
+    (tmp_path / "out" / "tiny").mkdir(parents=True)
+    for flag, name in (("--tokenizer", "tokenizer.pt"), ("--ar", "ar.pt")):
+        (tmp_path / "out" / "tiny" / name).write_bytes(Path(trained_pair[trained_pair.index(flag) + 1]).read_bytes())
+    (tmp_path / "out" / "evaluator.pt").write_bytes(evaluator[1].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(command)[2:]
+    if "--reverse" in command or "tiny-reverse" in command:
+        (tmp_path / "out" / "tiny-reverse").mkdir()
+        train_ar.main(ar_args(tmp_path / "out" / "tiny-reverse", tmp_path / "out" / "tiny" / "tokenizer.pt",
+                              "--epochs", "0.25", "--reverse", "--sample-every", "100"))
+    small = ["--n", "3"] if "--layout-from" not in argv or "--eval" in argv else []
+    result = sample.main(argv + small)
+    printed = capsys.readouterr().out
+    if "--eval" in argv:
+        assert "accuracy" in printed or "tokens kept" in printed
+    else:
+        assert Path(result).is_file() and str(result) in printed
+    if "--gif" in argv:
+        with Image.open(Path(result).with_suffix(".gif")) as gif:
+            assert gif.n_frames == 8
+
+
+def test_export_writes_half_precision_ema_weights_that_load(tmp_path, trained_tokenizer):
+    exported = tmp_path / "small.pt"
+    train_tokenizer.main(tokenizer_args(tmp_path / "run", "--steps", "2", "--export", str(exported)))
+    checkpoint = torch.load(exported, weights_only=True)
+    assert "optimizer" not in checkpoint and "ema" not in checkpoint and checkpoint["step"] == 2
+    assert "--export" in checkpoint["command"] and checkpoint["training_args"]["steps"] == "2"
+    full = torch.load(tmp_path / "run" / "tokenizer.pt", weights_only=True)
+    for key, value in checkpoint["model"].items():
+        reference = full["ema"][key]
+        assert value.dtype == (torch.float16 if reference.is_floating_point() else reference.dtype)
+        torch.testing.assert_close(value.to(reference.dtype), reference, atol=1e-2, rtol=1e-3)
+    assert dar.load_tokenizer(exported).quantizer.codebook.weight.dtype == torch.float32
+    # model, EMA and two Adam moments in float32 -> the EMA alone in float16: about an eighth
+    assert exported.stat().st_size < 0.2 * (tmp_path / "run" / "tokenizer.pt").stat().st_size
+
+
+def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator, capsys):
+    # with all N tokens kept nothing is sampled: every label gives the reference's own reconstruction
+    results = sample.main([*trained_pair, "--eval", "--layout-from", "builtin", "--prefix-tokens", "0,64", "--n", "3",
+                           "--evaluator", str(evaluator[1])])
+    assert [count for count, *_ in results] == [0, 64] and "64 tokens kept, 30 samples" in capsys.readouterr().out
+    tokenizer, classifier = dar.load_tokenizer(trained_pair[1]), evaluator[0]
+    references = torch.stack([image for image, _ in dar.BuiltinShapes(3, 32, seed=dar.EVALUATOR_REFERENCE_SEED)])
+    codes = tokenizer.encode(references)
+    where, background, colour = dar.shape_layout(references)
+    correct = distance = kept = 0
+    for r in range(3):
+        image = tokenizer.decode(codes[r:r + 1], generator=torch.Generator().manual_seed(r)).clamp(-1, 1)
+        correct += (classifier(image).argmax(-1).item() == torch.arange(10)).sum().item()
+        image_where, image_background, image_colour = dar.shape_layout(image)
+        distance += 10 * (image_where[0] - where[r]).norm().nan_to_num(32.0).item()
+        kept += 10 * ((image_background[0] == background[r]).all() & (image_colour[0] == colour[r]).all()).item()
+    assert results[1][1:] == pytest.approx((correct / 30, distance / 30, kept / 30), abs=1e-4)
+
+
+def test_shape_layout_reads_position_and_colours():
+    background, colour = dar.SHAPE_COLOURS[1], dar.SHAPE_COLOURS[6]
+    images = background.view(1, 3, 1, 1).repeat(2, 1, 32, 32)
+    images[0, :, 4:10, 20:24] = colour.view(3, 1, 1)               # a 6 x 4 block: centroid (6.5, 21.5)
+    images[1, :, 7:13, 18:22] = colour.view(3, 1, 1) * 0.9         # moved by (3, -2), slightly off colour
+    where, found_background, found_colour = dar.shape_layout(images)
+    torch.testing.assert_close(where, torch.tensor([[6.5, 21.5], [9.5, 19.5]]))
+    assert (found_background == background).all() and (found_colour == colour).all()
+    data = dar.BuiltinShapes(20, 32, seed=5)
+    _, builtin_background, builtin_colour = dar.shape_layout(torch.stack([image for image, _ in data]))
+    assert not (builtin_background == builtin_colour).all(-1).any()          # two different colours each

@@ -14,6 +14,8 @@ import copy
 import json
 import math
 import random
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -67,7 +69,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-cfg", type=float, default=4.0, help="guidance scale of those samples")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue <out>/ar.pt")
+    parser.add_argument("--export", metavar="PATH", help="at the end, also write the EMA weights alone in half "
+                        "precision to PATH, a small file to share (with --resume at the last step: export only)")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "train_ar.py", *(sys.argv[1:] if argv is None else argv)])
     for key, value in RECIPES[args.config].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -199,7 +204,7 @@ def main(args):
     # ---- the loop
     model.train()
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0)
-    window_start, window_tokens = time.time(), 0
+    window_start, window_tokens, loss_sum = time.time(), 0, None
     for step in progress:
         lr = args.lr if step < decay_start else \
             args.lr + (args.final_lr - args.lr) * (step - decay_start) / max(1, total_steps - decay_start)
@@ -233,6 +238,9 @@ def main(args):
             save(done)
     progress.close()
     log(f"saved {checkpoint_path}")
+    if args.export and rank == 0:
+        dar.export_weights(checkpoint_path, args.export, args.command)
+        log(f"exported the weights to {args.export}")
     if distributed:
         torch.distributed.destroy_process_group()
     return model, loss_sum  # for notebooks and tests

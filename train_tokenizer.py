@@ -11,6 +11,8 @@ it. The global batch is --batch-size x --grad-accum x the number of processes. T
 """
 import argparse
 import copy
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -53,6 +55,9 @@ def parse_args(argv=None):
     recipe.add_argument("--ema", type=float, help="EMA decay (paper: 0.999)")
     recipe.add_argument("--lpips-weight", type=float, help="lambda_1 of Eq. (7) (paper: 0.5; needs VGG16 weights)")
     recipe.add_argument("--repa-weight", type=float, help="lambda_2 of Eq. (7) (paper: 0.5; needs DINOv2-B/14)")
+    model = parser.add_argument_group("tiny-only departures from the release (default: the --config preset)")
+    model.add_argument("--prediction", choices=["velocity", "data"], help="what D_FM outputs (release: velocity)")
+    model.add_argument("--codebook-restart", type=int, help="re-seed unused codebook rows every N batches (release: 0)")
     parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="(release: 0)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (release: 1.0)")
@@ -66,7 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=500, help="PNG of inputs above reconstructions")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue <out>/tokenizer.pt")
+    parser.add_argument("--export", metavar="PATH", help="at the end, also write the EMA weights alone in half "
+                        "precision to PATH, a small file to share (with --resume at the last step: export only)")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "train_tokenizer.py", *(sys.argv[1:] if argv is None else argv)])
     for key, value in RECIPES[args.config].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -115,6 +123,8 @@ def main(args):
 
     # ---- data
     cfg = dar.TOKENIZER_PRESETS[args.config]
+    cfg = replace(cfg, **{name: getattr(args, name) for name in ("prediction", "codebook_restart")
+                          if getattr(args, name) is not None})
     if args.data == "builtin":
         dataset = dar.BuiltinShapes(args.builtin_size, cfg.image_size, seed=args.seed)
     else:
@@ -148,7 +158,7 @@ def main(args):
 
     # ---- the loop
     progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=rank != 0)
-    window_start, window_images = time.time(), 0
+    window_start, window_images, terms = time.time(), 0, {}
     for step in progress:
         for group in optimizer.param_groups:  # release: linear warm-up from 0, then constant
             group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
@@ -166,6 +176,8 @@ def main(args):
                 terms[name] = terms.get(name, 0.0) + value / args.grad_accum
         dar.optimizer_step(model, optimizer, ema, args.ema, args.grad_clip, step, terms["loss"], checkpoint_path)
         done = step + 1
+        if cfg.codebook_restart and done % cfg.codebook_restart == 0:  # tiny only (release: never)
+            terms["restarted"] = model.quantizer.restart_dead_codes()
 
         window_images += images.shape[0] * args.grad_accum * world_size
         progress.set_postfix({name: f"{value:.3f}" for name, value in terms.items()})
@@ -182,6 +194,9 @@ def main(args):
             save(done)
     progress.close()
     log(f"saved {checkpoint_path}")
+    if args.export and rank == 0:
+        dar.export_weights(checkpoint_path, args.export, args.command)
+        log(f"exported the weights to {args.export}")
     if distributed:
         torch.distributed.destroy_process_group()
     return model, terms  # for notebooks and tests
