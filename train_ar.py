@@ -32,7 +32,7 @@ RECIPES = {
     # betas (0.9, 0.95), weight decay 0.05, linear decay to 1e-5 over the last 50 epochs
     **{name: dict(epochs=300, batch_size=64, grad_accum=16, lr=4e-4) for name in ("B", "L", "XL", "XXL")},
     # the laptop run on the built-in shapes: a higher lr for the small model and the short schedule
-    "tiny": dict(epochs=3, batch_size=64, grad_accum=1, lr=1e-3),
+    "tiny": dict(epochs=2, batch_size=64, grad_accum=1, lr=1e-3),
 }
 
 
