@@ -63,7 +63,7 @@ class TokenizerConfig:
     head_dim: int = 64           # every attention of the tokenizer uses 64-wide heads
     rope_theta: float = 10000.0
     prediction: str = "velocity" # D_FM outputs "velocity" v (release) or "data" x_hat_1 (an option, not the release)
-    codebook_restart: int = 0    # every this many training batches, unused codebook rows restart (0: never, release)
+    codebook_restart: int = 0    # every this many training steps, unused codebook rows restart (0: never, release)
     init_std: float = 0.02       # std of the blocks' Linear weights at initialisation (release: 0.02)
     gate_init: float = 0.0       # the blocks' residual gates at initialisation (release: 0)
 

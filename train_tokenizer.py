@@ -58,7 +58,7 @@ def parse_args(argv=None):
     recipe.add_argument("--repa-weight", type=float, help="lambda_2 of Eq. (7) (paper: 0.5; needs DINOv2-B/14)")
     model = parser.add_argument_group("tiny-only departures from the release (default: the --config preset)")
     model.add_argument("--prediction", choices=["velocity", "data"], help="what D_FM outputs (release: velocity)")
-    model.add_argument("--codebook-restart", type=int, help="re-seed unused codebook rows every N batches (release: 0)")
+    model.add_argument("--codebook-restart", type=int, help="re-seed unused codebook rows every N steps (release: 0)")
     parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="(release: 0)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (release: 1.0)")
