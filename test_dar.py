@@ -2,6 +2,8 @@
 
 Fixture tests compare with files written by the official code (testdata/official_tiny/, random weights).
 """
+import ast
+import json
 import os
 import re
 import shlex
@@ -1200,3 +1202,46 @@ def test_shape_layout_reads_position_and_colours():
     data = dar.BuiltinShapes(20, 32, seed=5)
     _, builtin_background, builtin_colour = dar.shape_layout(torch.stack([image for image, _ in data]))
     assert not (builtin_background == builtin_colour).all(-1).any()          # two different colours each
+
+
+# ---- notebooks ------------------------------------------------------------------------------------
+
+NOTEBOOKS = sorted((Path(__file__).parent / "notebooks").glob("*.ipynb"))
+
+
+def code_cells(notebook):
+    return [cell for cell in json.loads(notebook.read_text())["cells"] if cell["cell_type"] == "code"]
+
+
+def test_notebooks_are_committed_with_the_outputs_of_one_top_to_bottom_run():
+    assert NOTEBOOKS, "no notebooks in notebooks/"
+    for notebook in NOTEBOOKS:
+        cells = code_cells(notebook)
+        assert [cell["execution_count"] for cell in cells] == list(range(1, len(cells) + 1)), notebook.name
+        for number, cell in enumerate(cells, 1):
+            assert cell["outputs"], f"{notebook.name}: code cell {number} has no output"
+            assert all(output["output_type"] != "error" for output in cell["outputs"]), (notebook.name, number)
+        pictures = [output for cell in cells for output in cell["outputs"] if "image/png" in output.get("data", {})]
+        assert pictures, f"{notebook.name} shows no picture"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[notebook.stem for notebook in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom_without_jupyter(notebook, monkeypatch):
+    """Each code cell in order in one fresh namespace, as Jupyter would (cwd = notebooks/), at the small
+    size; a cell's last expression is evaluated and, if it is a picture, rendered to PNG."""
+    monkeypatch.setenv("DAR_NOTEBOOK_QUICK", "1")
+    monkeypatch.chdir(notebook.parent)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+    def display(value):
+        if hasattr(value, "_repr_png_"):
+            assert value._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    namespace = {"__name__": "__main__", "display": display}
+    for number, cell in enumerate(code_cells(notebook), 1):
+        tree = ast.parse("".join(cell["source"]))
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        name = f"{notebook.name}, cell {number}"
+        exec(compile(tree, name, "exec"), namespace)
+        if last is not None:
+            display(eval(compile(ast.Expression(last.value), name, "eval"), namespace))
