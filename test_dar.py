@@ -1144,6 +1144,11 @@ def test_every_readme_sample_command_runs_and_writes_what_it_says(command, tmp_p
         (tmp_path / "out" / "tiny-reverse").mkdir()
         train_ar.main(ar_args(tmp_path / "out" / "tiny-reverse", tmp_path / "out" / "tiny" / "tokenizer.pt",
                               "--epochs", "0.25", "--reverse", "--sample-every", "100"))
+    for flag, name in (("--tokenizer", "tokenizer.pt"), ("--ar", "ar.pt")):  # a longer run's files: the pair stands in
+        named = tmp_path / argv[argv.index(flag) + 1] if flag in argv else None
+        if named is not None and not named.exists():
+            named.parent.mkdir(parents=True, exist_ok=True)
+            named.write_bytes((tmp_path / "out" / "tiny" / name).read_bytes())
     small = ["--n", "3"] if "--layout-from" not in argv or "--eval" in argv else []
     result = sample.main(argv + small)
     printed = capsys.readouterr().out
