@@ -1458,6 +1458,14 @@ def resume_training(path, model, ema, optimizer):
     return checkpoint["step"]
 
 
+def ar_optimizer(model, lr, betas, weight_decay):
+    """AdamW as the paper trains the AR model: weight decay on matrices and embeddings, none on norm weights."""
+    decayed = [p for p in model.parameters() if p.dim() >= 2]
+    not_decayed = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                              {"params": not_decayed, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+
+
 def optimizer_step(model, optimizer, ema, ema_decay, grad_clip, step, loss, checkpoint_path):
     """Clip the global gradient norm, stop on a non-finite one (the all-reduced norm, so every rank stops
     together and the last good checkpoint stays), step, clear the gradients, update the EMA."""

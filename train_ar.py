@@ -169,10 +169,7 @@ def main(args):
                   num_tokens=tokenizer.cfg.num_tokens, num_classes=dataset.num_classes, reverse=args.reverse)
     model = dar.LlamaAR(cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
-    decayed = [p for p in model.parameters() if p.dim() >= 2]
-    not_decayed = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": args.weight_decay},
-                                   {"params": not_decayed, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas))
+    optimizer = dar.ar_optimizer(model, args.lr, args.betas, args.weight_decay)
     global_batch = args.batch_size * args.grad_accum * world_size
     total_steps = math.ceil(args.epochs * len(dataset) / global_batch)
     decay_start = round((1 - args.decay_fraction) * total_steps)
