@@ -29,14 +29,16 @@ from tqdm import tqdm
 import dar
 
 DIT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes, shown for 1000-class models
+QUICKSTART = Path("out/tiny")  # where `python train_tokenizer.py && python train_ar.py` write
 REAL_FLOOR_SEED = 3  # a second held-out real set: its toy FID to the reference is what chance alone gives
 GRID_HEADER, GRID_PAD = 24, 6                           # pixels above a picture's first row, around its names
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", default="out/tiny/tokenizer.pt", help="ours or the release's")
-    parser.add_argument("--ar", default="out/tiny/ar.pt", help="ours or the release's (D-AR-L-360K.pt, ...)")
+    parser.add_argument("--tokenizer", help="ours or the release's (default: the tiny pair, see below)")
+    parser.add_argument("--ar", help="ours or the release's (D-AR-L-360K.pt, ...); default: out/tiny/ar.pt when "
+                        "the quickstart has written it, else the shipped weights/tiny/ar.pt")
     parser.add_argument("--ar-config", default=None, choices=list(dar.AR_PRESETS),
                         help="preset of a release AR file (default: inferred from its shapes)")
     parser.add_argument("--labels", help="comma-separated class ids (or shape names, for the built-in data)")
@@ -66,7 +68,8 @@ def parse_args(argv=None):
                        "samples (or, with --reconstruct builtin, of the reconstructions)")
     modes.add_argument("--preview-steps", type=int, metavar="K",
                        help="--fid / --eval: use the jump estimate after K groups instead of the image (Table 5)")
-    modes.add_argument("--evaluator", default="out/evaluator.pt", help="--eval's classifier (trained if missing)")
+    modes.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
+                       help="--eval's classifier (shipped; trained and written there if missing)")
     parser.add_argument("--batch-size", type=int, default=64, help="per process (release FID run: 64)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
@@ -77,6 +80,24 @@ def parse_args(argv=None):
 def fail(message):
     """Bad input ends the run with one line, no traceback."""
     raise SystemExit(f"sample.py: error: {message}")
+
+
+def choose_tiny_pair(args):
+    """A missing --tokenizer / --ar: the quickstart's pair in out/tiny when it has run, else the shipped one."""
+    if args.tokenizer is not None and args.ar is not None:
+        return
+    own = all((QUICKSTART / name).is_file() for name in ("tokenizer.pt", "ar.pt"))
+    folder = QUICKSTART if own else dar.SHIPPED_TINY
+    args.tokenizer = args.tokenizer or str(folder / "tokenizer.pt")
+    args.ar = args.ar or str(folder / "ar.pt")
+    print(f"tiny pair: {os.path.relpath(folder)}/ (" + ("your quickstart run)" if own else "shipped; `python train_tokenizer.py && "
+                                        "python train_ar.py` trains your own into out/tiny)"))
+
+
+def output_folder(args):
+    """Pictures go next to the AR checkpoint, except for the shipped pair: out/tiny, outside the repository's files."""
+    folder = Path(args.ar).parent
+    return QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
 
 
 def load_models(args, device, need_ar=True):
@@ -204,7 +225,7 @@ def picture(args, tokenizer, ar, device):
                 torch.cuda.synchronize()
             print(f"group {step.group}/{K}: {step.tokens.shape[1]:4d} tokens, t = {step.t:.3f}, preview ready "
                   f"at {1000 * (time.perf_counter() - start):7.1f} ms")
-    path = Path(args.out or Path(args.ar).parent / "samples.png")
+    path = Path(args.out or output_folder(args) / "samples.png")
     columns = [f"{k * G} tokens" for k in range(1, K)] + [f"image ({K * G})"]
     names = [class_name(ar, label) for label in labels]
     save_labelled_grid(torch.stack(previews, 1), names, columns, path)
@@ -257,7 +278,7 @@ def layout_control(args, tokenizer, ar, device):
         *_, last = dar.sample(ar, tokenizer, labels, prefix=codes[:, :count].expand(len(labels), count),
                               generator=generators([args.seed] * len(labels), device), **sampling_options(args))
         rows.append(torch.cat([reference, last.image]))
-    path = Path(args.out or Path(args.ar).parent / "layout.png")
+    path = Path(args.out or output_folder(args) / "layout.png")
     save_labelled_grid(torch.stack(rows), [f"{count} tokens kept" for count in prefix_counts],
                        ["reference"] + [class_name(ar, label) for label in labels], path)
     return path
@@ -357,19 +378,10 @@ def pack_npz(folder, total):
 
 
 def load_evaluator(path, image_size):
-    """The toy evaluator of the built-in shapes, trained once (about 20 s on 2 CPU cores) and cached."""
-    path = Path(path)
-    if not path.is_file():
-        print(f"training the toy evaluator once -> {path}")
-        classifier = dar.train_shape_classifier(image_size)
-        dar.save_checkpoint({"kind": "evaluator", "image_size": image_size, "model": classifier.state_dict()}, path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("image_size") != image_size:
-        fail(f"{path} evaluates {checkpoint.get('image_size')}-pixel images, the tokenizer makes {image_size}; "
-             f"pass another --evaluator")
-    classifier = dar.ShapeClassifier()
-    classifier.load_state_dict(checkpoint["model"])
-    return classifier.eval()
+    try:
+        return dar.load_toy_evaluator(path, image_size)
+    except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as error:
+        fail(f"--evaluator {path}: {str(error).splitlines()[0]}; pass another --evaluator")
 
 
 @torch.no_grad()
@@ -418,6 +430,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as released
 
+    choose_tiny_pair(args)
     tokenizer, ar = load_models(args, device, need_ar=args.reconstruct is None)
     with torch.no_grad():
         if args.eval:

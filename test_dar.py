@@ -69,7 +69,7 @@ def test_preset_parameter_counts_match_the_release():
         diffusion = dar.Tokenizer(replace(v1, repa_dim=0)).diffusion
     assert sum(p.numel() for p in diffusion.parameters()) == 185_129_664  # the paper's "185M" decoder
     assert count_parameters(dar.TOKENIZER_PRESETS["ablation"]) == 113_433_536  # appendix A.4's "113M"
-    assert count_parameters(dar.TOKENIZER_PRESETS["tiny"]) < 3_000_000
+    assert count_parameters(replace(dar.TOKENIZER_PRESETS["tiny"], code_head=False)) < 3_000_000
 
 
 # ---- official equivalence -------------------------------------------------------------------------
@@ -780,9 +780,13 @@ def test_training_stream_is_the_same_samples_whatever_the_process_layout():
     assert sorted(epoch_one) == list(range(10))                        # each epoch is a permutation
 
 
+SINGLE_STAGE = ["--code-path-steps", "0", "--teacher-weight", "0", "--freeze", "none"]  # Eq. (7) from step 0
+
+
 def tokenizer_args(out, *extra):
     return train_tokenizer.parse_args(["--out", str(out), "--builtin-size", "64", "--batch-size", "2",
-                                       "--log-every", "1", "--sample-every", "2", "--save-every", "2", *extra])
+                                       "--log-every", "1", "--sample-every", "2", "--save-every", "2",
+                                       *SINGLE_STAGE, *extra])
 
 
 def ar_args(out, tokenizer, *extra):
@@ -912,7 +916,8 @@ def ddp_worker(rank, world_size, port, argv):
 
 def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
     common = ["--builtin-size", "64", "--batch-size", "2", "--steps", "3", "--warmup", "0", "--save-every", "3",
-              "--sample-every", "100", "--codebook-restart", "2"]   # a restart at step 2, with the usage of both ranks
+              "--sample-every", "100", "--codebook-restart", "2",   # a restart at step 2, with the usage of both ranks
+              *SINGLE_STAGE]   # the tiny code head gets no gradient in Eq. (7): DDP must allow unused parameters
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -923,7 +928,7 @@ def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
     single = model.state_dict()
     for key in single:
         assert torch.equal(ranks[0][key], ranks[1][key]), key                   # the ranks stay in sync
-        torch.testing.assert_close(ranks[0][key], single[key], atol=1e-5, rtol=1e-4)  # == accumulation
+        torch.testing.assert_close(ranks[0][key], single[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")  # == accumulation
     torch.manual_seed(0)  # the scripts' initial weights (--seed 0): the runs moved away from them
     initial = dar.Tokenizer(model.cfg).state_dict()
     assert not torch.equal(single["quant_in.weight"], initial["quant_in.weight"])
@@ -1115,6 +1120,76 @@ def test_eval_on_a_first_run_trains_the_evaluator_without_a_traceback(tmp_path, 
     assert (tmp_path / "out" / "evaluator.pt").is_file() and 0 <= accuracy <= 1 and np.isfinite(toy_fid)
 
 
+def test_sample_uses_the_quickstart_pair_when_it_exists_and_the_shipped_pair_otherwise(tmp_path, trained_pair,
+                                                                                     monkeypatch, capsys):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for flag, name in (("--tokenizer", "tokenizer.pt"), ("--ar", "ar.pt")):
+        (shipped / name).write_bytes(Path(trained_pair[trained_pair.index(flag) + 1]).read_bytes())
+    monkeypatch.setattr(dar, "SHIPPED_TINY", shipped)
+    monkeypatch.chdir(tmp_path)
+    path = sample.main(["--n", "1"])
+    assert "tiny pair: shipped/ (shipped" in capsys.readouterr().out
+    assert path == Path("out/tiny/samples.png") and path.is_file() and not (shipped / "samples.png").exists()
+    (tmp_path / "out" / "tiny" / "tokenizer.pt").write_bytes((shipped / "tokenizer.pt").read_bytes())
+    sample.main(["--n", "1"])                                        # half a quickstart: still the shipped pair
+    assert "tiny pair: shipped/ (shipped" in capsys.readouterr().out
+    (tmp_path / "out" / "tiny" / "ar.pt").write_bytes((shipped / "ar.pt").read_bytes())
+    sample.main(["--n", "1"])
+    assert "tiny pair: out/tiny/ (your quickstart run)" in capsys.readouterr().out
+
+
+# ---- the shipped tiny pair (weights/tiny): real numbers on held-out data, in seconds ----------------
+
+SHIPPED = {name: dar.SHIPPED_TINY / f"{name}.pt" for name in ("tokenizer", "ar", "ar-reverse", "evaluator")}
+# regression guards, below what the shipped files measure on these images (reconstructions 90% of 100; guided
+# samples 94% of 50, unguided 88%). With 500 images (README) they measure 88.4% and 93.4%: the tiny-tokenizer
+# issue's bar for reconstructions, 90%, is not reached yet, so it is not claimed here.
+SHIPPED_RECONSTRUCTION_ACCURACY, SHIPPED_GUIDED_ACCURACY = 0.85, 0.80
+
+
+def test_shipped_weights_are_small_half_precision_and_record_how_they_were_made():
+    assert sum(path.stat().st_size for path in SHIPPED.values()) <= 12 * 2 ** 20
+    for name in ("tokenizer", "ar", "ar-reverse"):
+        checkpoint = torch.load(SHIPPED[name], weights_only=True)
+        assert "optimizer" not in checkpoint and checkpoint["step"] > 0, name
+        assert checkpoint["command"].startswith("python train_"), name
+        assert all(value.dtype == torch.float16 for value in checkpoint["model"].values() if value.is_floating_point())
+    tokenizer_file = torch.load(SHIPPED["tokenizer"], weights_only=True)
+    assert not any(key.startswith("code_head.") for key in tokenizer_file["model"])   # training-only: not shipped
+    assert dar.load_ar(SHIPPED["ar-reverse"]).cfg.reverse and not dar.load_ar(SHIPPED["ar"]).cfg.reverse
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return (dar.load_tokenizer(SHIPPED["tokenizer"]), dar.load_ar(SHIPPED["ar"]),
+            dar.load_toy_evaluator(SHIPPED["evaluator"], 32))
+
+
+def shipped_accuracy(images, labels, classifier):
+    with torch.no_grad():
+        return (classifier(images.clamp(-1, 1)).argmax(-1) == labels).float().mean().item()
+
+
+def test_shipped_tokenizer_reconstructs_held_out_shapes(shipped):
+    tokenizer, _, classifier = shipped
+    real = dar.BuiltinShapes(100, 32, seed=dar.EVALUATOR_REFERENCE_SEED)
+    images, labels = torch.stack([image for image, _ in real]), torch.arange(100) % 10
+    reconstructions = tokenizer.decode(tokenizer.encode(images), generator=torch.Generator().manual_seed(0))
+    assert shipped_accuracy(reconstructions, labels, classifier) >= SHIPPED_RECONSTRUCTION_ACCURACY
+
+
+def test_shipped_pair_samples_the_class_asked_for_and_guidance_helps(shipped):
+    tokenizer, ar, classifier = shipped
+    labels = torch.arange(50) % 10
+    accuracy = {}
+    for cfg in (1.0, 4.0):
+        generators = [torch.Generator().manual_seed(i) for i in range(50)]
+        *_, last = dar.sample(ar, tokenizer, labels, cfg=cfg, generator=generators)
+        accuracy[cfg] = shipped_accuracy(last.image, labels, classifier)
+    assert accuracy[4.0] >= SHIPPED_GUIDED_ACCURACY and accuracy[4.0] > accuracy[1.0]
+
+
 def readme_sample_commands():
     """Every `python sample.py ...` of the README that runs on the tiny pair (not on the release's files)."""
     text = (Path(__file__).parent / "README.md").read_text()
@@ -1175,6 +1250,43 @@ def test_export_writes_half_precision_ema_weights_that_load(tmp_path, trained_to
     assert dar.load_tokenizer(exported).quantizer.codebook.weight.dtype == torch.float32
     # model, EMA and two Adam moments in float32 -> the EMA alone in float16: about an eighth
     assert exported.stat().st_size < 0.2 * (tmp_path / "run" / "tokenizer.pt").stat().st_size
+
+
+def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_path):
+    """--code-path-steps: D_FM gets no update while the encoder -> code head path learns; --freeze encoder:
+    afterwards the encoder and codebook stay at their EMA values while D_FM learns. The learning curve is
+    written at every --eval-every; the exported file holds neither the code head nor its config flag."""
+    argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--teacher-weight", "1",
+            "--conv-stem", "--eval-every", "2", "--eval-images", "10", "--evaluator", str(tmp_path / "ev.pt"),
+            "--warmup", "0", "--export", str(tmp_path / "small.pt")]
+    real_step, states = dar.optimizer_step, []
+
+    def record(model, *args):
+        real_step(model, *args)
+        states.append({key: value.clone() for key, value in model.state_dict().items()})
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(dar, "optimizer_step", record)
+    monkey.setattr(dar, "train_shape_classifier", lambda size, **kw: dar.ShapeClassifier().eval())
+    try:
+        model, terms = train_tokenizer.main(tokenizer_args(tmp_path / "run", *argv))
+    finally:
+        monkey.undo()
+    torch.manual_seed(0)
+    initial = dar.Tokenizer(model.cfg).state_dict()
+    assert model.cfg.conv_stem and model.cfg.code_head_features == 128 and "fm" in terms
+    diffusion = [key for key in initial if key.startswith("diffusion.")]
+    encoder = [name for name, _ in model.named_parameters() if name.startswith(train_tokenizer.ENCODER_PARTS)]
+    assert all(torch.equal(states[1][key], initial[key]) for key in diffusion)          # code path: D_FM untouched
+    assert not all(torch.equal(states[1][key], initial[key]) for key in encoder)       # ... the encoder learns
+    assert all(torch.equal(states[3][key], states[2][key]) for key in encoder)          # frozen: fixed
+    assert not all(torch.equal(states[3][key], states[1][key]) for key in diffusion)   # D_FM learns
+    rows = (tmp_path / "run" / "learning_curve.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", "images", "stage", "accuracy", "mse", "codebook_use"]
+    assert [row.split("\t")[:3] for row in rows[1:]] == [["2", "4", "code path"], ["4", "8", "diffusion"]]
+    exported = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert not any(key.startswith("code_head.") for key in exported["model"]) and not exported["config"]["code_head"]
+    tokenizer = dar.load_tokenizer(tmp_path / "small.pt")
+    assert tokenizer.code_head is None and tokenizer.cfg.conv_stem
 
 
 def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator, capsys):
