@@ -1289,6 +1289,13 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     assert tokenizer.code_head is None and tokenizer.cfg.conv_stem
 
 
+def test_freeze_and_teacher_without_a_code_path_stage_are_refused(tmp_path, capsys):
+    for flags in (["--freeze", "encoder"], ["--teacher-weight", "1"]):
+        with pytest.raises(SystemExit):
+            train_tokenizer.parse_args(["--out", str(tmp_path), *SINGLE_STAGE, *flags])
+        assert "give --code-path-steps N" in capsys.readouterr().err
+
+
 def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator, capsys):
     # with all N tokens kept nothing is sampled: every label gives the reference's own reconstruction
     results = sample.main([*trained_pair, "--eval", "--layout-from", "builtin", "--prefix-tokens", "0,64", "--n", "3",

@@ -100,6 +100,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = Path(args.out or f"out/{args.config}")
+    if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
+        parser.error("--freeze and --teacher-weight act on the code-path stage: give --code-path-steps N")
     if args.eval_every and args.data != "builtin":
         parser.error("--eval-every measures the built-in shapes (--data builtin)")
     return args
