@@ -1349,6 +1349,12 @@ def test_notebooks_are_committed_with_the_outputs_of_one_top_to_bottom_run():
         assert pictures, f"{notebook.name} shows no picture"
 
 
+def test_readme_lists_every_notebook_in_its_table_and_the_layout():
+    readme = (Path(__file__).parent / "README.md").read_text()
+    for notebook in NOTEBOOKS:
+        assert f"| `{notebook.name}` |" in readme and f"| `notebooks/{notebook.name}` |" in readme, notebook.name
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[notebook.stem for notebook in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom_without_jupyter(notebook, monkeypatch):
     """Each code cell in order in one fresh namespace, as Jupyter would (cwd = notebooks/), at the small
