@@ -18,7 +18,7 @@ Shape legend, used by every shape comment:
   B batch, N tokens per image (queries), K condition groups, G = N/K tokens per group,
   L tokens of a 2D grid (patches), D width, H heads, hd head width (64), C codebook vector width,
   V codebook size (= the AR vocabulary), P pixel patch size, T positions of an AR sequence,
-  S slots of a KV cache (N + 1), B' the AR batch (2B with guidance).
+  S diffusion steps of a decode (K unless set), B' the AR batch (2B with guidance).
 """
 import argparse
 import math
@@ -47,7 +47,8 @@ class TokenizerConfig:
     encoder_dim: int = 768       # width of the encoder E of Eq. (1)
     encoder_depth: int = 8
     num_tokens: int = 256        # N: learnable queries = discrete tokens per image
-    num_groups: int = 8          # K: condition groups = diffusion sampling steps (Eq. 5, 8)
+    num_groups: int = 8          # K: condition groups, one per diffusion step of a default decode (Eq. 5, 8)
+    num_denoising_steps: int | None = None  # S: steps of a decode (None: K, as released); a group may drive several
     codebook_size: int = 16384   # V
     codebook_dim: int = 8        # C: width of a codebook vector
     query_rank: int = 8          # released queries are low rank: a (table_size, 8) table -> Linear(8, D)
@@ -76,6 +77,8 @@ class TokenizerConfig:
     def __post_init__(self):
         if self.num_tokens % self.num_groups:
             raise ValueError(f"num_tokens ({self.num_tokens}) must be a multiple of num_groups ({self.num_groups})")
+        if self.num_denoising_steps is not None:
+            check_steps(self.num_denoising_steps)
         for name in ("patch_size", "pixel_patch_size"):
             if self.image_size % getattr(self, name):
                 raise ValueError(f"image_size ({self.image_size}) must be a multiple of {name}")
@@ -100,16 +103,19 @@ class TokenizerConfig:
     def group_size(self):  # G = N / K
         return self.num_tokens // self.num_groups
 
+    @property
+    def denoising_steps(self):  # S, the steps of a decode
+        return self.num_groups if self.num_denoising_steps is None else self.num_denoising_steps
+
     @classmethod
     def from_official(cls, model):
         """The `model:` section of an official tokenizer config (plain dict) -> TokenizerConfig."""
-        diff = model["diff_decoder"]
+        diff, steps = model["diff_decoder"], model.get("num_denoising_steps", model["num_query_groups"])
         unsupported = {
             "vq_enable": (model.get("vq_enable", True), True),
             "query_low_rank": (model.get("query_low_rank", True), True),
             "diff_decoder.mlp_head": (diff.get("mlp_head", False), False),
             "diff_decoder.share_time_encoding": (diff.get("share_time_encoding", False), False),
-            "num_denoising_steps": (model["num_denoising_steps"], model["num_query_groups"]),
             "queries_per_step": (model["queries_per_step"], model["num_all_queries"] // model["num_query_groups"]),
             "diff_decoder.cond_dim": (diff["cond_dim"], model["decoder_dim"]),
         }
@@ -120,6 +126,7 @@ class TokenizerConfig:
             image_size=model.get("sampling_resolution", 256), patch_size=model["encoder_patch_size"],
             encoder_dim=model["encoder_dim"], encoder_depth=model["num_encoder_layers"],
             num_tokens=model["num_all_queries"], num_groups=model["num_query_groups"],
+            num_denoising_steps=None if steps == model["num_query_groups"] else steps,
             codebook_size=model["vq_codebook_size"], codebook_dim=model["vq_dim"],
             decoder_dim=model["decoder_dim"], decoder_depth=model["num_decoder_layers"],
             diffusion_dim=diff["dim"], diffusion_depth=diff["depth"], pixel_patch_size=diff["patch_size"],
@@ -445,9 +452,25 @@ def jump_estimate(x_t, t, v):
     return x_t + (1 - t.view(-1, *([1] * (x_t.dim() - 1)))) * v
 
 
-def sampling_times(num_groups, beta):
-    """Eq. (8): t_i = (i/K) / (i/K + beta (1 - i/K)), i = 0..K-1, followed by t_K = 1; float32, (K + 1,)."""
-    return shift_time(torch.arange(num_groups + 1, dtype=torch.float32) / num_groups, beta)
+def sampling_times(num_steps, beta):
+    """Eq. (8): t_i = (i/S) / (i/S + beta (1 - i/S)), i = 0..S-1, followed by t_S = 1; float32, (S + 1,).
+    The paper decodes with S = K steps; the release's `num_denoising_steps` may set another S."""
+    return shift_time(torch.arange(num_steps + 1, dtype=torch.float32) / num_steps, beta)
+
+
+def step_groups(num_steps, num_groups):
+    """Eq. (5) on a decode of S steps, release form: step i (at u_i = i/S, before the time shift) reads group
+    round(u_i K) (halves up, as `condition_group`), at most K - 1. S = K: step i reads group i; otherwise a
+    group drives several steps or none (S = 6, K = 4: groups 0, 1, 1, 2, 3, 3). -> (S,) int64, non-decreasing."""
+    u = torch.arange(num_steps, dtype=torch.float64) / num_steps  # from u directly, as released: no shift round trip
+    return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)
+
+
+def check_steps(steps):
+    """A decode's step count S must be a positive integer."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return steps
 
 
 SOLVERS = ("adams2", "euler")
@@ -548,7 +571,8 @@ class Tokenizer(nn.Module):
         self.register_buffer("encoder_rope_cos", torch.cat([cos, identity[0]]), persistent=False)
         self.register_buffer("encoder_rope_sin", torch.cat([sin, identity[1]]), persistent=False)
         self.register_buffer("encoder_mask", encoder_mask(grid * grid, cfg.num_tokens), persistent=False)
-        self.register_buffer("sampling_times", sampling_times(cfg.num_groups, cfg.time_shift), persistent=False)
+        self.register_buffer("sampling_times", sampling_times(cfg.denoising_steps, cfg.time_shift), persistent=False)
+        self.register_buffer("step_groups", step_groups(cfg.denoising_steps, cfg.num_groups), persistent=False)
         self.grad_checkpointing = False  # a training option: recompute block activations in backward
         self.initialize_weights()
 
@@ -656,26 +680,37 @@ class Tokenizer(nn.Module):
             raise ValueError(f"noise must be ({batch}, 3, {size}, {size}) = x_0, got {tuple(noise.shape)}")
         return noise.to(device)  # the release draws x_0 on the CPU
 
-    @torch.no_grad()
-    def denoise_step(self, x, k, cond, v_prev, solver):
-        """Step k of the Eq. (8) schedule, from t_k to t_{k+1}, conditioned on group k: cond (B, G, D) = c(t_k)
-        (Eq. 5, release form). Returns x at t_{k+1} and v_k (the next step's v_prev)."""
-        times = self.sampling_times
-        v, _ = self.diffusion(x, times[k].expand(x.shape[0]), cond)
-        return solver_step(x, v, v_prev, times[k + 1] - times[k], solver), v
+    def schedule(self, steps=None):
+        """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads (Eq. 5) (S,).
+        steps=None: the config's S (K unless the file says otherwise)."""
+        if steps is None or steps == self.cfg.denoising_steps:
+            return self.sampling_times, self.step_groups
+        check_steps(steps)
+        device = self.sampling_times.device
+        return (sampling_times(steps, self.cfg.time_shift).to(device),
+                step_groups(steps, self.cfg.num_groups).to(device))
 
     @torch.no_grad()
-    def decode(self, codes, noise=None, solver="adams2", generator=None):
-        """Tokens (B, N) -> images (B, 3, H, W) by K steps of the Eq. (8) schedule, step k conditioned on
-        group k of z' (Eq. 5). `noise` is x_0 in the scaled pixel space (drawn with `generator` if None)."""
+    def denoise_step(self, x, t, t_next, cond, v_prev, solver):
+        """One step of a decode, from time t to t_next, conditioned on the group cond (B, G, D) = c(t) of
+        Eq. (5). Returns x at t_next and the velocity v at t (the next step's v_prev)."""
+        v, _ = self.diffusion(x, t.expand(x.shape[0]), cond)
+        return solver_step(x, v, v_prev, t_next - t, solver), v
+
+    @torch.no_grad()
+    def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None):
+        """Tokens (B, N) -> images (B, 3, H, W) by S steps of the Eq. (8) schedule (S = `steps`, default the
+        config's, K as released), step i conditioned on group `step_groups`[i] of z' (Eq. 5). `noise` is x_0
+        in the scaled pixel space (drawn with `generator` if None)."""
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
         self.check_codes(codes)
+        times, groups = self.schedule(steps)
         cond = self.conditions(codes)                                                # (B, N, D)
         G = self.cfg.group_size
         x, v = self.initial_noise(codes.shape[0], noise, generator, codes.device).to(cond), None
-        for k in range(self.cfg.num_groups):
-            x, v = self.denoise_step(x, k, cond[:, k * G:(k + 1) * G], v, solver)
+        for i, group in enumerate(groups.tolist()):
+            x, v = self.denoise_step(x, times[i], times[i + 1], cond[:, group * G:(group + 1) * G], v, solver)
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
@@ -900,7 +935,8 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """A static key/value cache for one attention layer (as in gpt-fast): allocated once per generation,
-    (B, H, S, hd) with S = N + 1 slots, written at explicit positions; keys are stored after RoPE."""
+    (B, H, N + 1, hd): a slot per position (the class token and N tokens), written at explicit positions;
+    keys are stored after RoPE."""
 
     def __init__(self, batch, heads, length, head_dim, dtype, device):
         self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
@@ -909,7 +945,7 @@ class KVCache:
     def update(self, positions, k, v):           # k, v (B, H, n, hd) at positions (n,)
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
-        return self.k, self.v                     # (B, H, S, hd); slots after the position are masked
+        return self.k, self.v                     # (B, H, N + 1, hd); slots after the position are masked
 
 
 class LlamaAttention(nn.Module):
@@ -1019,7 +1055,7 @@ class LlamaAR(nn.Module):
         """h (B, T, D) at `positions` (T,) -> logits (B, T, V) in float32. Without caches the positions are
         0..T-1 and attention is causal; with caches, keys and values are written to them and reused."""
         rope = (self.rope_cos[positions], self.rope_sin[positions])              # (T, hd/2) each
-        mask = None if caches is None else self.cache_mask[positions]            # (T, S)
+        mask = None if caches is None else self.cache_mask[positions]            # (T, N + 1)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, None if caches is None else caches[i], positions, mask)
         return self.output(self.norm(h)).float()
@@ -1150,9 +1186,9 @@ class SampleStep:
     """What the sampler yields after group k (1-based) of tokens has driven its diffusion step."""
     group: int               # k = 1..K
     tokens: torch.Tensor     # (B, k G) the first k groups of tokens, in the tokenizer's coarse-to-fine order
-    t: float                 # the diffusion time reached, t_k of Eq. (8) (t_K = 1)
+    t: float                 # the diffusion time reached after the group's last step (1 after the last group)
     x: torch.Tensor          # (B, 3, H, W) the diffusion state x_{t_k}, in the scaled pixel space
-    preview: torch.Tensor    # (B, 3, H, W) the jump estimate x_hat_1 from t_{k-1}, in image space [-1, 1]
+    preview: torch.Tensor    # (B, 3, H, W) the jump estimate x_hat_1 from the group's last step, in image space
     image: torch.Tensor = None  # (B, 3, H, W) the final image, on the last step only
 
 
@@ -1165,11 +1201,11 @@ def check_pair(ar, tokenizer):
 
 @torch.no_grad()
 def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
-           solver="adams2", noise=None, generator=None):
+           solver="adams2", noise=None, generator=None, steps=None):
     """§3.3: D-AR sampling. The AR model writes the tokens one by one (Eq. 6); as soon as group k is
     complete, the tokenizer's decoder takes diffusion step k (Eq. 5, 8) and the jump estimate gives a
     preview. A generator: yields one SampleStep per group; the last one carries `.image`, equal to
-    `tokenizer.decode(tokens, noise, solver)`.
+    `tokenizer.decode(tokens, noise, solver, steps=steps)`.
 
     labels (B,) class ids; cfg a scale or a (start, end) schedule (logit-space guidance
     l = l_u + s (l_c - l_u)); temperature / top_k / top_p as `sample_token`; prefix (B, P) tokens kept
@@ -1177,9 +1213,11 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     generated); an AR model trained on the reversed order (`ar.cfg.reverse`) writes the fine tokens
     first, so every diffusion step waits for the last token; noise x_0 (B, 3, H, W) in the scaled pixel
     space; generator (on the models' device) draws the tokens and the noise: one for the batch, or a list
-    of B, one per sample, which makes each sample independent of the batch it is drawn in.
+    of B, one per sample, which makes each sample independent of the batch it is drawn in; steps S
+    (default: the tokenizer's, K as released) decodes in S steps, each run as soon as the group it reads
+    (`Tokenizer.schedule`) is written: with S > K a group drives several steps, with S < K some none.
 
-    The preview of step k is the solver's own step from t_{k-1} extended to t = 1: with Euler exactly the
+    The preview after group k is the solver's own last step extended to t = 1: with Euler exactly the
     paper's x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
     the paper's Table 5), whose last preview is the final image.
     """
@@ -1223,8 +1261,10 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     tokens[:, :prefix.shape[1]] = prefix
     written = prefix.shape[1]
 
-    # the diffusion side: x_0, and the K steps of Eq. (8)
-    x, v, times = tokenizer.initial_noise(B, noise, generator, device), None, tokenizer.sampling_times
+    # the diffusion side: x_0, and the S steps of Eq. (8) with the group each reads (Eq. 5)
+    times, groups = tokenizer.schedule(steps)
+    groups = groups.tolist()                                   # step 0 always reads group 0 (u_0 = 0)
+    x, v, step = tokenizer.initial_noise(B, noise, generator, device), None, 0
     # every token draw's uniform number, up front: (B, N), row b from sample b's generator when given a list
     uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator]) if per_sample
                 else torch.rand(B, N, generator=generator, device=device))
@@ -1242,10 +1282,12 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
         written = max(written, needed)
         coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
         cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k
-        x_prev, v_prev = x.to(cond), v
-        x, v = tokenizer.denoise_step(x_prev, k, cond, v_prev, solver)                 # (c) step k
-        preview = solver_step(x_prev, v, v_prev, times[K] - times[k], solver) / tokenizer.cfg.data_std
-        yield SampleStep(group=k + 1, tokens=coarse_to_fine.clone(), t=times[k + 1].item(), x=x,
+        while step < len(groups) and groups[step] == k:                                # (c) the steps it drives
+            x_prev, v_prev = x.to(cond), v
+            x, v = tokenizer.denoise_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
+            preview = solver_step(x_prev, v, v_prev, times[-1] - times[step], solver) / tokenizer.cfg.data_std
+            step += 1
+        yield SampleStep(group=k + 1, tokens=coarse_to_fine.clone(), t=times[step].item(), x=x,
                          preview=preview, image=x / tokenizer.cfg.data_std if k == K - 1 else None)  # (d)
 
 

@@ -10,7 +10,8 @@ paper's FIDs are computed from, and a toy metric for the built-in shapes.
     python sample.py --tokenizer D-AR-tokenizer_v1.pt --ar D-AR-L-360K.pt --cfg 1.1,8.0 \\
         --fid 50000 --out samples/L               # 50,000 PNGs + samples/L.npz for the ADM evaluator
     torchrun --nproc_per_node 8 sample.py ...     # the same files, shared out over 8 GPUs
-    python sample.py --tokenizer D-AR-tokenizer_v1.pt --reconstruct /imagenet/val --out recon/v1   # rFID
+    python sample.py --tokenizer D-AR-tokenizer_v1.pt --reconstruct /imagenet/val --out recon/v1   # rFID:
+        # recon/v1.npz and recon/v1-reference.npz, the centre crops it encoded (rFID's real side)
 
 Sample i of --fid and --eval asks for class i mod C and draws its noise and tokens from its own generator,
 seeded with --seed + i, so the set is the same whatever the batch size or the number of processes.
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     sampling.add_argument("--top-k", type=int, default=0, help="0: off")
     sampling.add_argument("--top-p", type=float, default=1.0, help="1: off")
     sampling.add_argument("--solver", default="adams2", choices=dar.SOLVERS)
+    sampling.add_argument("--steps", help="diffusion steps S of the decoder (default: the tokenizer's, K = 8 as "
+                          "released); with S > K a token group drives several steps (Eq. 5)")
     sampling.add_argument("--seed", type=int, default=0)
     modes = parser.add_argument_group("modes (default: a picture of previews)")
     modes.add_argument("--stream", action="store_true", help="print a line per group as it arrives")
@@ -203,9 +206,19 @@ def save_forming_gif(previews, names, group_size, path):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000], loop=0)
 
 
+def parse_steps(text):
+    """--steps: None (the tokenizer's S) or a positive integer."""
+    if text is None:
+        return None
+    try:
+        return dar.check_steps(int(text))
+    except ValueError:
+        fail(f"--steps must be an integer >= 1, got {text!r}")
+
+
 def sampling_options(args):
     return dict(cfg=parse_cfg(args.cfg), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                solver=args.solver)
+                solver=args.solver, steps=parse_steps(args.steps))
 
 
 def picture(args, tokenizer, ar, device):
@@ -331,8 +344,8 @@ def sample_batch(args, tokenizer, ar, device):
 
 
 def reconstruction_batch(args, tokenizer, device):
-    """-> (make(indices) = (reconstructions, labels), number of images) for --reconstruct."""
-    size = tokenizer.cfg.image_size
+    """-> (make(indices) = (reconstructions, labels), number of images, the dataset) for --reconstruct."""
+    size, steps = tokenizer.cfg.image_size, parse_steps(args.steps)
     if args.reconstruct == "builtin":
         dataset = dar.BuiltinShapes(args.n or 1000, size, seed=dar.EVALUATOR_REFERENCE_SEED)
     else:
@@ -345,8 +358,9 @@ def reconstruction_batch(args, tokenizer, device):
         images, labels = zip(*(dataset[index] for index in indices))
         codes = tokenizer.encode(torch.stack(images).to(device))
         seeds = [args.seed + index for index in indices]
-        return tokenizer.decode(codes, generator=generators(seeds, device), solver=args.solver), torch.tensor(labels)
-    return make, min(len(dataset), args.n or len(dataset))
+        images = tokenizer.decode(codes, generator=generators(seeds, device), solver=args.solver, steps=steps)
+        return images, torch.tensor(labels)
+    return make, min(len(dataset), args.n or len(dataset)), dataset
 
 
 def write_pngs(make, total, folder, rank, world_size, batch_size):
@@ -364,6 +378,19 @@ def write_pngs(make, total, folder, rank, world_size, batch_size):
             Image.fromarray(image).save(temporary, format="PNG")
             os.replace(temporary, folder / f"{index:06d}.png")
     return len(todo)
+
+
+def pack_reference(dataset, total, folder):
+    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops that were
+    encoded, in the order of <folder>.npz. Scored against the original files instead, the same
+    reconstructions get a worse rFID (a user of the release measured 2.2 for the published 1.52)."""
+    first = dar.to_uint8(dataset[0][0])
+    crops = np.empty((total, *first.shape[1:], 3), dtype=np.uint8)
+    for index in range(total):
+        crops[index] = dar.to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
+    path = folder.parent / f"{folder.name}-reference.npz"
+    np.savez(path, arr_0=crops)
+    return path
 
 
 def pack_npz(folder, total):
@@ -420,6 +447,7 @@ def main(argv=None):
     for flag in ("fid", "n", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    parse_steps(args.steps)
     writes_files = args.fid is not None or (args.reconstruct is not None and not args.eval)
     if writes_files and args.out is None:
         fail("--fid and --reconstruct write a folder of PNGs: pass --out DIR")
@@ -442,25 +470,28 @@ def main(argv=None):
             if args.layout_from:
                 return layout_eval(args, tokenizer, ar, device)
             if args.reconstruct:
-                make, total = reconstruction_batch(args, tokenizer, device)
-                what = "reconstructions"
+                make, total, _ = reconstruction_batch(args, tokenizer, device)
+                what = "reconstructions" + (f" ({args.steps} steps)" if args.steps else "")
             else:
                 make, total = sample_batch(args, tokenizer, ar, device), args.n or 1000
-                what = f"samples (cfg {args.cfg}" + (f", previews after {args.preview_steps} groups)"
-                                                     if args.preview_steps else ")")
+                what = (f"samples (cfg {args.cfg}" + (f", {args.steps} steps" if args.steps else "")
+                        + (f", previews after {args.preview_steps} groups)" if args.preview_steps else ")"))
             accuracy, toy_fid, real_accuracy, real_fid = toy_eval(make, total, args, tokenizer.cfg.image_size, device)
             print(f"{total} {what}: accuracy {accuracy:.1%}, toy FID {toy_fid:.2f} "
                   f"(real held-out images: accuracy {real_accuracy:.1%}, toy FID {real_fid:.2f})")
             return accuracy, toy_fid
         if args.fid is not None or args.reconstruct is not None:
-            make, total = ((sample_batch(args, tokenizer, ar, device), args.fid) if args.fid is not None
-                           else reconstruction_batch(args, tokenizer, device))
+            make, total, dataset = ((sample_batch(args, tokenizer, ar, device), args.fid, None) if args.fid is not None
+                                    else reconstruction_batch(args, tokenizer, device))
             folder = Path(args.out)
             made = write_pngs(make, total, folder, rank, world_size, args.batch_size)
             if world_size > 1:
                 torch.distributed.barrier()
             if rank == 0:
                 print(f"{folder}: {total} PNGs ({made} made now by process 0) -> {pack_npz(folder, total)}")
+                if dataset is not None:
+                    print(f"the {total} centre crops it encoded -> {pack_reference(dataset, total, folder)} "
+                          f"(rFID: evaluator.py {folder.name}-reference.npz {folder.name}.npz)")
             if world_size > 1:
                 torch.distributed.destroy_process_group()
             return folder

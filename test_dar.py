@@ -100,6 +100,33 @@ def test_official_default_decode_is_adams2(official, expected):
                                expected["decode_code"], atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def expected_steps():
+    return torch.load(FIXTURES / "expected_steps.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("solver", ["euler", "adams2"])
+@pytest.mark.parametrize("steps", [6, 8])
+def test_official_decode_with_s_steps_other_than_k(official, expected_steps, solver, steps):
+    assert steps in expected_steps["steps"].tolist() and official.cfg.num_groups == 4
+    images = official.decode(expected_steps["codes"], expected_steps["noise"], solver, steps=steps)
+    torch.testing.assert_close(images, expected_steps[f"decode_{solver}_{steps}"], atol=1e-5, rtol=0)
+    with_k_steps = official.decode(expected_steps["codes"], expected_steps["noise"], solver, steps=4)
+    assert (with_k_steps - images).abs().max() > 1e-3                       # S changes the image: not a no-op
+
+
+def test_official_file_with_s_steps_decodes_with_s_by_default(monkeypatch, expected, expected_steps):
+    raw = dar.load_checkpoint_file(OFFICIAL_TOKENIZER)
+    raw["config"]._data["model"]["num_denoising_steps"] = 6        # as a release config may set it
+    monkeypatch.setattr(dar, "load_checkpoint_file", lambda path: raw)
+    tok = dar.load_tokenizer("a release file with num_denoising_steps 6")
+    assert (tok.cfg.num_groups, tok.cfg.denoising_steps, len(tok.sampling_times)) == (4, 6, 7)
+    torch.testing.assert_close(tok.decode(expected_steps["codes"], expected_steps["noise"]),
+                               expected_steps["decode_adams2_6"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok.decode(expected["codes"], expected["noise"], steps=4),   # an explicit S wins
+                               expected["decode_adams2"], atol=1e-5, rtol=0)
+
+
 def test_official_file_loads_safely_without_official_code(monkeypatch):
     with pytest.raises(Exception):  # the file pickles foreign objects: plain weights_only loading refuses it
         torch.load(OFFICIAL_TOKENIZER, weights_only=True)
@@ -174,6 +201,14 @@ def test_eq5_condition_group_release_rounds_paper_ceils():
     assert dar.condition_group(grid, 8, 2.0, form="release").tolist() == list(range(8))
     with pytest.raises(ValueError, match="unknown condition schedule form"):
         dar.condition_group(t, 8, 2.0, form="floor")
+
+
+def test_eq5_on_s_steps_a_group_drives_several_steps_or_none():
+    assert dar.step_groups(8, 8).tolist() == list(range(8))                  # S = K: step i reads group i
+    assert dar.step_groups(6, 4).tolist() == [0, 1, 1, 2, 3, 3]              # the fixture README's example
+    assert dar.step_groups(8, 4).tolist() == [0, 1, 1, 2, 2, 3, 3, 3]        # u_i K = i/2: halves round up
+    assert dar.step_groups(2, 4).tolist() == [0, 2]                          # S < K: groups 1 and 3 drive none
+    assert dar.sampling_times(6, 2.0)[-1] == 1 and len(dar.sampling_times(6, 2.0)) == 7
 
 
 def test_eq5_shifted_time_inverts_the_eq8_time_shift():
@@ -454,6 +489,11 @@ def test_bad_inputs_raise_clear_value_errors(official, expected):
         official.decode(codes.float())
     with pytest.raises(ValueError, match="unknown solver"):
         official.decode(codes, solver="heun")
+    for steps in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            official.decode(codes, steps=steps)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        replace(official.cfg, num_denoising_steps=0)
     with pytest.raises(ValueError, match="one group"):
         official.velocity(expected["velocity_x_t"], 0.5, expected["cond"])
     with pytest.raises(ValueError, match="no REPA"):
@@ -629,6 +669,31 @@ def test_sampler_runs_the_decoder_k_times_and_the_ar_once_per_position(official_
     assert len(decoder_calls) == official.cfg.num_groups                   # K network calls per image
     assert sum(ar_positions) == official.cfg.num_tokens                    # prefill (class) + N - 1 single tokens
     assert max(ar_positions) == 1
+
+
+@pytest.mark.parametrize("steps", [2, 6, 8])
+def test_streaming_with_s_steps_equals_offline_decode_and_runs_the_decoder_s_times(official_ar, official, steps):
+    noise = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    decoder_calls, tokens_when_called = [], []
+    hook = official.diffusion.register_forward_hook(lambda m, args, out: decoder_calls.append(1))
+    try:
+        sampled = []
+        for step in dar.sample(official_ar, official, torch.arange(3), cfg=2.0, noise=noise, steps=steps,
+                               generator=torch.Generator().manual_seed(6)):
+            sampled.append(step)
+            tokens_when_called.append((step.tokens.shape[1], len(decoder_calls)))
+    finally:
+        hook.remove()
+    K, G = official.cfg.num_groups, official.cfg.group_size
+    assert len(decoder_calls) == steps and [s.group for s in sampled] == list(range(1, K + 1))
+    # after group k the decoder has run every step that reads groups 1..k, and none that reads a later one
+    groups = dar.step_groups(steps, K).tolist()
+    assert tokens_when_called == [(k * G, sum(g < k for g in groups)) for k in range(1, K + 1)]
+    assert sampled[-1].t == 1.0
+    torch.testing.assert_close(sampled[-1].image, official.decode(sampled[-1].tokens, noise, steps=steps),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        next(dar.sample(official_ar, official, torch.arange(3), steps=0))
 
 
 @pytest.mark.parametrize("solver", dar.SOLVERS)
@@ -977,6 +1042,25 @@ def test_fid_mode_is_balanced_named_by_index_and_packed_for_the_adm_evaluator(tm
     assert np.array_equal(packed["arr_0"][7], np.asarray(Image.open(folder / "000007.png")))
 
 
+def test_reconstruct_writes_the_centre_crops_it_encoded_as_the_rfid_reference(tmp_path, official):
+    folder, rng = tmp_path / "val", np.random.default_rng(0)
+    for name, (width, height) in zip("abc", [(40, 32), (32, 57), (90, 64)]):  # other sizes and aspect ratios
+        (folder / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name / "0.png")
+    sample.main(["--tokenizer", str(OFFICIAL_TOKENIZER), "--reconstruct", str(folder), "--out", str(tmp_path / "recon"),
+                 "--steps", "6"])
+    crops = np.stack([np.asarray(dar.center_crop(Image.open(path).convert("RGB"), 32))
+                      for path in sorted(folder.glob("*/*.png"))])
+    reference = np.load(tmp_path / "recon-reference.npz")["arr_0"]
+    assert reference.dtype == np.uint8 and np.array_equal(reference, crops)
+    # the reconstructions, in the same order, are the 6-step decodes of exactly those crops
+    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    decoded = official.decode(official.encode(images), steps=6,
+                              generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    expected_uint8 = dar.to_uint8(decoded).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.load(tmp_path / "recon.npz")["arr_0"], expected_uint8)
+
+
 def test_fid_mode_resumes_without_redoing_finished_images(tmp_path, trained_pair, sampler_calls):
     argv = [*trained_pair, "--fid", "6", "--batch-size", "4", "--out", str(tmp_path / "fid")]
     folder = sample.main(argv)
@@ -1102,7 +1186,9 @@ def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
     for extra, message in [(["--labels", "3,10"], r"class 10 is outside the AR model's 10 classes"),
                            (["--layout-from", "builtin:0", "--prefix-tokens", "65"], r"must lie in \[0, 64\]"),
                            (["--layout-from", str(unreadable)], r"cannot read .*broken.png as an image"),
-                           (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it")]:
+                           (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it"),
+                           (["--steps", "0"], r"--steps must be an integer >= 1, got '0'"),
+                           (["--steps", "1.5", "--eval"], r"--steps must be an integer >= 1, got '1.5'")]:
         with pytest.raises(SystemExit, match=message) as raised:
             sample.main([*trained_pair, *extra])
         assert "\n" not in str(raised.value)
