@@ -21,6 +21,7 @@ Shape legend, used by every shape comment:
   S diffusion steps of a decode (K unless set), B' the AR batch (2B with guidance).
 """
 import argparse
+import inspect
 import math
 import os
 import random
@@ -473,6 +474,19 @@ def check_steps(steps):
     return steps
 
 
+def compiled(step):
+    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) under torch.compile, as one
+    graph: on CUDA in mode "reduce-overhead" (CUDA graphs, as the release compiles its sampler), on the CPU
+    in the default mode. The same function, traced: nothing is written twice. torch keeps the compiled code
+    on the function's code object, so later calls reuse it; the no_grad decorator is unwrapped first, else
+    both steps would share its wrapper's code object and its recompile limit."""
+    model = step.__self__
+    on_cuda = next(model.parameters()).is_cuda
+    plain = inspect.unwrap(step.__func__).__get__(model)   # the caller runs under no_grad (sample, decode)
+    # shapes stay static per batch size; a second batch size recompiles once with a symbolic batch (torch's default)
+    return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
+
+
 SOLVERS = ("adams2", "euler")
 
 
@@ -698,10 +712,10 @@ class Tokenizer(nn.Module):
         return solver_step(x, v, v_prev, t_next - t, solver), v
 
     @torch.no_grad()
-    def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None):
+    def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None, compile=False):
         """Tokens (B, N) -> images (B, 3, H, W) by S steps of the Eq. (8) schedule (S = `steps`, default the
         config's, K as released), step i conditioned on group `step_groups`[i] of z' (Eq. 5). `noise` is x_0
-        in the scaled pixel space (drawn with `generator` if None)."""
+        in the scaled pixel space (drawn with `generator` if None); compile=True compiles the step (`compiled`)."""
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
         self.check_codes(codes)
@@ -709,8 +723,11 @@ class Tokenizer(nn.Module):
         cond = self.conditions(codes)                                                # (B, N, D)
         G = self.cfg.group_size
         x, v = self.initial_noise(codes.shape[0], noise, generator, codes.device).to(cond), None
+        denoise_step = compiled(self.denoise_step) if compile else self.denoise_step
         for i, group in enumerate(groups.tolist()):
-            x, v = self.denoise_step(x, times[i], times[i + 1], cond[:, group * G:(group + 1) * G], v, solver)
+            # a fresh (B, G, D) tensor, as the sampler's: a compiled step sees the same strides every time
+            group_cond = cond[:, group * G:(group + 1) * G].clone(memory_format=torch.contiguous_format)
+            x, v = denoise_step(x, times[i], times[i + 1], group_cond, v, solver)
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
@@ -1077,10 +1094,17 @@ class LlamaAR(nn.Module):
                         weight.device) for _ in self.layers]
 
     @torch.no_grad()
-    def next_logits(self, h, start, caches):
-        """Cached forward of embeddings h (B, T, D) at positions start..start+T-1 -> logits of the last
-        position, i.e. for the next token (B, V). One new token costs one forward of one position."""
-        return self.transformer(h, self.positions[start:start + h.shape[1]], caches)[:, -1].float()
+    def next_logits(self, h, positions, caches):
+        """Cached forward of embeddings h (B, T, D) at `positions` (T,) -> logits of the last position,
+        i.e. for the next token (B, V). The sampler prefills the class token (and a prefix) with it."""
+        return self.transformer(h, positions, caches)[:, -1]
+
+    @torch.no_grad()
+    def one_token_logits(self, token, position, caches):
+        """The sampler's hot step: the last token (B, 1) at `position` (1,) -> logits for the next (B, V).
+        One forward of one position; static shapes (the position is a tensor), so a compiled step
+        (`compiled`) runs every position without recompiling."""
+        return self.next_logits(self.tok_embeddings(token), position, caches)
 
 
 # official GPT key prefix -> ours (LlamaGen's names are kept everywhere else)
@@ -1201,7 +1225,7 @@ def check_pair(ar, tokenizer):
 
 @torch.no_grad()
 def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
-           solver="adams2", noise=None, generator=None, steps=None):
+           solver="adams2", noise=None, generator=None, steps=None, compile=False):
     """§3.3: D-AR sampling. The AR model writes the tokens one by one (Eq. 6); as soon as group k is
     complete, the tokenizer's decoder takes diffusion step k (Eq. 5, 8) and the jump estimate gives a
     preview. A generator: yields one SampleStep per group; the last one carries `.image`, equal to
@@ -1215,7 +1239,8 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     space; generator (on the models' device) draws the tokens and the noise: one for the batch, or a list
     of B, one per sample, which makes each sample independent of the batch it is drawn in; steps S
     (default: the tokenizer's, K as released) decodes in S steps, each run as soon as the group it reads
-    (`Tokenizer.schedule`) is written: with S > K a group drives several steps, with S < K some none.
+    (`Tokenizer.schedule`) is written: with S > K a group drives several steps, with S < K some none;
+    compile=True runs the one-token AR step and the denoising step compiled (`compiled`), same numbers.
 
     The preview after group k is the solver's own last step extended to t = 1: with Euler exactly the
     paper's x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
@@ -1256,7 +1281,9 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     batch_labels = torch.cat([labels, torch.full_like(labels, ar.cfg.num_classes)]) if guided else labels
     double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
     caches = ar.new_cache(batch_labels.shape[0])
-    logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), 0, caches)        # (B', V)
+    logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), ar.positions[:1 + prefix.shape[1]], caches)
+    ar_step, decoder_step = ((compiled(ar.one_token_logits), compiled(tokenizer.denoise_step)) if compile
+                             else (ar.one_token_logits, tokenizer.denoise_step))
     tokens = torch.empty(B, N, dtype=torch.long, device=device)                     # in the AR's order
     tokens[:, :prefix.shape[1]] = prefix
     written = prefix.shape[1]
@@ -1272,7 +1299,7 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
         needed = N if ar.cfg.reverse else (k + 1) * G
         for i in range(written, needed):                        # (a) the AR tokens that group k waits for
             if i > prefix.shape[1]:
-                logits = ar.next_logits(ar.tok_embeddings(double(tokens[:, i - 1:i])), i, caches)
+                logits = ar_step(double(tokens[:, i - 1:i]), ar.positions[i:i + 1], caches)   # (B', V)
             if guided:
                 conditional, unconditional = logits.chunk(2)
                 guided_logits = unconditional + scales[i] * (conditional - unconditional)
@@ -1282,9 +1309,10 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
         written = max(written, needed)
         coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
         cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k
+        cond = cond.clone(memory_format=torch.contiguous_format)  # the same strides for every k: one compiled graph
         while step < len(groups) and groups[step] == k:                                # (c) the steps it drives
             x_prev, v_prev = x.to(cond), v
-            x, v = tokenizer.denoise_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
+            x, v = decoder_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
             preview = solver_step(x_prev, v, v_prev, times[-1] - times[step], solver) / tokenizer.cfg.data_std
             step += 1
         yield SampleStep(group=k + 1, tokens=coarse_to_fine.clone(), t=times[step].item(), x=x,

@@ -10,6 +10,8 @@ paper's FIDs are computed from, and a toy metric for the built-in shapes.
     python sample.py --tokenizer D-AR-tokenizer_v1.pt --ar D-AR-L-360K.pt --cfg 1.1,8.0 \\
         --fid 50000 --out samples/L               # 50,000 PNGs + samples/L.npz for the ADM evaluator
     torchrun --nproc_per_node 8 sample.py ...     # the same files, shared out over 8 GPUs
+    python sample.py --benchmark --batch-sizes 1,4,16 --compile   # images/s, ms per token and per step
+    python sample.py --benchmark --preset ablation:B --batch-sizes 1,64   # random weights, no download
     python sample.py --tokenizer D-AR-tokenizer_v1.pt --reconstruct /imagenet/val --out recon/v1   # rFID:
         # recon/v1.npz and recon/v1-reference.npz, the centre crops it encoded (rFID's real side)
 
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     sampling.add_argument("--steps", help="diffusion steps S of the decoder (default: the tokenizer's, K = 8 as "
                           "released); with S > K a token group drives several steps (Eq. 5)")
     sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--compile", action="store_true", help="compile the one-token AR step and the "
+                          "denoising step (torch.compile; CUDA graphs on a GPU); the same numbers as eager")
     modes = parser.add_argument_group("modes (default: a picture of previews)")
     modes.add_argument("--stream", action="store_true", help="print a line per group as it arrives")
     modes.add_argument("--gif", action="store_true", help="also write the picture as an animated GIF of the "
@@ -73,6 +77,14 @@ def parse_args(argv=None):
                        help="--fid / --eval: use the jump estimate after K groups instead of the image (Table 5)")
     modes.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
                        help="--eval's classifier (shipped; trained and written there if missing)")
+    modes.add_argument("--benchmark", action="store_true", help="time the sampler per batch size: images/s, AR ms "
+                       "per token, decoder ms per step, their shares, peak memory on CUDA")
+    modes.add_argument("--batch-sizes", default="1,16,64", help="--benchmark: comma-separated batch sizes")
+    modes.add_argument("--repeat", type=int, default=3, help="--benchmark: timed runs per batch size after a "
+                       "warm-up (the median is reported)")
+    modes.add_argument("--preset", metavar="TOKENIZER:AR", help="--benchmark on random weights of presets instead "
+                       f"of files, e.g. ablation:B or v1:L (tokenizer: {', '.join(dar.TOKENIZER_PRESETS)}; "
+                       f"AR: {', '.join(dar.AR_PRESETS)})")
     parser.add_argument("--batch-size", type=int, default=64, help="per process (release FID run: 64)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
@@ -218,7 +230,7 @@ def parse_steps(text):
 
 def sampling_options(args):
     return dict(cfg=parse_cfg(args.cfg), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                solver=args.solver, steps=parse_steps(args.steps))
+                solver=args.solver, steps=parse_steps(args.steps), compile=args.compile)
 
 
 def picture(args, tokenizer, ar, device):
@@ -358,7 +370,8 @@ def reconstruction_batch(args, tokenizer, device):
         images, labels = zip(*(dataset[index] for index in indices))
         codes = tokenizer.encode(torch.stack(images).to(device))
         seeds = [args.seed + index for index in indices]
-        images = tokenizer.decode(codes, generator=generators(seeds, device), solver=args.solver, steps=steps)
+        images = tokenizer.decode(codes, generator=generators(seeds, device), solver=args.solver, steps=steps,
+                                  compile=args.compile)
         return images, torch.tensor(labels)
     return make, min(len(dataset), args.n or len(dataset)), dataset
 
@@ -437,9 +450,103 @@ def toy_eval(make, total, args, image_size, device):
             real_correct / total, dar.frechet_distance(floor_features.numpy(), real_features.numpy()))
 
 
+def preset_pair(text, device, precision):
+    """--preset TOKENIZER:AR -> (tokenizer, AR model) with random weights, in eval mode, as load_models places them."""
+    names = text.split(":")
+    if len(names) != 2 or names[0] not in dar.TOKENIZER_PRESETS or names[1] not in dar.AR_PRESETS:
+        fail(f"--preset: expected TOKENIZER:AR with TOKENIZER one of {', '.join(dar.TOKENIZER_PRESETS)} and AR one "
+             f"of {', '.join(dar.AR_PRESETS)}, got {text!r}")
+    tokenizer_cfg = dar.replace(dar.TOKENIZER_PRESETS[names[0]], repa_dim=0, code_head=False)  # sampling needs neither
+    tokenizer, ar = dar.Tokenizer(tokenizer_cfg), dar.LlamaAR(dar.AR_PRESETS[names[1]])
+    try:
+        dar.check_pair(ar, tokenizer)
+    except ValueError as error:
+        fail(f"--preset {text}: {error}")
+    if device.type == "cuda" and precision == "bf16":
+        ar.to(torch.bfloat16)
+    return tokenizer.to(device).eval(), ar.to(device).eval()
+
+
+def synchronized_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def memory_bandwidth(device):
+    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A one-token
+    AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
+    x, best = torch.ones(2 ** 28, device=device), float("inf")
+    for _ in range(5):
+        start = synchronized_time(device)
+        x.sum()
+        best = min(best, synchronized_time(device) - start)
+    return x.numel() * x.element_size() / best / 1e9
+
+
+@torch.no_grad()
+def benchmark(args, tokenizer, ar, device, weights):
+    """--benchmark: per batch size, a warm-up run of dar.sample (compiling, with --compile), then the median of
+    --repeat timed runs. The decoder's share is timed apart, as tokenizer.decode of the sampled tokens with the
+    same steps; the AR model's is the rest (so it includes the sampler's own Python work)."""
+    try:
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    except ValueError:
+        batch_sizes = []
+    if not batch_sizes or min(batch_sizes) < 1:
+        fail(f"--batch-sizes: expected comma-separated positive integers, got {args.batch_sizes!r}")
+    if args.repeat < 1:
+        fail(f"--repeat must be at least 1, got {args.repeat}")
+    options = sampling_options(args)
+    N = tokenizer.cfg.num_tokens
+    S = options["steps"] or tokenizer.cfg.denoising_steps
+    ar_dtype, tokenizer_dtype = (next(model.parameters()).dtype for model in (ar, tokenizer))
+    print(f"sampler benchmark: {weights} | {device.type}, AR {str(ar_dtype)[6:]}, tokenizer {str(tokenizer_dtype)[6:]}"
+          f"{' (TF32)' if device.type == 'cuda' else ''}, {'compiled' if args.compile else 'eager'}, cfg {args.cfg}, "
+          f"{args.solver}, {S} steps, N = {N} tokens; median of {args.repeat} runs after a warm-up")
+    ar_bytes = sum(p.numel() * p.element_size() for p in ar.parameters())
+    bandwidth = memory_bandwidth(device)
+    print(f"AR weights {ar_bytes / 1e6:.1f} MB, read once per token at {bandwidth:.1f} GB/s (measured: the best of "
+          f"5 sums of a 1 GiB tensor): at least {1000 * ar_bytes / bandwidth / 1e9:.2f} ms per token")
+    print("batch  images/s  AR ms/token  decoder ms/step  AR share  decoder share  peak memory")
+    results = []
+    for batch in batch_sizes:
+        labels = torch.arange(batch, device=device) % ar.cfg.num_classes
+
+        def median_time(run):
+            run()  # the warm-up: compiles with --compile
+            times = []
+            for _ in range(args.repeat):
+                start = synchronized_time(device)
+                output = run()
+                times.append(synchronized_time(device) - start)
+            return sorted(times)[len(times) // 2], output
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        total, steps = median_time(lambda: list(dar.sample(ar, tokenizer, labels, generator=torch.Generator(device).manual_seed(
+            args.seed), **options)))
+        decoding, _ = median_time(lambda: tokenizer.decode(steps[-1].tokens, solver=args.solver, steps=options["steps"],
+                                                           compile=args.compile))
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
+        row = dict(batch=batch, images_per_s=batch / total, ar_ms_per_token=1000 * (total - decoding) / N,
+                   decoder_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
+                   decoder_share=decoding / total, peak_memory=peak)
+        print(f"{batch:5d}  {row['images_per_s']:8.2f}  {row['ar_ms_per_token']:11.2f}  {row['decoder_ms_per_step']:15.2f}  "
+              f"{row['ar_share']:8.0%}  {row['decoder_share']:13.0%}  {peak}")
+        results.append(row)
+    return results
+
+
 def main(argv=None):
     args = parse_args(argv)
     modes = [name for name in ("layout_from", "fid", "reconstruct") if getattr(args, name) is not None]
+    if args.benchmark and (modes or args.eval):
+        fail("--benchmark times the sampler alone: leave out --eval, --fid, --reconstruct and --layout-from")
+    if args.preset and not args.benchmark:
+        fail("--preset (random weights) is for --benchmark only")
+    if args.preset and (args.tokenizer or args.ar):
+        fail("--preset replaces --tokenizer and --ar: give one or the other")
     if len(modes) > 1:
         fail(f"choose one of --layout-from, --fid, --reconstruct (got {', '.join('--' + m.replace('_', '-') for m in modes)})")
     if args.eval and (args.fid is not None or args.layout_from not in (None, "builtin")):
@@ -458,8 +565,13 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as released
 
+    if args.preset:
+        tokenizer, ar = preset_pair(args.preset, device, args.precision)
+        return benchmark(args, tokenizer, ar, device, f"random weights of the presets {args.preset} (not trained)")
     choose_tiny_pair(args)
     tokenizer, ar = load_models(args, device, need_ar=args.reconstruct is None)
+    if args.benchmark:
+        return benchmark(args, tokenizer, ar, device, f"{os.path.relpath(args.tokenizer)} + {os.path.relpath(args.ar)}")
     with torch.no_grad():
         if args.eval:
             if args.reconstruct not in (None, "builtin"):

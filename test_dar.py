@@ -733,6 +733,27 @@ def test_layout_control_prefix_is_kept_and_fixes_the_first_steps(official_ar, of
     assert not torch.equal(steps[-1].tokens[0], steps[-1].tokens[1])  # the labels decide the rest
 
 
+def test_compiled_sampling_gives_the_eager_tokens_and_images_without_recompiling_per_token(official_ar, official,
+                                                                                          expected):
+    import torch._dynamo
+    labels, noise, G = expected["labels"], expected["noise"], official.cfg.group_size
+    cases = [dict(cfg=(expected["cfg_start"], expected["cfg_end"]), prefix=expected["codes"][:, :G]),  # guided + prefix
+             dict(cfg=1.0)]                                                                            # no guidance
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for case in cases:
+        eager, fast = (list(dar.sample(official_ar, official, labels, top_k=1, noise=noise, compile=compile, **case))
+                       for compile in (False, True))
+        assert torch.equal(fast[-1].tokens, eager[-1].tokens)
+        for a, b in zip(eager, fast):
+            torch.testing.assert_close(b.preview, a.preview, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast[-1].image, eager[-1].image, atol=1e-5, rtol=0)
+    assert torch.equal(fast[-1].tokens, expected["greedy_tokens_nocfg"])
+    torch.testing.assert_close(official.decode(expected["codes"], noise, compile=True), expected["decode_adams2"],
+                               atol=1e-5, rtol=0)
+    # one AR graph per batch shape (2 and 4), the decoder's first step and the others: not one per token
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 4
+
+
 def test_generator_makes_sampling_reproducible(official_ar, official):
     def draw(seed):
         steps = list(dar.sample(official_ar, official, torch.arange(4), cfg=3.0, top_p=0.9,
@@ -1101,7 +1122,7 @@ def test_preview_steps_stop_the_ar_model_early(tmp_path, trained_pair, monkeypat
     positions = []
     real_next_logits = dar.LlamaAR.next_logits
     monkeypatch.setattr(dar.LlamaAR, "next_logits",
-                        lambda self, h, start, caches: positions.append(h.shape[1]) or real_next_logits(self, h, start, caches))
+                        lambda self, h, at, caches: positions.append(h.shape[1]) or real_next_logits(self, h, at, caches))
     sample.main([*trained_pair, "--fid", "2", "--preview-steps", "2", "--out", str(tmp_path / "partial")])
     assert sum(positions) == 2 * 8       # class token + 15 tokens: the 16 tokens of groups 1-2, no more
     assert np.load(tmp_path / "partial.npz")["arr_0"].shape == (2, 32, 32, 3)
@@ -1125,6 +1146,39 @@ def evaluator(tmp_path_factory):
     classifier = dar.train_shape_classifier(32, num_images=2000, steps=300)
     dar.save_checkpoint({"kind": "evaluator", "image_size": 32, "model": classifier.state_dict()}, path)
     return classifier, path
+
+
+def benchmark_rows(printed):
+    header = next(line for line in printed.splitlines() if line.startswith("batch  images/s"))
+    rows = printed.split(header)[1].strip().splitlines()
+    return header, [row.split(None, 6) for row in rows]
+
+
+def test_benchmark_prints_speed_shares_and_settings_for_a_pair_and_for_random_preset_weights(trained_pair, capsys):
+    results = sample.main([*trained_pair, "--benchmark", "--batch-sizes", "1,3", "--repeat", "1"])
+    printed = capsys.readouterr().out
+    settings = next(line for line in printed.splitlines() if line.startswith("sampler benchmark:"))
+    for field in ("cpu", "AR float32", "tokenizer float32", "eager", "cfg 4.0", "adams2", "8 steps", "tokenizer.pt"):
+        assert field in settings, field
+    assert re.search(r"AR weights [\d.]+ MB, read once per token at [\d.]+ GB/s .* at least [\d.]+ ms per token", printed)
+    header, rows = benchmark_rows(printed)
+    assert header.split("  ")[:3] == ["batch", "images/s", "AR ms/token"] and "decoder share" in header
+    assert [int(row[0]) for row in rows] == [1, 3] and all(row[6] == "n/a (CPU)" for row in rows)
+    for row, result in zip(rows, results):                     # what is printed is what is returned
+        assert float(row[1]) == pytest.approx(result["images_per_s"], abs=0.01) and result["images_per_s"] > 0
+        assert float(row[3]) == pytest.approx(result["decoder_ms_per_step"], abs=0.01) and float(row[3]) > 0
+        assert result["ar_share"] + result["decoder_share"] == pytest.approx(1)
+
+    sample.main(["--benchmark", "--preset", "tiny:tiny", "--batch-sizes", "2", "--repeat", "1", "--cfg", "1.0"])
+    printed = capsys.readouterr().out
+    assert "random weights of the presets tiny:tiny (not trained)" in printed and "cfg 1.0" in printed
+    assert [int(row[0]) for row in benchmark_rows(printed)[1]] == [2]
+    for argv, message in [(["--benchmark", "--preset", "tiny:B"], r"does not match the tokenizer"),
+                          (["--benchmark", "--preset", "huge:B"], r"--preset: expected TOKENIZER:AR"),
+                          (["--preset", "tiny:tiny"], r"--preset \(random weights\) is for --benchmark only"),
+                          (["--benchmark", "--batch-sizes", "0", *trained_pair], r"--batch-sizes: expected")]:
+        with pytest.raises(SystemExit, match=message):
+            sample.main(argv)
 
 
 def test_evaluator_classifies_held_out_real_shapes(evaluator):
@@ -1277,11 +1331,13 @@ def test_shipped_pair_samples_the_class_asked_for_and_guidance_helps(shipped):
 
 
 def readme_sample_commands():
-    """Every `python sample.py ...` of the README that runs on the tiny pair (not on the release's files)."""
+    """Every `python sample.py ...` of the README that runs on the tiny pair (not on the release's files, nor
+    on the random weights of a paper-size preset, nor compiled: compiling takes about a minute, and the
+    compiled sampler has its own test)."""
     text = (Path(__file__).parent / "README.md").read_text()
     found = re.findall(r"^python sample\.py[^#\n]*", text, flags=re.M) + re.findall(r"`(python sample\.py[^`]*)`", text)
-    return sorted({command.strip() for command in found
-                   if not any(marker in command for marker in ("D-AR-", "imagenet", "..."))})
+    return sorted({command.strip() for command in found if not any(
+        marker in command for marker in ("D-AR-", "imagenet", "...", "--preset ablation", "--preset v1", "--compile"))})
 
 
 def test_readme_shows_the_gif_eval_and_layout_commands():
@@ -1311,9 +1367,13 @@ def test_every_readme_sample_command_runs_and_writes_what_it_says(command, tmp_p
             named.parent.mkdir(parents=True, exist_ok=True)
             named.write_bytes((tmp_path / "out" / "tiny" / name).read_bytes())
     small = ["--n", "3"] if "--layout-from" not in argv or "--eval" in argv else []
+    if "--benchmark" in argv:
+        small = ["--batch-sizes", "2", "--repeat", "1"]
     result = sample.main(argv + small)
     printed = capsys.readouterr().out
-    if "--eval" in argv:
+    if "--benchmark" in argv:
+        assert [row["batch"] for row in result] == [2] and "images/s" in printed
+    elif "--eval" in argv:
         assert "accuracy" in printed or "tokens kept" in printed
     else:
         assert Path(result).is_file() and str(result) in printed
