@@ -484,6 +484,17 @@ def memory_bandwidth(device):
     return x.numel() * x.element_size() / best / 1e9
 
 
+def median_time(run, repeat, device):
+    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's output)."""
+    run()  # the warm-up: it compiles, with --compile
+    times = []
+    for _ in range(repeat):
+        start = synchronized_time(device)
+        output = run()
+        times.append(synchronized_time(device) - start)
+    return sorted(times)[len(times) // 2], output
+
+
 @torch.no_grad()
 def benchmark(args, tokenizer, ar, device, weights):
     """--benchmark: per batch size, a warm-up run of dar.sample (compiling, with --compile), then the median of
@@ -512,22 +523,13 @@ def benchmark(args, tokenizer, ar, device, weights):
     results = []
     for batch in batch_sizes:
         labels = torch.arange(batch, device=device) % ar.cfg.num_classes
-
-        def median_time(run):
-            run()  # the warm-up: compiles with --compile
-            times = []
-            for _ in range(args.repeat):
-                start = synchronized_time(device)
-                output = run()
-                times.append(synchronized_time(device) - start)
-            return sorted(times)[len(times) // 2], output
-
+        sampling = lambda: list(dar.sample(ar, tokenizer, labels, generator=torch.Generator(device).manual_seed(args.seed),
+                                           **options))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        total, steps = median_time(lambda: list(dar.sample(ar, tokenizer, labels, generator=torch.Generator(device).manual_seed(
-            args.seed), **options)))
+        total, steps = median_time(sampling, args.repeat, device)
         decoding, _ = median_time(lambda: tokenizer.decode(steps[-1].tokens, solver=args.solver, steps=options["steps"],
-                                                           compile=args.compile))
+                                                           compile=args.compile), args.repeat, device)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB" if device.type == "cuda" else "n/a (CPU)"
         row = dict(batch=batch, images_per_s=batch / total, ar_ms_per_token=1000 * (total - decoding) / N,
                    decoder_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
