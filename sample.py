@@ -135,9 +135,14 @@ def load_models(args, device, need_ar=True):
             dar.check_pair(ar, tokenizer)
         except ValueError as error:
             fail(f"--ar {args.ar} and --tokenizer {args.tokenizer}: {error}")
-    if ar is not None and device.type == "cuda" and args.precision == "bf16":
-        ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
+    if ar is not None:
+        at_release_precision(ar, device, args.precision)
     return tokenizer, ar
+
+
+def at_release_precision(ar, device, precision):
+    if device.type == "cuda" and precision == "bf16":
+        ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
 
 
 def is_builtin(ar):
@@ -397,8 +402,7 @@ def pack_reference(dataset, total, folder):
     """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops that were
     encoded, in the order of <folder>.npz. Scored against the original files instead, the same
     reconstructions get a worse rFID (a user of the release measured 2.2 for the published 1.52)."""
-    first = dar.to_uint8(dataset[0][0])
-    crops = np.empty((total, *first.shape[1:], 3), dtype=np.uint8)
+    crops = np.empty((total, dataset.image_size, dataset.image_size, 3), dtype=np.uint8)
     for index in range(total):
         crops[index] = dar.to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
     path = folder.parent / f"{folder.name}-reference.npz"
@@ -462,9 +466,9 @@ def preset_pair(text, device, precision):
         dar.check_pair(ar, tokenizer)
     except ValueError as error:
         fail(f"--preset {text}: {error}")
-    if device.type == "cuda" and precision == "bf16":
-        ar.to(torch.bfloat16)
-    return tokenizer.to(device).eval(), ar.to(device).eval()
+    ar = ar.to(device).eval()
+    at_release_precision(ar, device, precision)
+    return tokenizer.to(device).eval(), ar
 
 
 def synchronized_time(device):
