@@ -5,26 +5,30 @@ The file follows the paper:
         Eq. (5) condition schedule, Eq. (7) training loss, Eq. (8) sampling schedule (from §4)
   §3.2  the Llama AR model, Eq. (6), with a static KV cache and logit-space classifier-free guidance
   §3.3  the D-AR sampler: each group of G generated tokens drives one diffusion step, with a preview
-  data and training utilities: the built-in shapes dataset, an ImageNet-style folder, the training stream
-  a toy evaluator for the built-in shapes: a shape classifier and a NumPy Frechet distance ("toy FID")
+  data and training utilities: pictures, the ADM sample files, datasets, the training stream and loop pieces
+  the CPU miniature (not part of the paper or the release): the tiny recipe's training aids and a toy
+        evaluator for the built-in shapes
 
 Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
 follow the release, so that its checkpoints load and give the same numbers; a comment marks each place.
-The `tiny` preset (32 x 32 shapes on a CPU) adds training aids that the paper configs never use: a
-convolutional patch stem and a training-only `CodeHead` that teaches the code path first (two stages);
-each is a config field or recipe entry whose default is the release's behaviour.
 
 Shape legend, used by every shape comment:
   B batch, N tokens per image (queries), K condition groups, G = N/K tokens per group,
-  L tokens of a 2D grid (patches), D width, H heads, hd head width (64), C codebook vector width,
+  L tokens of a 2D grid (patches), D width, nh heads, hd head width (64), C codebook vector width,
   V codebook size (= the AR vocabulary), P pixel patch size, T positions of an AR sequence,
-  S diffusion steps of a decode (K unless set), B' the AR batch (2B with guidance).
+  S diffusion steps of a decode (K unless set), H x W image height and width, n a prefix of tokens,
+  B' the AR batch (2B with guidance).
 """
 import argparse
+import contextlib
 import inspect
+import io
 import math
 import os
 import random
+import shlex
+import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -33,8 +37,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 # ================================================================================================
 #  §3.1  Sequential diffusion tokenizer
@@ -67,13 +72,6 @@ class TokenizerConfig:
     repa_grid: int = 16          # the target's patch grid (DINOv2-B/14 at 224 px: 16 x 16)
     head_dim: int = 64           # every attention of the tokenizer uses 64-wide heads
     rope_theta: float = 10000.0
-    prediction: str = "velocity" # D_FM outputs "velocity" v (release) or "data" x_hat_1 (an option, not the release)
-    codebook_restart: int = 0    # every this many training steps, unused codebook rows restart (0: never, release)
-    init_std: float = 0.02       # std of the blocks' Linear weights at initialisation (release: 0.02)
-    gate_init: float = 0.0       # the blocks' residual gates at initialisation (release: 0)
-    code_head: bool = False      # build the training-only CodeHead (not in the paper or the release; never exported)
-    conv_stem: bool = False      # patches embedded by a small CNN instead of one strided convolution (release: False)
-    code_head_features: int = 0  # the code head also predicts a teacher's pooled features of this width (0: no)
 
     def __post_init__(self):
         if self.num_tokens % self.num_groups:
@@ -88,8 +86,6 @@ class TokenizerConfig:
                 raise ValueError(f"{name} must be a multiple of head_dim ({self.head_dim})")
         if self.head_dim % 4:
             raise ValueError("head_dim must be a multiple of 4 (2D RoPE rotates pairs on two axes)")
-        if self.prediction not in ("velocity", "data"):
-            raise ValueError(f"prediction must be 'velocity' or 'data', got {self.prediction!r}")
         if self.num_tokens > self.table_size:
             raise ValueError(f"num_tokens ({self.num_tokens}) exceeds table_size ({self.table_size})")
         pixel_grid = self.image_size // self.pixel_patch_size
@@ -138,26 +134,16 @@ class TokenizerConfig:
 
 TOKENIZER_PRESETS = {
     # the released D-AR-tokenizer_v1.pt: 307,444,672 params (300,099,776 without the REPA head;
-    # pixel diffusion decoder 185,129,664, the paper's "185M")
+    # D_FM alone 185,129,664, the paper's "185M")
     "v1": TokenizerConfig(),
     # appendix A.4's lightweight ablation tokenizer: width 512, diffusion depth 8: 113,433,536 params
     "ablation": TokenizerConfig(encoder_dim=512, decoder_dim=512, diffusion_dim=512, diffusion_depth=8),
-    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,764,336 params (without the
-    # training-only code head; 2,649,072 without the REPA head too, as the tiny runs train it).
-    # Not the release's init: at width 128, std 0.02 and closed gates leave the encoder's output
-    # image-independent for thousands of steps (measured: identical codes for every image after 1500
-    # steps); std 0.1 and open gates make the codes informative within ~400 steps.
-    # Codebook restarts: without them 6 of the 256 codes were in use after 340 steps at batch 32 (lr 1e-3),
-    # with them 164-232.
-    # Code head and conv stem: trained as one piece, the tiny tokenizer reached 27% reconstruction accuracy
-    # after 384K images (oracle codes through the same path: 57% at 101K). Trained first against the
-    # CodeHead (pixels + a teacher's features), with a conv stem, its codes told the class apart at 90%
-    # (linear probe) after 192K images, against 14% at 40K for the pixel head alone (train_tokenizer.py).
+    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,677,360 params (2,562,096 without
+    # the REPA head; built by the CPU miniature's recipe, with its conv stem: 2,764,336 and 2,649,072)
     "tiny": TokenizerConfig(
         image_size=32, patch_size=4, encoder_dim=128, encoder_depth=2, num_tokens=64, num_groups=8,
         codebook_size=256, table_size=64, decoder_dim=128, decoder_depth=2, diffusion_dim=128,
-        diffusion_depth=4, pixel_patch_size=4, repa_layer=2, repa_dim=64, repa_hidden=256, repa_grid=4,
-        init_std=0.1, gate_init=1.0, codebook_restart=100, code_head=True, conv_stem=True),
+        diffusion_depth=4, pixel_patch_size=4, repa_layer=2, repa_dim=64, repa_hidden=256, repa_grid=4),
 }
 
 
@@ -181,10 +167,10 @@ def rope_2d(height, width, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each adjacent feature pair (a, b) of x (B, H, L, hd) by its angle: (a, b) -> e^{i phi}(a + ib)."""
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)             # (B, H, L, hd/2) each
+    """Rotate each adjacent feature pair (a, b) of x (B, nh, L, hd) by its angle: (a, b) -> e^{i phi}(a + ib)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)             # (B, nh, L, hd/2) each
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)                            # (B, H, L, hd)
+    return rotated.flatten(-2).type_as(x)                            # (B, nh, L, hd)
 
 
 class Attention(nn.Module):
@@ -203,14 +189,14 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, rope_q=None, rope_k=None, mask=None, causal=False):
         context = x if context is None else context
-        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, H, L, hd)
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, nh, L, hd)
         q, k, v = heads(self.q(x)), heads(self.k(context)), heads(self.v(context))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope_q is not None:
             q = apply_rope(q, *rope_q)
         if rope_k is not None:
             k = apply_rope(k, *rope_k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, L, hd)
         return self.proj(out.transpose(1, 2).flatten(2))                                  # (B, L, D)
 
 
@@ -267,22 +253,13 @@ class VectorQuantizer(nn.Module):
     Encoder outputs f and codebook rows are l2-normalised; the token is argmin_k ||f - e_k||^2; the
     forward value f + sg[e - f] equals e while gradients pass straight through to f. Per token,
     l_VQ = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25, no entropy term.
-
-    `restart_every` > 0 (not in the release) counts, in training, how often each row is chosen; the
-    training script calls `restart_dead_codes` every `restart_every` steps, which replaces each row that
-    no token chose since the last call by a randomly drawn encoder output of the last batch, so that the
-    codebook stays in use (a standard VQ-VAE remedy against collapse).
     """
 
     beta = 0.25
 
-    def __init__(self, codebook_size, dim, restart_every=0):
+    def __init__(self, codebook_size, dim):
         super().__init__()
         self.codebook = nn.Embedding(codebook_size, dim)
-        self.restart_every = restart_every
-        if restart_every:  # saved with the weights, so that a resumed run restarts exactly as an unbroken one
-            self.register_buffer("recent_use", torch.zeros(codebook_size))
-        self.latest_outputs = None  # f of the last training batch, (B N, C): what dead rows restart from
 
     def normalized_codebook(self):
         return F.normalize(self.codebook.weight, dim=-1)                        # (V, C)
@@ -296,26 +273,7 @@ class VectorQuantizer(nn.Module):
         codes = distance.argmin(-1)                                                   # (B, N)
         e_codes = e[codes]                                                            # (B, N, C)
         vq_loss = (e_codes - f.detach()).pow(2).mean(-1) + self.beta * (e_codes.detach() - f).pow(2).mean(-1)
-        if self.restart_every and self.training:
-            use = torch.bincount(codes.flatten(), minlength=self.recent_use.numel()).float()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(use)  # every process counts the whole global batch
-            self.recent_use += use
-            self.latest_outputs = f.detach().flatten(0, 1)
         return f + (e_codes - f).detach(), codes, vq_loss
-
-    @torch.no_grad()
-    def restart_dead_codes(self):
-        """Re-seed the rows unused since the last call (call it after an optimizer step); -> how many."""
-        dead = (self.recent_use == 0).nonzero().flatten()
-        outputs = self.latest_outputs
-        replacement = outputs[torch.randint(0, outputs.shape[0], (dead.numel(),), device=outputs.device)]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # the last process holds the last samples of the step, as one process accumulating would
-            torch.distributed.broadcast(replacement, torch.distributed.get_world_size() - 1)
-        self.codebook.weight[dead] = replacement
-        self.recent_use.zero_()
-        return dead.numel()
 
 
 class TimestepEmbedder(nn.Module):
@@ -370,14 +328,13 @@ class PixelDiffusionTransformer(nn.Module):
 
     x_t (B, 3, H, W) in the scaled pixel space, t (B,) the diffusion time, cond (B, G, D) = c(t).
     Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer` (None unless
-    `return_repa`). With cfg.prediction = "data" the network outputs the clean image x_hat_1 instead and
-    v = (x_hat_1 - x_t) / (1 - t), so the loss, the solvers and the previews stay those of Eq. (2)-(4).
+    `return_repa`).
     """
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         dim, P = cfg.diffusion_dim, cfg.pixel_patch_size
-        self.patch_size, self.repa_layer, self.prediction = P, cfg.repa_layer, cfg.prediction
+        self.patch_size, self.repa_layer = P, cfg.repa_layer
         self.cond_mlp = nn.Linear(cfg.decoder_dim, dim)
         self.pixel_in = nn.Linear(3 * P * P, dim)
         self.blocks = nn.ModuleList(DiffusionBlock(dim, cfg.head_dim) for _ in range(cfg.diffusion_depth))
@@ -411,10 +368,7 @@ class PixelDiffusionTransformer(nn.Module):
             x = run_blocks([block], x, checkpointed, t=t, cond=cond, rope=rope)
         x = self.pixel_out(layer_norm(x))                                      # (B, L, 3P^2)
         grid = x.transpose(1, 2).unflatten(2, (height // self.patch_size, width // self.patch_size))
-        out = F.pixel_shuffle(grid, self.patch_size)                           # (B, 3, H, W)
-        if self.prediction == "data":  # 1 - t floored at 0.05 (as JiT does) so that t -> 1 stays finite
-            return (out - x_t) / (1 - t).clamp(min=0.05).view(-1, 1, 1, 1), repa
-        return out, repa
+        return F.pixel_shuffle(grid, self.patch_size), repa                   # (B, 3, H, W)
 
 
 def shift_time(u, beta):
@@ -501,53 +455,6 @@ def solver_step(x, v, v_prev, dt, solver):
     return x + dt * (1.5 * v - 0.5 * v_prev)
 
 
-class CodeHead(nn.Module):
-    """A training aid of the tiny recipe, not in the paper or the release: a deterministic decoder from one
-    group of conditions (B, G, D) to the image (B, 3, H, W), a small CNN (Linear to an H/8 grid, then three
-    2x upsampling convolutions, as in a plain VQ autoencoder).
-
-    It gives the encoder -> VQ -> causal-decoder path a direct reconstruction signal before the diffusion
-    decoder can use the codes (`Tokenizer.forward(..., code_path_only=True)`); the shape then no longer has
-    to reach the encoder through a denoiser that learns to ignore the codes. Never part of exported weights.
-    """
-
-    def __init__(self, cfg: TokenizerConfig, widths=(128, 64, 32)):
-        super().__init__()
-        # with a teacher (code_head_features > 0), the same group also predicts its pooled features
-        self.features = nn.Linear(cfg.group_size * cfg.decoder_dim, cfg.code_head_features) if cfg.code_head_features else None
-        if cfg.image_size % 8:
-            raise ValueError(f"the code head needs image_size divisible by 8, got {cfg.image_size}")
-        self.side = cfg.image_size // 8
-        self.project = nn.Linear(cfg.group_size * cfg.decoder_dim, widths[0] * self.side ** 2)
-        layers, channels = [], widths[0]
-        for out_channels in widths:
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_channels, 3, padding=1),
-                       nn.GroupNorm(8, out_channels), nn.SiLU()]
-            channels = out_channels
-        self.body = nn.Sequential(*layers, nn.Conv2d(channels, 3, 3, padding=1))
-
-    def forward(self, cond):                                       # cond (B, G, D) -> (B, 3, H, W)
-        grid = self.project(cond.flatten(1)).unflatten(1, (-1, self.side, self.side))
-        return self.body(grid)
-
-    def predict_features(self, cond):                              # cond (B, G, D) -> (B, code_head_features)
-        return self.features(cond.flatten(1))
-
-
-def conv_stem(patch_size, dim, width=32):
-    """A tiny-only patch embedding: a 3x3 convolution, then log2(patch_size) stride-2 3x3 convolutions to
-    `dim` channels, the same (H/P) x (W/P) grid as the release's single P x P convolution ("Early
-    convolutions help transformers see better", Xiao et al. 2021)."""
-    if patch_size & (patch_size - 1):
-        raise ValueError(f"a conv stem needs a power-of-two patch_size, got {patch_size}")
-    layers, channels = [nn.Conv2d(3, width, 3, padding=1), nn.GELU()], width
-    for i in range(patch_size.bit_length() - 1):
-        out_channels = dim if 2 ** (i + 2) > patch_size else 2 * channels
-        layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.GELU()]
-        channels = out_channels
-    return nn.Sequential(*layers[:-1])  # no activation after the last convolution, as after the release's
-
-
 def gather_group(cond, group, group_size):
     """Group `group[b]` of the conditions of each image: cond (B, N, D), group (B,) -> (B, G, D)."""
     token_ids = group[:, None] * group_size + torch.arange(group_size, device=cond.device)
@@ -561,24 +468,25 @@ class Tokenizer(nn.Module):
     conditions: tokens -> codebook vectors -> causal transformer layers -> z' (the conditions)
     decode:     K steps of the Eq. (8) schedule; step k runs D_FM on group k of z' (Eq. 5)
     forward:    the training loss of Eq. (7)
+
+    `patchify` replaces the release's patch embedding (one strided convolution), any module mapping images
+    (B, 3, H, W) to (B, D, H/patch_size, W/patch_size); `init_std` and `gate_init` the release's initialisation (0.02 and 0).
     """
 
-    def __init__(self, cfg: TokenizerConfig):
+    def __init__(self, cfg: TokenizerConfig, patchify=None, init_std=0.02, gate_init=0.0):
         super().__init__()
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
-        self.patchify = (conv_stem(cfg.patch_size, cfg.encoder_dim) if cfg.conv_stem
-                         else nn.Conv2d(3, cfg.encoder_dim, cfg.patch_size, stride=cfg.patch_size))
+        self.patchify = patchify or nn.Conv2d(3, cfg.encoder_dim, cfg.patch_size, stride=cfg.patch_size)
         self.query_embedding = nn.Embedding(cfg.table_size, cfg.query_rank)
         self.query_linear = nn.Linear(cfg.query_rank, cfg.encoder_dim)
         self.encoder_layers = nn.ModuleList(GatedBlock(cfg.encoder_dim, cfg.head_dim) for _ in range(cfg.encoder_depth))
         self.quant_in = nn.Linear(cfg.encoder_dim, cfg.codebook_dim, bias=False)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.codebook_restart)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim)
         self.quant_out = nn.Linear(cfg.codebook_dim, cfg.decoder_dim, bias=False)
         self.decoder_embedding = nn.Embedding(cfg.table_size, cfg.decoder_dim)
         self.decoder_layers = nn.ModuleList(GatedBlock(cfg.decoder_dim, cfg.head_dim) for _ in range(cfg.decoder_depth))
         self.diffusion = PixelDiffusionTransformer(cfg)
-        self.code_head = CodeHead(cfg) if cfg.code_head else None
         # patches are rotated by their 2D position; the 1D queries get the identity rotation (A.2)
         cos, sin = rope_2d(grid, grid, cfg.head_dim, cfg.rope_theta)
         identity = (torch.ones(cfg.num_tokens, cfg.head_dim // 2), torch.zeros(cfg.num_tokens, cfg.head_dim // 2))
@@ -588,20 +496,20 @@ class Tokenizer(nn.Module):
         self.register_buffer("sampling_times", sampling_times(cfg.denoising_steps, cfg.time_shift), persistent=False)
         self.register_buffer("step_groups", step_groups(cfg.denoising_steps, cfg.num_groups), persistent=False)
         self.grad_checkpointing = False  # a training option: recompute block activations in backward
-        self.initialize_weights()
+        self.initialize_weights(init_std, gate_init)
 
     @torch.no_grad()
-    def initialize_weights(self):
-        """The release's initialisation, for training from scratch (layers not named keep PyTorch's default);
-        cfg.init_std and cfg.gate_init hold the release's values except in the `tiny` preset."""
+    def initialize_weights(self, init_std, gate_init):
+        """The release's initialisation, for training from scratch (layers not named keep PyTorch's default):
+        the blocks' Linear weights ~ N(0, init_std) truncated, their residual gates = gate_init."""
         for layer in [*self.encoder_layers, *self.decoder_layers, *self.diffusion.blocks]:
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
-                    nn.init.trunc_normal_(module.weight, std=self.cfg.init_std)
+                    nn.init.trunc_normal_(module.weight, std=init_std)
                     nn.init.zeros_(module.bias)
         for layer in [*self.encoder_layers, *self.decoder_layers]:
-            nn.init.constant_(layer.gate1, self.cfg.gate_init)
-            nn.init.constant_(layer.gate2, self.cfg.gate_init)
+            nn.init.constant_(layer.gate1, gate_init)
+            nn.init.constant_(layer.gate2, gate_init)
         for block in self.diffusion.blocks:  # adaLN-Zero: every diffusion block starts as the identity
             nn.init.zeros_(block.adaLN_modulation[1].weight)
             nn.init.zeros_(block.adaLN_modulation[1].bias)
@@ -670,7 +578,7 @@ class Tokenizer(nn.Module):
         self.check_codes(codes, full_length=False)
         return self.causal_decoder(self.quantizer.normalized_codebook()[codes])
 
-    # ---- Eq. (2)-(4), (8): the pixel diffusion decoder ---------------------------------------
+    # ---- Eq. (2)-(4), (8): decoding with D_FM, the pixel diffusion transformer -------------------
     @torch.no_grad()
     def velocity(self, x_t, t, cond):
         """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the network
@@ -731,51 +639,40 @@ class Tokenizer(nn.Module):
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
-    def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5, u=None,
-                code_path_only=False, teacher=None, teacher_weight=1.0):
+    def training_conditions(self, images, u=None):
+        """Eq. (1) and (5) for one training step: tokens of the images, their conditions z', a time per image
+        and the group c(t) it reads. u: Eq. (5)'s t' per image (U[0, 1) when None); the network sees t = shift(u).
+        -> t (B,), c(t) (B, G, D), l_VQ over the tokens up to each image's group, the codebook fraction in use."""
+        cfg = self.cfg
+        z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))       # (B, N, C), (B, N), (B, N)
+        cond = self.causal_decoder(z_q)                                                # (B, N, D)
+        if u is None:
+            u = torch.rand(images.shape[0], device=images.device)
+        t = shift_time(u, cfg.time_shift)
+        group = condition_group(t, cfg.num_groups, cfg.time_shift)                   # (B,)
+        cond_t = gather_group(cond, group, cfg.group_size)                             # c(t): (B, G, D)
+        # l_VQ counts only the tokens up to the selected group: later ones got no D_FM signal this step
+        seen = (torch.arange(cfg.num_tokens, device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
+        vq = (vq_per_token * seen).sum() / seen.sum()
+        return t, cond_t, vq, codes.unique().numel() / cfg.codebook_size
+
+    def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5, u=None):
         """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5 in the paper).
 
         perceptual(images, fakes) -> per-image distances, e.g. lpips.LPIPS(net="vgg"); the LPIPS term is
             computed on the jump estimate x_hat_1 (as released) and only when this is given.
         repa_target(images) -> (B, repa_grid^2, repa_dim) target features, e.g. DINOv2-B patch tokens; the
             REPA term (1 - cosine similarity) is computed only when this is given.
-        u: Eq. (5)'s t' per image (U[0, 1) when None); the network sees t = shift(u).
-        code_path_only (tiny recipe, first stage; not in the paper): no diffusion; l = l_VQ + the MSE of the
-            `CodeHead` reading the same group c(t), so the codes learn the image before D_FM trains on them;
-            with a `teacher` (images -> (B, code_head_features) pooled features of a small CNN) also
-            teacher_weight (1 - cosine similarity) of the features the head predicts from c(t).
-        Returns a dict: "loss" (the total, to backpropagate) and detached "fm" (or "head"), "vq", "lpips",
-        "repa", "usage" (the fraction of the codebook used in this batch).
+        u: Eq. (5)'s t' per image (U[0, 1) when None).
+        Returns a dict: "loss" (the total, to backpropagate) and detached "fm", "vq", "lpips", "repa", and
+        "usage" (the fraction of the codebook used in this batch).
         """
-        cfg, B = self.cfg, images.shape[0]
+        cfg = self.cfg
         self.check_images(images)
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer >= "
                              "diffusion_depth); pass repa_target=None")
-        z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))       # (B, N, C), (B, N), (B, N)
-        cond = self.causal_decoder(z_q)                                                # (B, N, D)
-
-        if u is None:
-            u = torch.rand(B, device=images.device)
-        t = shift_time(u, cfg.time_shift)
-        group = condition_group(t, cfg.num_groups, cfg.time_shift)                   # (B,)
-        cond_t = gather_group(cond, group, cfg.group_size)                             # c(t): (B, G, D)
-        # l_VQ counts only the tokens up to the selected group: later ones got no decoder signal this step
-        seen = (torch.arange(cfg.num_tokens, device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
-        vq = (vq_per_token * seen).sum() / seen.sum()
-        usage = codes.unique().numel() / cfg.codebook_size
-        if code_path_only:
-            if self.code_head is None:
-                raise ValueError("code_path_only needs a tokenizer built with code_head=True")
-            head = F.mse_loss(self.code_head(cond_t), images)
-            loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(images)
-                features = 1 - F.cosine_similarity(self.code_head.predict_features(cond_t), target, dim=-1).mean()
-                loss, terms["features"] = loss + teacher_weight * features, features.detach()
-            return {"loss": loss, **terms, "usage": usage}
-
+        t, cond_t, vq, usage = self.training_conditions(images, u)
         x1 = cfg.data_std * images  # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
         v, repa = self.diffusion(x_t, t, cond_t, return_repa=repa_target is not None,
@@ -853,10 +750,16 @@ def load_state_strict(model, state, what):
     model.load_state_dict(state)
 
 
+# How a checkpoint of ours that names a "builder" makes its untrained model: builder(cfg, recipe) -> Tokenizer.
+# The release's architecture needs none; the CPU miniature at the end of this file registers its own.
+TOKENIZER_BUILDERS = {}
+
+
 def load_tokenizer(path, device="cpu"):
     """Load a tokenizer checkpoint -- ours or an official release file (detected) -- in eval mode.
 
-    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state}.
+    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state, optional "builder"
+    (a name in TOKENIZER_BUILDERS) and "recipe" (a plain dict it reads)}.
     Official (`D-AR-tokenizer_v1.pt`): {"model", "ema", "config": config_util.Config, "args", ...}; the
     configuration is read from the file. Both use the EMA weights when present, as the official sampler does.
     """
@@ -879,9 +782,10 @@ def load_tokenizer(path, device="cpu"):
         raise ValueError(f"{path} is not a tokenizer checkpoint (kind={ckpt.get('kind')!r})")
     if not any(key.startswith("diffusion.repa_out.") for key in weights):
         cfg = replace(cfg, repa_dim=0)  # the REPA head is a training aid; files may omit it
-    if not any(key.startswith("code_head.") for key in weights):
-        cfg = replace(cfg, code_head=False)  # so is the code head; exported files never hold it
-    tokenizer = Tokenizer(cfg)
+    builder = ckpt.get("builder")
+    if builder is not None and builder not in TOKENIZER_BUILDERS:
+        raise ValueError(f"{path}: unknown tokenizer builder {builder!r}; known: {sorted(TOKENIZER_BUILDERS)}")
+    tokenizer = TOKENIZER_BUILDERS[builder](cfg, ckpt.get("recipe", {})) if builder else Tokenizer(cfg)
     load_state_strict(tokenizer, weights, f"tokenizer checkpoint {path}")
     return tokenizer.to(device).eval()
 
@@ -952,17 +856,17 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """A static key/value cache for one attention layer (as in gpt-fast): allocated once per generation,
-    (B, H, N + 1, hd): a slot per position (the class token and N tokens), written at explicit positions;
+    (B, nh, N + 1, hd): a slot per position (the class token and N tokens), written at explicit positions;
     keys are stored after RoPE."""
 
     def __init__(self, batch, heads, length, head_dim, dtype, device):
         self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, positions, k, v):           # k, v (B, H, n, hd) at positions (n,)
+    def update(self, positions, k, v):           # k, v (B, nh, n, hd) at positions (n,)
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
-        return self.k, self.v                     # (B, H, N + 1, hd); slots after the position are masked
+        return self.k, self.v                     # (B, nh, N + 1, hd); slots after the position are masked
 
 
 class LlamaAttention(nn.Module):
@@ -976,7 +880,7 @@ class LlamaAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(self, x, rope, cache=None, positions=None, mask=None):
-        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, H, T, hd)
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, nh, T, hd)
         q, k, v = map(heads, self.wqkv(x).chunk(3, dim=-1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:                                      # the whole sequence: plain causal attention
@@ -1172,12 +1076,12 @@ def load_ar(path, config=None, device="cpu"):
 # ================================================================================================
 
 
-def guidance_scales(cfg, num_tokens):
+def guidance_scales(guidance, num_tokens):
     """Classifier-free guidance scale per token: a number, or the release's linear schedule (start, end)
     over the N tokens (token 0 uses start, token N-1 end; the paper uses (1.1, 8.0) for L, (1.1, 10.0) for XL)."""
-    start, end = cfg if isinstance(cfg, (tuple, list)) else (cfg, cfg)
+    start, end = guidance if isinstance(guidance, (tuple, list)) else (guidance, guidance)
     if min(start, end) < 0:
-        raise ValueError(f"cfg scales must be >= 0, got {cfg}")
+        raise ValueError(f"guidance scales must be >= 0, got {guidance}")
     # release: a schedule starting at exactly 1.0 is nudged to 1.001 to switch guidance on; we need no nudge
     return torch.linspace(start, end, num_tokens).tolist()
 
@@ -1206,14 +1110,13 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, un
 
 
 @dataclass
-class SampleStep:
-    """What the sampler yields after group k (1-based) of tokens has driven its diffusion step."""
-    group: int               # k = 1..K
-    tokens: torch.Tensor     # (B, k G) the first k groups of tokens, in the tokenizer's coarse-to-fine order
-    t: float                 # the diffusion time reached after the group's last step (1 after the last group)
-    x: torch.Tensor          # (B, 3, H, W) the diffusion state x_{t_k}, in the scaled pixel space
-    preview: torch.Tensor    # (B, 3, H, W) the jump estimate x_hat_1 from the group's last step, in image space
-    image: torch.Tensor = None  # (B, 3, H, W) the final image, on the last step only
+class SampledGroup:
+    """What `sample` yields once group `group` of the tokens is written and has driven its diffusion steps."""
+    group: int               # its index, 0..K-1 (Eq. 5's g_{group + 1})
+    tokens: torch.Tensor     # (B, (group + 1) G) the tokens so far, in the tokenizer's coarse-to-fine order
+    t: float                 # the diffusion time reached (1 after the last group)
+    preview: torch.Tensor    # (B, 3, H, W) the preview: the solver's last step extended to t = 1, in image space
+    image: torch.Tensor = None  # (B, 3, H, W) the final image, after the last group only
 
 
 def check_pair(ar, tokenizer):
@@ -1224,30 +1127,83 @@ def check_pair(ar, tokenizer):
 
 
 @torch.no_grad()
-def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
+def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
            solver="adams2", noise=None, generator=None, steps=None, compile=False):
-    """§3.3: D-AR sampling. The AR model writes the tokens one by one (Eq. 6); as soon as group k is
-    complete, the tokenizer's decoder takes diffusion step k (Eq. 5, 8) and the jump estimate gives a
-    preview. A generator: yields one SampleStep per group; the last one carries `.image`, equal to
-    `tokenizer.decode(tokens, noise, solver, steps=steps)`.
+    """§3.3: D-AR sampling, a generator of one `SampledGroup` per group (the last one carries `.image`).
 
-    labels (B,) class ids; cfg a scale or a (start, end) schedule (logit-space guidance
-    l = l_u + s (l_c - l_u)); temperature / top_k / top_p as `sample_token`; prefix (B, P) tokens kept
-    fixed (zero-shot layout control, Fig. 5: the steps their groups cover run before any token is
-    generated); an AR model trained on the reversed order (`ar.cfg.reverse`) writes the fine tokens
-    first, so every diffusion step waits for the last token; noise x_0 (B, 3, H, W) in the scaled pixel
-    space; generator (on the models' device) draws the tokens and the noise: one for the batch, or a list
-    of B, one per sample, which makes each sample independent of the batch it is drawn in; steps S
-    (default: the tokenizer's, K as released) decodes in S steps, each run as soon as the group it reads
-    (`Tokenizer.schedule`) is written: with S > K a group drives several steps, with S < K some none;
-    compile=True runs the one-token AR step and the denoising step compiled (`compiled`), same numbers.
+    The AR model writes the tokens one by one (Eq. 6); as soon as group k is complete, D_FM takes the
+    diffusion steps it drives (Eq. 5, 8) and a preview of the image is yielded. The image equals
+    `tokenizer.decode(tokens, noise, solver, steps=steps)`. Options: `check_sample_inputs`.
+    """
+    N, K, G = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size
+    labels, prefix, per_sample, device = check_sample_inputs(ar, tokenizer, labels, temperature, top_k, top_p,
+                                                             prefix, solver, generator)
+    scales = guidance_scales(guidance, N)
+    guided = any(scale != 1.0 for scale in scales)
+    B, n = labels.shape[0], prefix.shape[1]
 
-    The preview after group k is the solver's own last step extended to t = 1: with Euler exactly the
-    paper's x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
+    # the AR side: prefill the class token and the prefix; guidance doubles the batch (labels ; null labels)
+    double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
+    batch_labels = torch.cat([labels, torch.full_like(labels, ar.cfg.num_classes)]) if guided else labels
+    caches = ar.new_cache(batch_labels.shape[0])
+    logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), ar.positions[:1 + n], caches)   # (B', V)
+    ar_step, denoise_step = ((compiled(ar.one_token_logits), compiled(tokenizer.denoise_step)) if compile
+                             else (ar.one_token_logits, tokenizer.denoise_step))
+    tokens = torch.empty(B, N, dtype=torch.long, device=device)                     # in the AR's order
+    tokens[:, :n] = prefix
+
+    # the diffusion side: x_0, and the S steps of Eq. (8) with the group each reads (Eq. 5)
+    times, step_group = tokenizer.schedule(steps)
+    step_group = step_group.tolist()                           # step 0 always reads group 0 (u_0 = 0)
+    x, v, step, written = tokenizer.initial_noise(B, noise, generator, device), None, 0, n
+    # every token draw's uniform number, up front: (B, N), row b from sample b's generator when given a list
+    uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator]) if per_sample
+                else torch.rand(B, N, generator=generator, device=device))
+    for k in range(K):
+        needed = N if ar.cfg.reverse else (k + 1) * G
+        for i in range(written, needed):                        # (a) the AR tokens that group k waits for
+            if i > n:
+                logits = ar_step(double(tokens[:, i - 1:i]), ar.positions[i:i + 1], caches)   # (B', V)
+            if guided:
+                conditional, unconditional = logits.chunk(2)
+                logits_i = unconditional + scales[i] * (conditional - unconditional)
+            else:
+                logits_i = logits
+            tokens[:, i] = sample_token(logits_i, temperature, top_k, top_p, uniform=uniforms[:, i])
+        written = max(written, needed)
+        coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
+        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k
+        cond = cond.clone(memory_format=torch.contiguous_format)  # the same strides for every k: one compiled graph
+        while step < len(step_group) and step_group[step] == k:                        # (c) the steps it drives
+            x_prev, v_prev = x.to(cond), v
+            x, v = denoise_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
+            # the preview: this step's solver update taken all the way to t = 1 (with Euler, the jump estimate)
+            preview = solver_step(x_prev, v, v_prev, times[-1] - times[step], solver) / tokenizer.cfg.data_std
+            step += 1
+        yield SampledGroup(group=k, tokens=coarse_to_fine.clone(), t=times[step].item(), preview=preview,
+                           image=x / tokenizer.cfg.data_std if k == K - 1 else None)    # (d)
+
+
+def check_sample_inputs(ar, tokenizer, labels, temperature, top_k, top_p, prefix, solver, generator):
+    """The options of `sample`, checked; -> labels (B,) and prefix (B, n) as tensors on the models' device,
+    whether `generator` is a list (one per sample), the device.
+
+    labels: class ids. guidance: a scale, or a (start, end) schedule (`guidance_scales`), in logit space
+        l = l_u + s (l_c - l_u). temperature / top_k / top_p: as `sample_token`.
+    prefix: (B, n) tokens kept fixed (zero-shot layout control, Fig. 5): the steps their groups drive run before
+        any token is generated. An AR model trained on the reversed order (`ar.cfg.reverse`) writes the fine
+        tokens first, so it takes no prefix and every diffusion step waits for the last token.
+    noise: x_0 (B, 3, H, W) in the scaled pixel space. generator (on the models' device): draws the tokens
+        and the noise; one for the batch, or a list of B, one per sample, so that each sample does not depend
+        on the batch it is drawn in.
+    steps: S diffusion steps (default: the tokenizer's, K as released), each run as soon as the group it reads
+        (`Tokenizer.schedule`) is written; with S > K a group drives several steps, with S < K some none.
+    compile: run the one-token AR step and the denoising step compiled (`compiled`), with the same numbers.
+    The preview after group k is the solver's own last step extended to t = 1: with Euler exactly the paper's
+    jump estimate x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
     the paper's Table 5), whose last preview is the final image.
     """
-    N, K, G, V = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size, ar.cfg.vocab_size
-    device = tokenizer.sampling_times.device
+    N, V, device = tokenizer.cfg.num_tokens, ar.cfg.vocab_size, tokenizer.sampling_times.device
     check_pair(ar, tokenizer)
     if ar.training:
         raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before sampling")
@@ -1258,70 +1214,30 @@ def sample(ar, tokenizer, labels, *, cfg=1.0, temperature=1.0, top_k=0, top_p=1.
     if temperature < 0 or top_k < 0:
         raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
     labels = torch.as_tensor(labels, device=device)
-    B = labels.shape[0]
+    B = labels.shape[0] if labels.dim() == 1 else -1
+    if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
+        raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got {labels.tolist()}")
     per_sample = isinstance(generator, (list, tuple))
     if per_sample and len(generator) != B:
         raise ValueError(f"generator: give one, or one per sample ({B}), got a list of {len(generator)}")
     for g in generator if per_sample else [generator]:
         if g is not None and g.device.type != torch.device(device).type:
             raise ValueError(f"the generator is on {g.device}, the models on {device}; they must match")
-    if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
-        raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got {labels.tolist()}")
-    prefix = torch.as_tensor([[]] * B if prefix is None else prefix, dtype=torch.long, device=device)  # (B, P)
+    prefix = torch.as_tensor([[]] * B if prefix is None else prefix, dtype=torch.long, device=device)  # (B, n)
     if prefix.dim() != 2 or prefix.shape[0] != B or prefix.shape[1] > N:
-        raise ValueError(f"prefix must be ({B}, P) tokens with P <= {N}, got shape {tuple(prefix.shape)}")
+        raise ValueError(f"prefix must be ({B}, n) tokens with n <= {N}, got shape {tuple(prefix.shape)}")
     if prefix.numel() and (prefix.min() < 0 or prefix.max() >= V):
         raise ValueError(f"prefix tokens must lie in [0, {V}), got [{prefix.min().item()}, {prefix.max().item()}]")
     if prefix.numel() and ar.cfg.reverse:
         raise ValueError("a prefix fixes the coarse tokens, which a reversed-order AR model writes last")
-    scales = guidance_scales(cfg, N)
-    guided = any(scale != 1.0 for scale in scales)
-
-    # the AR side: prefill the class token and the prefix; guidance doubles the batch (labels ; null labels)
-    batch_labels = torch.cat([labels, torch.full_like(labels, ar.cfg.num_classes)]) if guided else labels
-    double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
-    caches = ar.new_cache(batch_labels.shape[0])
-    logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), ar.positions[:1 + prefix.shape[1]], caches)
-    ar_step, decoder_step = ((compiled(ar.one_token_logits), compiled(tokenizer.denoise_step)) if compile
-                             else (ar.one_token_logits, tokenizer.denoise_step))
-    tokens = torch.empty(B, N, dtype=torch.long, device=device)                     # in the AR's order
-    tokens[:, :prefix.shape[1]] = prefix
-    written = prefix.shape[1]
-
-    # the diffusion side: x_0, and the S steps of Eq. (8) with the group each reads (Eq. 5)
-    times, groups = tokenizer.schedule(steps)
-    groups = groups.tolist()                                   # step 0 always reads group 0 (u_0 = 0)
-    x, v, step = tokenizer.initial_noise(B, noise, generator, device), None, 0
-    # every token draw's uniform number, up front: (B, N), row b from sample b's generator when given a list
-    uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator]) if per_sample
-                else torch.rand(B, N, generator=generator, device=device))
-    for k in range(K):
-        needed = N if ar.cfg.reverse else (k + 1) * G
-        for i in range(written, needed):                        # (a) the AR tokens that group k waits for
-            if i > prefix.shape[1]:
-                logits = ar_step(double(tokens[:, i - 1:i]), ar.positions[i:i + 1], caches)   # (B', V)
-            if guided:
-                conditional, unconditional = logits.chunk(2)
-                guided_logits = unconditional + scales[i] * (conditional - unconditional)
-            else:
-                guided_logits = logits
-            tokens[:, i] = sample_token(guided_logits, temperature, top_k, top_p, uniform=uniforms[:, i])
-        written = max(written, needed)
-        coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
-        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k
-        cond = cond.clone(memory_format=torch.contiguous_format)  # the same strides for every k: one compiled graph
-        while step < len(groups) and groups[step] == k:                                # (c) the steps it drives
-            x_prev, v_prev = x.to(cond), v
-            x, v = decoder_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
-            preview = solver_step(x_prev, v, v_prev, times[-1] - times[step], solver) / tokenizer.cfg.data_std
-            step += 1
-        yield SampleStep(group=k + 1, tokens=coarse_to_fine.clone(), t=times[step].item(), x=x,
-                         preview=preview, image=x / tokenizer.cfg.data_std if k == K - 1 else None)  # (d)
+    return labels, prefix, per_sample, device
 
 
 # ================================================================================================
-#  Data and training utilities (used by the scripts)
+#  Data and training utilities (used by the scripts and the notebooks)
 # ================================================================================================
+
+# ---- pictures ---------------------------------------------------------------------------------------
 
 def pil_to_tensor(image):
     """A PIL RGB image -> (3, H, W) float32 in [-1, 1]."""
@@ -1333,12 +1249,146 @@ def to_uint8(images):
     return (127.5 * images + 128).clamp(0, 255).to(torch.uint8)
 
 
-def save_grid(rows, path):
-    """Write images (R, C, 3, H, W) in [-1, 1] as one PNG of R rows and C columns."""
-    R, C, _, H, W = rows.shape
-    grid = to_uint8(rows.detach().float().cpu()).permute(0, 3, 1, 4, 2).reshape(R * H, C * W, 3)
+def image_grid(cells):
+    """Images (rows, columns, 3, H, W) in [-1, 1] -> one uint8 array (rows H, columns W, 3)."""
+    rows, columns, _, H, W = cells.shape
+    return to_uint8(cells.detach().float().cpu()).permute(0, 3, 1, 4, 2).reshape(rows * H, columns * W, 3).numpy()
+
+
+def save_grid(cells, path):
+    """Write images (rows, columns, 3, H, W) in [-1, 1] as one PNG, unlabelled and at their own size."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.numpy()).save(path)
+    Image.fromarray(image_grid(cells)).save(path)
+
+
+def labelled_grid(cells, row_names, column_names, header=24, pad=6):
+    """Images (rows, columns, 3, H, W) in [-1, 1] -> a PIL image with a name left of each row and above each
+    column. Small images are enlarged (nearest neighbour) to about 96 pixels so that they can be seen."""
+    rows, columns, _, H, W = cells.shape
+    scale = max(1, 96 // H)
+    picture = Image.fromarray(image_grid(cells)).resize((columns * W * scale, rows * H * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    left = int(max(ImageDraw.Draw(picture).textlength(name, font=font) for name in row_names)) + 2 * pad
+    canvas = Image.new("RGB", (left + picture.width, header + picture.height), "white")
+    canvas.paste(picture, (left, header))
+    draw, cell_w, cell_h = ImageDraw.Draw(canvas), W * scale, H * scale
+    for r, name in enumerate(row_names):
+        draw.text((pad, header + r * cell_h + cell_h // 2), name, fill="black", font=font, anchor="lm")
+    for c, name in enumerate(column_names):
+        draw.text((left + c * cell_w + cell_w // 2, header // 2), name, fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def compact_notebook_pictures():
+    """In Jupyter, store every PIL picture a cell shows once, as a 256-colour PNG (PIL would also add a JPEG copy),
+    so that notebooks committed with their outputs stay small. Outside Jupyter: nothing."""
+    try:
+        from IPython import get_ipython  # present wherever Jupyter runs; not a requirement of this package
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    formatters = shell.display_formatter.formatters
+    formatters["image/jpeg"].enabled = False
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.quantize(256).save(buffer, format="PNG", optimize=True)
+        return buffer.getvalue()
+    formatters["image/png"].for_type(Image.Image, png)
+
+
+def save_forming_gif(previews, names, group_size, path):
+    """previews (B, K, 3, H, W) -> an animated GIF: frame k shows every sample's preview after k + 1 groups, the
+    last frame (the images) held longest."""
+    K = previews.shape[1]
+    frames = [labelled_grid(previews[:, k][None], [f"{(k + 1) * group_size} tokens" if k < K - 1 else "image"],
+                            names) for k in range(K)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000], loop=0)
+
+
+# ---- sample files for the ADM evaluator (FID, rFID) --------------------------------------------------
+
+def generators(seeds, device):
+    """One generator per sample, so that a sample depends on its seed only, not on its batch."""
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+
+def class_balanced_samples(ar, tokenizer, seed=0, preview_groups=None, **options):
+    """-> make(indices) = (images, asked-for labels), as the FID files are drawn: sample i asks for class i mod C
+    and draws from its own generator seeded seed + i, so the set does not depend on batches or processes.
+    preview_groups = k: the previews after k groups instead (Table 5); the AR model stops there. options: `sample`'s."""
+    device, K = tokenizer.sampling_times.device, tokenizer.cfg.num_groups
+    groups = preview_groups or K
+    if not 1 <= groups <= K:
+        raise ValueError(f"preview_groups must lie in [1, {K}], got {preview_groups}")
+
+    def make(indices):
+        labels = torch.tensor(indices, device=device) % ar.cfg.num_classes
+        for sampled in sample(ar, tokenizer, labels, generator=generators([seed + i for i in indices], device), **options):
+            if sampled.group + 1 == groups:  # later tokens are never written
+                return sampled.preview, labels
+    return make
+
+
+def reconstructions(tokenizer, dataset, seed=0, **options):
+    """-> make(indices) = (the tokenizer's decodes of those dataset images, their labels); image i is decoded
+    from noise of its own generator, seeded seed + i. options: `Tokenizer.decode`'s."""
+    device = tokenizer.sampling_times.device
+
+    def make(indices):
+        images, labels = zip(*(dataset[index] for index in indices))
+        codes = tokenizer.encode(torch.stack(images).to(device))
+        return tokenizer.decode(codes, generator=generators([seed + i for i in indices], device), **options), \
+            torch.tensor(labels)
+    return make
+
+
+def write_pngs(make, total, folder, rank=0, world_size=1, batch_size=64):
+    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images (B, 3, H, W) in [-1, 1], labels).
+    This process makes i = rank, rank + world_size, ...; images whose PNG exists are kept, so an interrupted
+    run continues. Each PNG is written under a temporary name and renamed, so none is ever truncated.
+    -> how many this process made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, total, world_size) if not (folder / f"{i:06d}.png").exists()]
+    for stale in (path for i in todo for path in folder.glob(f"{i:06d}.png.*tmp")):  # an interrupted write
+        stale.unlink()
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"{folder}", disable=rank != 0, dynamic_ncols=True):
+        indices = todo[start:start + batch_size]
+        images, _ = make(indices)
+        for index, image in zip(indices, to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()):
+            temporary = folder / f"{index:06d}.png.{os.getpid()}.tmp"
+            Image.fromarray(image).save(temporary, format="PNG")
+            os.replace(temporary, folder / f"{index:06d}.png")
+    return len(todo)
+
+
+def pack_npz(folder, total):
+    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3), in index order."""
+    first = np.asarray(Image.open(folder / f"{0:06d}.png").convert("RGB"))
+    images = np.empty((total, *first.shape), dtype=np.uint8)
+    for index in range(total):
+        images[index] = np.asarray(Image.open(folder / f"{index:06d}.png").convert("RGB"))
+    path = folder.parent / f"{folder.name}.npz"
+    np.savez(path, arr_0=images)
+    return path
+
+
+def pack_reference(dataset, total, folder):
+    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops that were
+    encoded, in the order of <folder>.npz (scored against the original files instead, the same
+    reconstructions get a worse rFID than the paper's protocol)."""
+    crops = np.empty((total, dataset.image_size, dataset.image_size, 3), dtype=np.uint8)
+    for index in range(total):
+        crops[index] = to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
+    path = folder.parent / f"{folder.name}-reference.npz"
+    np.savez(path, arr_0=crops)
+    return path
+
+
+# ---- data ---------------------------------------------------------------------------------------------
 
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "diamond", "ring", "frame", "plus", "cross", "half-disc", "bars")
@@ -1538,11 +1588,105 @@ class TrainingStream(torch.utils.data.Sampler):
                 yield [(self.sample_index(p), stream_seed(self.seed, p, 0)) for p in range(first, first + self.batch_size)]
 
 
+# ---- training -----------------------------------------------------------------------------------------
+
+def add_training_flags(parser, recipes):
+    """The flags both training scripts share. The recipe flags (in the returned group, to which a script adds
+    its own) default to None: `finish_training_flags` fills them from RECIPES[--config]."""
+    parser.add_argument("--config", default="tiny", choices=list(recipes))
+    parser.add_argument("--data", default="builtin", help="'builtin' (procedural shapes) or an ImageNet-style folder")
+    parser.add_argument("--builtin-size", type=int, default=10000, help="images in the built-in dataset")
+    parser.add_argument("--out", default=None, help="output folder (default out/<config>)")
+    recipe = parser.add_argument_group("recipe (default: RECIPES[--config])")
+    recipe.add_argument("--batch-size", type=int, help="per process")
+    recipe.add_argument("--grad-accum", type=int)
+    recipe.add_argument("--lr", type=float)
+    recipe.add_argument("--ema", type=float, help="EMA decay (0: no EMA)")
+    recipe.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    run = parser.add_argument_group("the run")
+    run.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
+    run.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (release: 1.0)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
+    run.add_argument("--log-every", type=int, default=100)
+    run.add_argument("--sample-every", type=int, default=500, help="write a picture every N steps")
+    run.add_argument("--save-every", type=int, default=500)
+    run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    run.add_argument("--export", metavar="PATH", help="at the end, also write the EMA weights alone in half "
+                     "precision to PATH, a small file to share (with --resume at the last step: export only)")
+    return recipe
+
+
+def finish_training_flags(args, recipes, script, argv):
+    """Fill the recipe flags left out from RECIPES[--config], record the command, default --out."""
+    args.command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    for key, value in recipes[args.config].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = Path(args.out or f"out/{args.config}")
+    return args
+
+
+def training_setup(args):
+    """Processes, device and precision of a training run: -> rank, world size, device, the autocast context
+    (bf16 on CUDA, none on the CPU, where fp32 keeps runs exact), a rank-0 log function. Seeds the initial weights."""
+    rank, world_size, device = setup_distributed(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    log = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the initial weights; the training stream seeds itself per step
+    return rank, world_size, device, autocast, log
+
+
+def accumulate_gradients(trained, grad_accum, autocast, compute):
+    """One step's backward passes: compute(micro) -> a dict of losses for micro-batch 0..grad_accum-1,
+    "loss" / grad_accum backpropagated (DDP syncs on the last only); -> each term's mean, as floats."""
+    terms = {}
+    for micro in range(grad_accum):
+        sync = not isinstance(trained, nn.parallel.DistributedDataParallel) or micro == grad_accum - 1
+        with (contextlib.nullcontext() if sync else trained.no_sync()), autocast:
+            losses = compute(micro)
+            (losses["loss"] / grad_accum).backward()
+        for name, value in losses.items():
+            terms[name] = terms.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / grad_accum
+    return terms
+
+
+def finish_training(args, checkpoint_path, rank, world_size, log):
+    """The end of a training run: --export's small file, and the process group closed under torchrun."""
+    log(f"saved {checkpoint_path}")
+    if args.export and rank == 0:
+        export_weights(checkpoint_path, args.export, args.command)
+        log(f"exported the weights to {args.export}")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+class StepLog:
+    """The training log: every `every` steps (and at step `total`) a line of the step's terms, the learning rate
+    and the images per second since the last line."""
+
+    def __init__(self, log, every, total):
+        self.log, self.every, self.total = log, every, total
+        self.start, self.images = time.time(), 0
+
+    def __call__(self, done, images, terms, lr):
+        self.images += images
+        if done % self.every == 0 or done == self.total:
+            rate = self.images / (time.time() - self.start)
+            self.log(f"step {done}: " + " ".join(f"{name} {value:.4f}" for name, value in terms.items())
+                     + f" lr {lr:.2e} {rate:.1f} img/s")
+            self.start, self.images = time.time(), 0
+
+
 def save_checkpoint(checkpoint, path):
     """torch.save to a temporary file, then an atomic rename: a crash never leaves a broken checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
 
@@ -1572,7 +1716,7 @@ def setup_distributed(device="auto"):
 def wrap_for_training(model, compile_model, world_size, device, find_unused_parameters=False):
     """The module the training step calls: optionally compiled, DDP-wrapped under torchrun. Checkpoints
     are taken from `model` itself, so they never carry `_orig_mod.` or `module.` prefixes.
-    find_unused_parameters: some parameters get no gradient in some steps (the tiny recipe's stages)."""
+    find_unused_parameters: some parameters get no gradient in some steps."""
     trained = torch.compile(model) if compile_model else model
     if world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -1581,30 +1725,34 @@ def wrap_for_training(model, compile_model, world_size, device, find_unused_para
     return trained
 
 
-def training_checkpoint(kind, cfg, model, ema, optimizer, step, args):
+def training_checkpoint(kind, cfg, model, ema, optimizer, step, args, **entries):
     """What the training scripts save: tensors and plain values only (the seed replaces RNG states, since
-    every random draw of training is seeded by the position of its samples in the stream)."""
+    every random draw of training is seeded by the position of its samples in the stream); `entries` adds
+    a script's own (plain values and state dicts)."""
     return {"kind": kind, "config": asdict(cfg), "model": model.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {}), "optimizer": optimizer.state_dict(),
-            "step": step, "seed": args.seed, "args": {key: str(value) for key, value in vars(args).items()}}
+            "step": step, "seed": args.seed, "args": {key: str(value) for key, value in vars(args).items()}, **entries}
+
+
+# what a shared file keeps of a training checkpoint, besides the weights
+EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe")
 
 
 def export_weights(checkpoint_path, path, command):
     """Write a training checkpoint as a small file to share: the EMA weights alone (the model's where the run
-    kept no EMA), floats in half precision (the loaders cast them back to float32), the config, the step,
-    the arguments of the training run and `command`, the invocation that exported it. No optimizer state,
-    and no training-only code head (`CodeHead`)."""
+    kept no EMA), floats in half precision (the loaders cast them back to float32), the entries that say
+    how to build the model, the arguments of the training run and `command`, the invocation that exported
+    it. No optimizer state, and nothing that only training uses."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     weights = checkpoint.get("ema") or checkpoint["model"]
-    weights = {key: value for key, value in weights.items() if not key.startswith("code_head.")}
-    config = {**checkpoint["config"], "code_head": False} if "code_head" in checkpoint["config"] else checkpoint["config"]
-    save_checkpoint({"kind": checkpoint["kind"], "config": config, "step": checkpoint["step"],
+    save_checkpoint({**{key: checkpoint[key] for key in EXPORTED_ENTRIES if key in checkpoint},
                      "model": {key: value.half() if value.is_floating_point() else value for key, value in weights.items()},
                      "training_args": checkpoint["args"], "command": command}, path)
 
 
 def resume_training(path, model, ema, optimizer):
-    """Load a checkpoint written by `training_checkpoint` into model, ema (or None) and optimizer; -> step."""
+    """Load a checkpoint written by `training_checkpoint` into model, ema (or None) and optimizer; -> the
+    checkpoint (its "step", and the script's own entries)."""
     if not Path(path).exists():
         raise SystemExit(f"--resume: no checkpoint at {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: the optimizer state is updated in place
@@ -1612,7 +1760,7 @@ def resume_training(path, model, ema, optimizer):
     if ema is not None:
         ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    return checkpoint["step"]
+    return checkpoint
 
 
 def ar_optimizer(model, lr, betas, weight_decay):
@@ -1623,22 +1771,220 @@ def ar_optimizer(model, lr, betas, weight_decay):
                               {"params": not_decayed, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
 
 
-def optimizer_step(model, optimizer, ema, ema_decay, grad_clip, step, loss, checkpoint_path):
+def optimizer_step(model, optimizer, ema, ema_decay, grad_clip, step, loss):
     """Clip the global gradient norm, stop on a non-finite one (the all-reduced norm, so every rank stops
-    together and the last good checkpoint stays), step, clear the gradients, update the EMA."""
+    together, before this step's update: the last saved checkpoint stays good), step, clear the gradients,
+    update the EMA."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if not math.isfinite(grad_norm.item()):
-        raise SystemExit(f"step {step}: the loss became {loss:.4g} (gradient norm {grad_norm.item()}); "
-                         f"stopping. The last good checkpoint is {checkpoint_path}.")
+        raise SystemExit(f"step {step}: the loss became {loss:.4g} (gradient norm {grad_norm.item()}); stopping "
+                         f"before this update, so the last saved checkpoint is the last good one.")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         update_ema(ema, model, ema_decay)
 
 
+# ---- measuring the sampler ------------------------------------------------------------------------------
+
+def synchronized_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def memory_bandwidth(device):
+    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A one-token
+    AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
+    x, best = torch.ones(2 ** 28, device=device), float("inf")
+    for _ in range(5):
+        start = synchronized_time(device)
+        x.sum()
+        best = min(best, synchronized_time(device) - start)
+    return x.numel() * x.element_size() / best / 1e9
+
+
+def median_time(run, repeat, device):
+    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's output)."""
+    run()  # the warm-up: it compiles, with compile=True
+    times = []
+    for _ in range(repeat):
+        start = synchronized_time(device)
+        output = run()
+        times.append(synchronized_time(device) - start)
+    return sorted(times)[len(times) // 2], output
+
+
+@torch.no_grad()
+def benchmark_sampler(ar, tokenizer, batch, repeat=3, seed=0, **options):
+    """Time `sample` at one batch size: a warm-up run (compiling, with compile=True), then the median of `repeat`
+    runs. D_FM's share is timed apart, as `tokenizer.decode` of the sampled tokens with the same steps; the AR
+    model's is the rest (so it includes the sampler's own Python work). -> a dict of the figures."""
+    device = tokenizer.sampling_times.device
+    N, S = tokenizer.cfg.num_tokens, options.get("steps") or tokenizer.cfg.denoising_steps
+    labels = torch.arange(batch, device=device) % ar.cfg.num_classes
+    sampling = lambda: list(sample(ar, tokenizer, labels, generator=torch.Generator(device).manual_seed(seed), **options))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total, groups = median_time(sampling, repeat, device)
+    decoding, _ = median_time(lambda: tokenizer.decode(groups[-1].tokens, solver=options.get("solver", "adams2"),
+                                                       steps=options.get("steps"), compile=options.get("compile", False)),
+                              repeat, device)
+    return dict(batch=batch, images_per_s=batch / total, ar_ms_per_token=1000 * (total - decoding) / N,
+                diffusion_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
+                diffusion_share=decoding / total,
+                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+
+
 # ================================================================================================
-#  A toy evaluator for the built-in shapes (sample.py --eval): class accuracy and a "toy FID"
+#  The CPU miniature: not part of the paper or the release
+#  What the `tiny` recipe adds so that a tokenizer learns 32 x 32 shapes on 2 CPU cores (a conv stem, its
+#  initialisation, codebook restarts, a first stage against a code head and a teacher), and a toy
+#  evaluator of the built-in shapes (a classifier, the layout reader, a Frechet distance). Nothing above
+#  this banner uses anything below it; the paper's configs never need it.
 # ================================================================================================
+
+# the committed tiny pair and toy evaluator (made by the scripts; weights/tiny/README.md: how)
+SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny"
+
+# data seeds: the evaluator learns from its own images, the real side of a toy FID is a third set, the
+# teacher learns from a fourth; none is the seed-0 set that the tokenizer and the AR model learn from
+EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED, TEACHER_TRAIN_SEED = 1, 2, 7
+
+
+@dataclass
+class MiniatureRecipe:
+    """The tiny tokenizer's departures from the release; each is a training aid of the CPU miniature."""
+    conv_stem: bool = True       # patches embedded by a small CNN (release: one strided convolution)
+    init_std: float = 0.1        # the blocks' Linear init (release: 0.02, which at width 128 leaves the codes image-independent)
+    gate_init: float = 1.0       # residual gates open at init (release: 0, every block starts as the identity)
+    codebook_restart: int = 100  # every N steps, re-seed the codebook rows no token chose (release: never)
+    teacher_features: int = 128  # the code head also predicts a teacher CNN's pooled features this wide (0: no)
+
+
+def conv_stem(patch_size, dim, width=32):
+    """A patch embedding for tiny images: a 3x3 convolution, then log2(patch_size) stride-2 3x3 convolutions to
+    `dim` channels, the same grid as the release's single patch_size x patch_size convolution ("Early
+    convolutions help transformers see better", Xiao et al. 2021)."""
+    if patch_size & (patch_size - 1):
+        raise ValueError(f"a conv stem needs a power-of-two patch_size, got {patch_size}")
+    layers, channels = [nn.Conv2d(3, width, 3, padding=1), nn.GELU()], width
+    for i in range(patch_size.bit_length() - 1):
+        out_channels = dim if 2 ** (i + 2) > patch_size else 2 * channels
+        layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.GELU()]
+        channels = out_channels
+    return nn.Sequential(*layers[:-1])  # no activation after the last convolution, as after the release's
+
+
+def miniature_tokenizer(cfg, recipe=None):
+    """A `Tokenizer` of config cfg built by the recipe (a MiniatureRecipe, a dict of its fields, or None for the
+    defaults): its patch embedding and initialisation. Registered as the builder "miniature"."""
+    recipe = recipe if isinstance(recipe, MiniatureRecipe) else MiniatureRecipe(**(recipe or {}))
+    patchify = conv_stem(cfg.patch_size, cfg.encoder_dim) if recipe.conv_stem else None
+    return Tokenizer(cfg, patchify=patchify, init_std=recipe.init_std, gate_init=recipe.gate_init)
+
+
+TOKENIZER_BUILDERS["miniature"] = miniature_tokenizer
+
+
+class CodebookRestarts:
+    """Codebook restarts (a standard VQ-VAE remedy against collapse): a forward hook on the quantiser counts, in
+    training, how often each row is chosen and keeps the last batch's l2-normalised encoder outputs f;
+    `restart()` (after an optimizer step, every `recipe.codebook_restart` steps) replaces each row that no
+    token chose since the last call by a random one of those outputs. `use` is saved for an exact resume."""
+
+    def __init__(self, quantizer):
+        self.quantizer = quantizer
+        self.use = torch.zeros(quantizer.codebook.num_embeddings, device=quantizer.codebook.weight.device)
+        self.latest_outputs = None                                      # (B N, C)
+        quantizer.register_forward_hook(self.observe)
+
+    def observe(self, quantizer, inputs, outputs):
+        if not quantizer.training:
+            return
+        use = torch.bincount(outputs[1].flatten(), minlength=self.use.numel()).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(use)  # every process counts the whole global batch
+        self.use += use
+        self.latest_outputs = F.normalize(inputs[0].detach(), dim=-1).flatten(0, 1)
+
+    @torch.no_grad()
+    def restart(self):
+        """Re-seed the rows unused since the last call; -> how many."""
+        dead = (self.use == 0).nonzero().flatten()
+        outputs = self.latest_outputs
+        replacement = outputs[torch.randint(0, outputs.shape[0], (dead.numel(),), device=outputs.device)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the last process holds the last samples of the step, as one process accumulating would
+            torch.distributed.broadcast(replacement, torch.distributed.get_world_size() - 1)
+        self.quantizer.codebook.weight[dead] = replacement
+        self.use.zero_()
+        return dead.numel()
+
+
+class CodeHead(nn.Module):
+    """A deterministic image head: one group of conditions (B, G, D) to the image (B, 3, H, W): a Linear to an
+    H/8 grid, then three 2x upsampling convolutions, as in a plain VQ autoencoder. With `features` > 0 the
+    same group also predicts a teacher's pooled features of that width. It gives the encoder -> VQ ->
+    causal-decoder path a direct signal before D_FM can use the codes (`CodePath`); never exported."""
+
+    def __init__(self, cfg: TokenizerConfig, features=0, widths=(128, 64, 32)):
+        super().__init__()
+        self.features = nn.Linear(cfg.group_size * cfg.decoder_dim, features) if features else None
+        if cfg.image_size % 8:
+            raise ValueError(f"the code head needs image_size divisible by 8, got {cfg.image_size}")
+        self.side = cfg.image_size // 8
+        self.project = nn.Linear(cfg.group_size * cfg.decoder_dim, widths[0] * self.side ** 2)
+        layers, channels = [], widths[0]
+        for out_channels in widths:
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_channels, 3, padding=1),
+                       nn.GroupNorm(8, out_channels), nn.SiLU()]
+            channels = out_channels
+        self.body = nn.Sequential(*layers, nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, cond):                                       # cond (B, G, D) -> (B, 3, H, W)
+        grid = self.project(cond.flatten(1)).unflatten(1, (-1, self.side, self.side))
+        return self.body(grid)
+
+    def predict_features(self, cond):                              # cond (B, G, D) -> (B, features)
+        return self.features(cond.flatten(1))
+
+
+class CodePath(nn.Module):
+    """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained against a
+    `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), image) [+ teacher_weight (1 - cosine) of the
+    teacher's pooled features, predicted from the same c(t)]; c(t) as in Eq. (7), a random group per image, so
+    every group must carry the image. Its parameters are the tokenizer's, then the head's."""
+
+    def __init__(self, tokenizer, head):
+        super().__init__()
+        self.tokenizer, self.head = tokenizer, head
+
+    def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
+        self.tokenizer.check_images(images)
+        _, cond_t, vq, usage = self.tokenizer.training_conditions(images, u)
+        head = F.mse_loss(self.head(cond_t), images)
+        loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(images)
+            features = 1 - F.cosine_similarity(self.head.predict_features(cond_t), target, dim=-1).mean()
+            loss, terms["features"] = loss + teacher_weight * features, features.detach()
+        return {"loss": loss, **terms, "usage": usage}
+
+
+# what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of Tokenizer)
+ENCODER_PARTS = ("patchify.", "query_embedding.", "query_linear.", "encoder_layers.", "quant_in.", "quantizer.")
+
+
+def freeze_encoder(model, ema):
+    """Hold the encoder and the codebook fixed from now on, at their EMA values (what the codes were judged
+    by): no gradient, so AdamW and the EMA leave them as they are."""
+    for name, param in model.named_parameters():
+        if name.startswith(ENCODER_PARTS):
+            param.data.copy_(ema.get_parameter(name))
+            param.requires_grad_(False)
+
 
 class ShapeClassifier(nn.Module):
     """A small CNN that tells the built-in shapes apart; its pooled features stand in for Inception's in
@@ -1664,19 +2010,7 @@ class ShapeClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-# the tiny recipe's teacher (its code head predicts the teacher's features) learns from a fourth set of
-# images, so that the toy evaluator never judges its own teacher
-TEACHER_TRAIN_SEED = 7
-
-# the tiny pair and toy evaluator committed with the repository (made by the scripts; README: how)
-SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny"
-
-# the evaluator trains on its own images, and the real side of a toy FID is a third set: neither is
-# the seed-0 set the tokenizer and the AR model learn from
-EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED = 1, 2
-
-
-@torch.enable_grad()  # also when called under no_grad (sample.py --eval trains it on first use)
+@torch.enable_grad()  # also when called under no_grad (the toy evaluator trains on first use)
 def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3, seed=0,
                            data_seed=EVALUATOR_TRAIN_SEED):
     """Train a `ShapeClassifier` on `num_images` built-in images (set `data_seed`); -> the model in eval
@@ -1698,22 +2032,70 @@ def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_siz
     return model.eval()
 
 
-def load_toy_evaluator(path, image_size):
-    """The toy evaluator of the built-in shapes, trained once (about 20 s on 2 CPU cores) and cached at `path`."""
+def cached_shape_classifier(path, kind, image_size, seed, data_seed, half):
+    """A `ShapeClassifier` trained once with `train_shape_classifier(seed=, data_seed=)` and cached at `path`
+    (in half precision if `half`); -> it in eval mode, float32."""
     path = Path(path)
     if not path.is_file():
-        print(f"training the toy evaluator once -> {path}")
-        classifier = train_shape_classifier(image_size)
-        save_checkpoint({"kind": "evaluator", "image_size": image_size, "step": 1000,
-                         "command": f"dar.train_shape_classifier({image_size}) (on first use of the evaluator)",
-                         "model": {key: value.half() for key, value in classifier.state_dict().items()}}, path)
+        tqdm.write(f"training the {kind} once -> {path}")
+        state = train_shape_classifier(image_size, seed=seed, data_seed=data_seed).state_dict()
+        save_checkpoint({"kind": kind, "image_size": image_size, "step": 1000,
+                         "command": f"dar.train_shape_classifier({image_size}, seed={seed}, data_seed={data_seed})",
+                         "model": {key: value.half() if half else value for key, value in state.items()}}, path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("kind") != "evaluator" or checkpoint.get("image_size") != image_size:
-        raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel images "
+    if checkpoint.get("kind") != kind or checkpoint.get("image_size") != image_size:
+        raise ValueError(f"{path} is not a {kind} of {image_size}-pixel images "
                          f"(kind {checkpoint.get('kind')!r}, image_size {checkpoint.get('image_size')})")
     classifier = ShapeClassifier()
     classifier.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
     return classifier.eval()
+
+
+def load_toy_evaluator(path, image_size):
+    """The toy evaluator of the built-in shapes, trained once (about 20 s on 2 CPU cores) and cached at `path`."""
+    return cached_shape_classifier(path, "evaluator", image_size, 0, EVALUATOR_TRAIN_SEED, half=True)
+
+
+def load_teacher(path, image_size, device):
+    """The code head's teacher, trained once on images of its own seed (never the evaluator's) and cached at
+    `path` in float32; -> images -> its pooled features."""
+    classifier = cached_shape_classifier(path, "teacher", image_size, TEACHER_TRAIN_SEED, TEACHER_TRAIN_SEED, half=False)
+    return classifier.to(device).requires_grad_(False).features
+
+
+@torch.no_grad()
+def toy_judgement(classifier, images, labels):
+    """The evaluator on images (B, 3, H, W) (clamped to [-1, 1]) and their asked-for labels (B,): -> pooled
+    features (B, 128) on the CPU and how many images it classifies as their label."""
+    device = next(classifier.parameters()).device
+    features = classifier.features(images.float().clamp(-1, 1).to(device))
+    return features.cpu(), (classifier.head(features).argmax(-1).cpu() == torch.as_tensor(labels).cpu()).sum().item()
+
+
+def builtin_images(num_images, image_size, seed):
+    """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3, H, W), (num_images,)."""
+    data = BuiltinShapes(num_images, image_size, seed=seed)
+    return torch.stack([data[i][0] for i in range(num_images)]), torch.arange(num_images) % data.num_classes
+
+
+# a second held-out real set: its toy FID to the reference set is what chance alone gives
+REAL_FLOOR_SEED = 3
+
+
+def toy_metrics(classifier, make, total, batch_size, image_size):
+    """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the evaluator's
+    accuracy w.r.t. the labels and the Frechet distance of its features to `total` held-out real images ("toy
+    FID"); then, as the floor, the accuracy on those real images and the distance of another real set to them."""
+    features, correct = [], 0
+    for start in tqdm(range(0, total, batch_size), desc="eval", dynamic_ncols=True):
+        batch_features, batch_correct = toy_judgement(classifier, *make(list(range(start, min(start + batch_size, total)))))
+        features.append(batch_features)
+        correct += batch_correct
+    real_features, real_correct = toy_judgement(classifier, *builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED))
+    floor_features, _ = toy_judgement(classifier, *builtin_images(total, image_size, REAL_FLOOR_SEED))
+    return dict(accuracy=correct / total, toy_fid=frechet_distance(torch.cat(features).numpy(), real_features.numpy()),
+                real_accuracy=real_correct / total,
+                real_toy_fid=frechet_distance(floor_features.numpy(), real_features.numpy()))
 
 
 def shape_layout(images):
@@ -1731,6 +2113,29 @@ def shape_layout(images):
     shape_colour = (images * inside[:, None]).sum((2, 3)) / count[:, None].clamp(min=1)
     snap = lambda colours: SHAPE_COLOURS[torch.cdist(colours, SHAPE_COLOURS).argmin(-1)]
     return centroid, snap(background), snap(shape_colour)
+
+
+@torch.no_grad()
+def layout_metrics(ar, tokenizer, classifier, references, kept, seed=0, **options):
+    """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample every class
+    from one seed per reference (seed + r). -> how often the evaluator sees the asked-for class, how far the
+    shape's centroid lies from the reference's (pixels; the image size where no shape is found), and how
+    often the shape and background colours are the reference's (`shape_layout`). kept = 0: the chance level."""
+    C, size = ar.cfg.num_classes, tokenizer.cfg.image_size
+    device = tokenizer.sampling_times.device
+    codes, labels = tokenizer.encode(references.to(device)), torch.arange(C, device=device)
+    where, background, colour = shape_layout(references.cpu())
+    correct = distance = same_colours = 0
+    for r in tqdm(range(len(references)), desc=f"{kept} tokens kept", dynamic_ncols=True):
+        *_, last = sample(ar, tokenizer, labels, prefix=codes[r:r + 1, :kept].expand(C, kept),
+                          generator=generators([seed + r] * C, device), **options)
+        images = last.image.float().clamp(-1, 1)
+        correct += toy_judgement(classifier, images, labels)[1]
+        sample_where, sample_background, sample_colour = shape_layout(images.cpu())
+        distance += (sample_where - where[r]).norm(dim=-1).nan_to_num(float(size)).sum().item()
+        same_colours += ((sample_background == background[r]).all(-1) & (sample_colour == colour[r]).all(-1)).sum().item()
+    total = len(references) * C
+    return dict(kept=kept, class_as_asked=correct / total, centroid_px=distance / total, colours_kept=same_colours / total)
 
 
 def frechet_distance(features_a, features_b):
