@@ -642,7 +642,8 @@ class Tokenizer(nn.Module):
     def training_conditions(self, images, u=None):
         """Eq. (1) and (5) for one training step: tokens of the images, their conditions z', a time per image
         and the group c(t) it reads. u: Eq. (5)'s t' per image (U[0, 1) when None); the network sees t = shift(u).
-        -> t (B,), c(t) (B, G, D), l_VQ over the tokens up to each image's group, the codebook fraction in use."""
+        -> t (B,), all conditions z' (B, N, D), c(t) (B, G, D), l_VQ over the tokens up to each image's group,
+        the codebook fraction in use."""
         cfg = self.cfg
         z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))       # (B, N, C), (B, N), (B, N)
         cond = self.causal_decoder(z_q)                                                # (B, N, D)
@@ -654,7 +655,7 @@ class Tokenizer(nn.Module):
         # l_VQ counts only the tokens up to the selected group: later ones got no D_FM signal this step
         seen = (torch.arange(cfg.num_tokens, device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
         vq = (vq_per_token * seen).sum() / seen.sum()
-        return t, cond_t, vq, codes.unique().numel() / cfg.codebook_size
+        return t, cond, cond_t, vq, codes.unique().numel() / cfg.codebook_size
 
     def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5, u=None):
         """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5 in the paper).
@@ -672,7 +673,7 @@ class Tokenizer(nn.Module):
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer >= "
                              "diffusion_depth); pass repa_target=None")
-        t, cond_t, vq, usage = self.training_conditions(images, u)
+        t, _, cond_t, vq, usage = self.training_conditions(images, u)
         x1 = cfg.data_std * images  # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
         v, repa = self.diffusion(x_t, t, cond_t, return_repa=repa_target is not None,
@@ -1850,6 +1851,7 @@ SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny"
 # data seeds: the evaluator learns from its own images, the real side of a toy FID is a third set, the
 # teacher learns from a fourth; none is the seed-0 set that the tokenizer and the AR model learn from
 EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED, TEACHER_TRAIN_SEED = 1, 2, 7
+PROBE_SEED = 4  # the linear probes of what a group of conditions holds (`group_probes`)
 
 
 @dataclass
@@ -1860,6 +1862,12 @@ class MiniatureRecipe:
     gate_init: float = 1.0       # residual gates open at init (release: 0, every block starts as the identity)
     codebook_restart: int = 100  # every N steps, re-seed the codebook rows no token chose (release: never)
     teacher_features: int = 128  # the code head also predicts a teacher CNN's pooled features this wide (0: no)
+    target_blur: float = 0.0     # the code head's target for c(t): the image blurred as `time_blur` (0: sharp)
+    teacher_from: str = "group"  # the teacher's features predicted from c(t) ("group") or the last group ("last")
+
+    def __post_init__(self):
+        if self.teacher_from not in ("group", "last"):
+            raise ValueError(f"teacher_from must be 'group' or 'last', got {self.teacher_from!r}")
 
 
 def conv_stem(patch_size, dim, width=32):
@@ -1950,27 +1958,78 @@ class CodeHead(nn.Module):
         return self.features(cond.flatten(1))
 
 
+def time_blur(images, t, strength, most=8.0):
+    """What a denoising step at time t can still see of the image, roughly: images (B, 3, H, W) blurred by a
+    Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image; strength 0: the images."""
+    if strength == 0:
+        return images
+    sigma = (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most)                # (B,)
+    out = images.clone()
+    for value in sigma.unique().tolist():  # a few distinct times per batch: one separable blur each
+        chosen, radius = sigma == value, min(math.ceil(3 * value), images.shape[-1] - 1)
+        if radius == 0:
+            continue
+        offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+        kernel = torch.exp(-offsets ** 2 / (2 * value ** 2))
+        kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)                           # (3, 1, 1, k)
+        x = F.conv2d(F.pad(images[chosen], (radius, radius, 0, 0), mode="reflect"), kernel, groups=3)
+        out[chosen] = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.transpose(2, 3), groups=3)
+    return out
+
+
 class CodePath(nn.Module):
     """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained against a
-    `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), image) [+ teacher_weight (1 - cosine) of the
-    teacher's pooled features, predicted from the same c(t)]; c(t) as in Eq. (7), a random group per image, so
-    every group must carry the image. Its parameters are the tokenizer's, then the head's."""
+    `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), target) [+ teacher_weight (1 - cosine) of the
+    teacher's pooled features]; c(t) as in Eq. (7), a random group per image. The target is the image
+    (target_blur 0: every group must carry all of it) or `time_blur` of it (each group only what its step can
+    see: coarse to fine); the teacher's features are predicted from c(t) or from the last group (teacher_from).
+    Its parameters are the tokenizer's, then the head's."""
 
-    def __init__(self, tokenizer, head):
+    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group"):
         super().__init__()
-        self.tokenizer, self.head = tokenizer, head
+        self.tokenizer, self.head, self.target_blur, self.teacher_from = tokenizer, head, target_blur, teacher_from
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
         self.tokenizer.check_images(images)
-        _, cond_t, vq, usage = self.tokenizer.training_conditions(images, u)
-        head = F.mse_loss(self.head(cond_t), images)
+        t, cond, cond_t, vq, usage = self.tokenizer.training_conditions(images, u)
+        head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
-            features = 1 - F.cosine_similarity(self.head.predict_features(cond_t), target, dim=-1).mean()
+            read = cond_t if self.teacher_from == "group" else cond[:, -self.tokenizer.cfg.group_size:]
+            features = 1 - F.cosine_similarity(self.head.predict_features(read), target, dim=-1).mean()
             loss, terms["features"] = loss + teacher_weight * features, features.detach()
         return {"loss": loss, **terms, "usage": usage}
+
+
+@torch.no_grad()
+def group_probes(tokenizer, images, labels, train=3000, ridge=10.0):
+    """Linear probes of what one group of conditions z' holds, for the first group and the last: ridge regressions
+    on the first `train` images, scored on the rest. -> {"first": scores, "last": scores}, each {"class",
+    "background", "shape colour" (accuracies), "position" (the fraction whose centroid is read within 3 px)}."""
+    cfg = tokenizer.cfg
+    cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500])) for i in range(0, len(images), 500)])
+    where, background, colour = shape_layout(images.cpu())
+    index = lambda colours: torch.cdist(colours, SHAPE_COLOURS).argmin(-1)
+    targets = {"class": F.one_hot(labels.cpu(), 10).float(), "background": F.one_hot(index(background), 8).float(),
+               "shape colour": F.one_hot(index(colour), 8).float(), "position": where.nan_to_num(cfg.image_size / 2)}
+    results = {}
+    for name, group in (("first", 0), ("last", cfg.num_groups - 1)):
+        x = cond[:, group * cfg.group_size:(group + 1) * cfg.group_size].flatten(1).double().cpu()
+        x = (x - x[:train].mean(0)) / x[:train].std(0).clamp(min=1e-6)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        solve = lambda y: torch.linalg.solve(x[:train].T @ x[:train] + ridge * torch.eye(x.shape[1], dtype=x.dtype),
+                                             x[:train].T @ y[:train].double())
+        scores = {}
+        for what, y in targets.items():
+            predicted = x[train:] @ solve(y)
+            if what == "position":
+                scores[what] = ((predicted - y[train:]).norm(dim=-1) <= 3).float().mean().item()
+            else:
+                scores[what] = (predicted.argmax(-1) == y[train:].argmax(-1)).float().mean().item()
+        results[name] = scores
+    return results
 
 
 # what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of Tokenizer)

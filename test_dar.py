@@ -1425,7 +1425,7 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     afterwards the encoder and codebook stay at their EMA values while D_FM learns. The learning curve is
     written at every --eval-every; the exported file holds no code head, and says how to build the model."""
     argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--teacher-weight", "1",
-            "--conv-stem", "--eval-every", "2", "--eval-images", "10", "--evaluator", str(tmp_path / "ev.pt"),
+            "--conv-stem", "--eval-every", "2", "--eval-images", "10", "--probe-images", "40", "--evaluator", str(tmp_path / "ev.pt"),
             "--warmup", "0", "--export", str(tmp_path / "small.pt")]
     real_step, states = dar.optimizer_step, []
 
@@ -1449,7 +1449,9 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     assert all(torch.equal(states[3][key], states[2][key]) for key in encoder)          # frozen: fixed
     assert not all(torch.equal(states[3][key], states[1][key]) for key in diffusion)   # D_FM learns
     rows = (tmp_path / "run" / "learning_curve.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["step", "images", "stage", "accuracy", "mse", "codebook_use"]
+    assert rows[0].split("\t") == ["step", "images", "stage", "accuracy", "mse", "codebook_use", *train_tokenizer.PROBE_COLUMNS]
+    fractions = [value for row in rows[1:] for i, value in enumerate(row.split("\t")) if i == 3 or i >= 5]
+    assert all(0 <= float(value) <= 1 for value in fractions)       # accuracy, codebook use, probes
     assert [row.split("\t")[:3] for row in rows[1:]] == [["2", "4", "code path"], ["4", "8", "diffusion"]]
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
     assert not {"code_head", "code_head_ema", "codebook_use", "optimizer"} & set(exported)
@@ -1468,6 +1470,30 @@ def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
     for key in ("model", "ema", "code_head", "code_head_ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
     assert torch.equal(a["codebook_use"], b["codebook_use"])
+
+
+def test_time_blur_keeps_what_a_step_at_time_t_can_see():
+    images = shapes(4)
+    t = torch.tensor([0.0, 0.2, 0.6, 0.999])
+    assert torch.equal(dar.time_blur(images, t, 0.0), images)                       # strength 0: the images
+    blurred = dar.time_blur(images, t, 1.0)
+    change = (blurred - images).abs().mean((1, 2, 3))
+    assert change[0] > change[1] > change[2] > change[3] and change[3] < 1e-3       # less blur as t -> 1
+    torch.testing.assert_close(blurred.mean((2, 3)), images.mean((2, 3)), atol=0.05, rtol=0)  # colours stay
+    capped = dar.time_blur(images[:1], torch.tensor([1e-4]), 1.0)                   # sigma at most 8 px
+    torch.testing.assert_close(capped, dar.time_blur(images[:1], torch.tensor([1 / 9]), 1.0))
+
+
+def test_group_probes_read_the_shipped_tokenizers_first_group():
+    tokenizer = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")
+    images, labels = dar.builtin_images(700, 32, dar.PROBE_SEED)
+    probes = dar.group_probes(tokenizer, images, labels, train=500)
+    assert set(probes) == {"first", "last"} and set(probes["first"]) == {"class", "background", "shape colour", "position"}
+    # the shipped codes carry the class in the first group already (the limit its model card names)
+    assert probes["first"]["class"] > 0.8 and probes["first"]["background"] > 0.8
+    shuffled = dar.group_probes(tokenizer, images, labels[torch.randperm(700, generator=torch.Generator().manual_seed(0))],
+                                train=500)
+    assert shuffled["first"]["class"] < 0.3                                          # chance, for labels it cannot read
 
 
 def test_freeze_and_teacher_without_a_code_path_stage_are_refused(tmp_path, capsys):

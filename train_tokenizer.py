@@ -54,15 +54,21 @@ def parse_args(argv=None):
                       "features of a small CNN trained on built-in shapes, with this weight (0: pixels only)")
     tiny.add_argument("--freeze", choices=["none", "encoder"], help="after the code-path steps, hold the encoder and "
                       "the codebook fixed")
+    tiny.add_argument("--target-blur", type=float, help="the code head's target for group c(t): the image blurred by "
+                      "sigma = S (1 - t) / t px (dar.time_blur), so each group learns what its step can see (default 0)")
+    tiny.add_argument("--teacher-from", choices=["group", "last"], help="the teacher's features are predicted from "
+                      "c(t) (default) or from the last group")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--eval-every", type=int, default=0, help="built-in data: every N steps, the EMA weights' "
                         "reconstructions of held-out images -> toy accuracy, MSE and codebook use, logged and "
                         "appended to <out>/learning_curve.tsv (0: never)")
     parser.add_argument("--eval-images", type=int, default=200, help="held-out images of --eval-every")
+    parser.add_argument("--probe-images", type=int, default=3500, help="--eval-every's linear probes of the first "
+                        "and last group (dar.group_probes): fitted on all but 500 of these held-out images")
     parser.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
                         help="--eval-every's classifier (shipped; trained and written there if missing)")
     args = dar.finish_training_flags(parser.parse_args(argv), RECIPES, "train_tokenizer.py", argv)
-    miniature_flags = [flag for flag in ("conv_stem", "codebook_restart") if getattr(args, flag) is not None]
+    miniature_flags = [flag for flag in MINIATURE_FLAGS if getattr(args, flag) is not None]
     if args.config != "tiny" and (miniature_flags or args.code_path_steps):
         parser.error("--conv-stem, --codebook-restart and --code-path-steps belong to the CPU miniature (--config tiny)")
     if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
@@ -72,12 +78,15 @@ def parse_args(argv=None):
     return args
 
 
+MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from")  # dar.MiniatureRecipe's fields
+
+
 def miniature_recipe(args):
     """--config tiny: the MiniatureRecipe with the flags' overrides; None (the release's tokenizer) otherwise."""
     if args.config != "tiny":
         return None
     recipe = dar.MiniatureRecipe(teacher_features=dar.ShapeClassifier.widths[-1] if args.teacher_weight > 0 else 0)
-    overrides = {name: getattr(args, name) for name in ("conv_stem", "codebook_restart") if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in MINIATURE_FLAGS if getattr(args, name) is not None}
     return replace(recipe, **overrides)
 
 
@@ -121,6 +130,11 @@ def loss_networks(args, cfg, device, rank):
     return perceptual, repa_target, teacher, held_out
 
 
+# linear probes of the first and the last group (dar.group_probes), logged with every evaluation
+PROBES = (("first", "class"), ("first", "background"), ("first", "shape colour"), ("first", "position"), ("last", "class"))
+PROBE_COLUMNS = tuple(f"{group}_{what.replace(' ', '_')}" for group, what in PROBES)
+
+
 class HeldOut:
     """--eval-every: held-out built-in images, their noise x_0, the toy evaluator, the curve file."""
 
@@ -130,10 +144,13 @@ class HeldOut:
         self.noise = torch.randn(len(self.images), 3, image_size, image_size,
                                  generator=torch.Generator().manual_seed(0)).to(device)
         self.classifier = dar.load_toy_evaluator(args.evaluator, image_size).to(device)
+        self.probe_images, self.probe_labels = dar.builtin_images(args.probe_images, image_size, dar.PROBE_SEED)
+        self.probe_train = max(1, args.probe_images - 500)
+        self.probe_images = self.probe_images.to(device)
         self.curve = args.out / "learning_curve.tsv"
         if not self.curve.exists():
             self.curve.parent.mkdir(parents=True, exist_ok=True)
-            self.curve.write_text("step\timages\tstage\taccuracy\tmse\tcodebook_use\n")
+            self.curve.write_text("step\timages\tstage\taccuracy\tmse\tcodebook_use\t" + "\t".join(PROBE_COLUMNS) + "\n")
 
     @torch.no_grad()
     def evaluate(self, tokenizer, head, step, images_seen, log):
@@ -147,10 +164,13 @@ class HeldOut:
         accuracy = dar.toy_judgement(self.classifier, reconstructions, self.labels)[1] / len(self.images)
         mse, use = F.mse_loss(reconstructions, self.images).item(), codes.unique().numel() / tokenizer.cfg.codebook_size
         stage = "code path" if head is not None else "diffusion"
+        probes = dar.group_probes(tokenizer, self.probe_images, self.probe_labels, self.probe_train)
+        probed = [probes[group][what] for group, what in PROBES]
         log(f"eval step {step} ({images_seen:,} images, {stage}): accuracy {accuracy:.4f} mse {mse:.4f} "
-            f"codebook_use {use:.4f}")
+            f"codebook_use {use:.4f} " + " ".join(f"{c} {v:.3f}" for c, v in zip(PROBE_COLUMNS, probed)))
         with open(self.curve, "a") as file:
-            file.write(f"{step}\t{images_seen}\t{stage}\t{accuracy:.4f}\t{mse:.4f}\t{use:.4f}\n")
+            file.write(f"{step}\t{images_seen}\t{stage}\t{accuracy:.4f}\t{mse:.4f}\t{use:.4f}\t"
+                       + "\t".join(f"{v:.4f}" for v in probed) + "\n")
 
 
 def build(args, cfg, device):
@@ -160,7 +180,7 @@ def build(args, cfg, device):
     model = (dar.miniature_tokenizer(cfg, recipe) if recipe else dar.Tokenizer(cfg)).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     head = dar.CodeHead(cfg, recipe.teacher_features).to(device) if args.code_path_steps else None
-    learner = dar.CodePath(model, head) if head is not None else model
+    learner = dar.CodePath(model, head, recipe.target_blur, recipe.teacher_from) if head is not None else model
     learner_ema = copy.deepcopy(learner).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay)
