@@ -20,11 +20,15 @@ Shape legend, used by every shape comment:
   B' the AR batch (2B with guidance).
 """
 import argparse
+import atexit
 import contextlib
+import hashlib
 import inspect
 import io
+import json
 import math
 import os
+import pickle
 import random
 import shlex
 import sys
@@ -704,8 +708,14 @@ def load_checkpoint_file(path):
     """torch.load with weights_only=True, allowing only plain data plus the two foreign objects the
     official files contain: an argparse.Namespace and a config_util.Config (read as plain attributes)."""
     allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        if "Weights only load failed" in str(error):  # a real checkpoint that holds an object we do not allow
+            raise ValueError(f"{path} holds objects other than tensors and plain values; refused "
+                             f"({str(error).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint (truncated, or another kind of file)") from None
 
 
 # official tokenizer key prefix -> ours (the release's 1x1 convolutions are per-token linear maps here)
@@ -1081,8 +1091,7 @@ def guidance_scales(guidance, num_tokens):
     """Classifier-free guidance scale per token: a number, or the release's linear schedule (start, end)
     over the N tokens (token 0 uses start, token N-1 end; the paper uses (1.1, 8.0) for L, (1.1, 10.0) for XL)."""
     start, end = guidance if isinstance(guidance, (tuple, list)) else (guidance, guidance)
-    if min(start, end) < 0:
-        raise ValueError(f"guidance scales must be >= 0, got {guidance}")
+    start, end = (check_number(scale, "guidance", 0) for scale in (start, end))
     # release: a schedule starting at exactly 1.0 is nudged to 1.001 to switch guidance on; we need no nudge
     return torch.linspace(start, end, num_tokens).tolist()
 
@@ -1210,10 +1219,9 @@ def check_sample_inputs(ar, tokenizer, labels, temperature, top_k, top_p, prefix
         raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before sampling")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if temperature < 0 or top_k < 0:
-        raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+    check_number(top_p, "top_p", 0, 1, low_open=True)
+    check_number(temperature, "temperature", 0)
+    check_number(top_k, "top_k", 0, integer=True)
     labels = torch.as_tensor(labels, device=device)
     B = labels.shape[0] if labels.dim() == 1 else -1
     if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
@@ -1452,6 +1460,22 @@ class BuiltinShapes(torch.utils.data.Dataset):
         return background * (1 - cover) + foreground * cover, label
 
 
+def open_rgb(path):
+    """An image file as 8-bit RGB: 16- and 32-bit greyscale keep their contrast (scaled, not clipped), float images
+    are read as [0, 1], transparency is composited on white, CMYK and palettes are converted, an animation gives
+    its first frame."""
+    with Image.open(path) as image:
+        image.seek(0)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            values = np.asarray(image, dtype=np.float64)
+            top = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
+            return Image.fromarray((values.clip(0, top) / top * 255).round().astype(np.uint8)).convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+        return image.convert("RGB")
+
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -1521,8 +1545,7 @@ class ImageFolder(torch.utils.data.Dataset):
         for attempt in range(len(self.files)):
             path, label = self.files[(index + attempt) % len(self.files)]
             try:
-                with Image.open(path) as file:
-                    return file.convert("RGB"), label
+                return open_rgb(path), label
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 self.skipped += 1
                 warnings.warn(f"skipping unreadable image {path} ({self.skipped} skipped so far): {error}")
@@ -1589,6 +1612,135 @@ class TrainingStream(torch.utils.data.Sampler):
                 yield [(self.sample_index(p), stream_seed(self.seed, p, 0)) for p in range(first, first + self.batch_size)]
 
 
+# ---- command lines -------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with every error as one line `script: error: --flag ...` (exit code 2), before any work."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message.removeprefix('argument ')}\n")
+
+
+class BadInput(SystemExit):
+    """A bad input found after parsing: the scripts print its one line and exit with code 2, as argparse does."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def command_line(run):
+    """Run a script's work; a BadInput ends it with its one line on stderr and exit code 2."""
+    try:
+        return run()
+    except BadInput as error:
+        sys.exit(print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr) or 2)
+
+
+def file_digest(path):
+    """The SHA-256 of a file's bytes: what identifies a checkpoint in the records of resumable outputs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_record(path, settings, what):
+    """A resumable output's record: `settings` (plain values) written to `path` on first use; a later run with other
+    settings is refused with one line that names the first difference."""
+    path, settings = Path(path), json.loads(json.dumps(settings))  # as the file holds them (tuples as lists)
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        for key in sorted(set(recorded) | set(settings)):
+            if recorded.get(key) != settings.get(key):
+                raise BadInput(f"{what} was made with {key} = {recorded.get(key)!r}, this run has {settings.get(key)!r}; "
+                               f"keep the settings, or choose another folder")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+
+
+def claim_run_folder(out, checkpoint, resume, overwrite):
+    """A training run owns its --out: a lock file refuses a second live run (naming its process), and a folder
+    that already holds `checkpoint` is refused unless the run resumes it or overwrites it."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
+    if resume and overwrite:
+        raise BadInput("--resume continues the checkpoint, --overwrite replaces it: give one")
+    if resume and not checkpoint.is_file():
+        raise BadInput(f"--resume: no checkpoint at {checkpoint}")
+    if checkpoint.exists() and not (resume or overwrite):
+        raise BadInput(f"--out {out} already holds {checkpoint}: pass --resume to continue it or --overwrite to "
+                       f"start afresh")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = out / ".lock"
+        try:  # created only if absent: of two runs starting together, one wins
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            holder = int((lock.read_text().split() or ["0"])[0])
+            if holder != os.getpid() and process_alive(holder):
+                raise BadInput(f"--out {out} is in use by process {holder} (lock {lock}); wait for it or choose "
+                               f"another --out") from None
+        lock.write_text(f"{os.getpid()}\n")  # ours now (a stale lock's process has ended)
+    except OSError as error:
+        raise BadInput(f"--out {out} is not writable ({error.strerror})") from None
+    atexit.register(lambda: lock.exists() and lock.read_text().split()[0] == str(os.getpid()) and lock.unlink())
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def check_number(value, name, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """value (a number or its text) as a finite number in [low, high] (an end open where said), else a ValueError
+    that names `name` and the range."""
+    kind = "an integer" if integer else "a finite number"
+    try:
+        if integer and not isinstance(value, int) and not str(value).strip().lstrip("+-").isdigit():
+            raise ValueError
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+    below = low is not None and (number < low or (low_open and number == low))
+    above = high is not None and (number > high or (high_open and number == high))
+    if not math.isfinite(number) or below or above:
+        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
+                 ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
+        raise ValueError(f"{name} must be {kind} {' and '.join(bounds)}, got {value!r}".replace(" ,", ","))
+    return number
+
+
+def flag_type(low=None, high=None, low_open=False, high_open=False, integer=False):
+    """An argparse type: `check_number` with these bounds; a bad value ends the run with argparse's one line."""
+    def parse(text):
+        try:
+            return check_number(text, "it", low, high, low_open, high_open, integer)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).replace("it must", "must", 1)) from None
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+COUNT, SIZE = flag_type(0, integer=True), flag_type(1, integer=True)     # counts from 0, sizes from 1
+RATE, WEIGHT = flag_type(0, low_open=True), flag_type(0)                # > 0, >= 0
+FRACTION = flag_type(0, 1, high_open=True)                              # [0, 1)
+
+
 # ---- training -----------------------------------------------------------------------------------------
 
 def add_training_flags(parser, recipes):
@@ -1596,50 +1748,77 @@ def add_training_flags(parser, recipes):
     its own) default to None: `finish_training_flags` fills them from RECIPES[--config]."""
     parser.add_argument("--config", default="tiny", choices=list(recipes))
     parser.add_argument("--data", default="builtin", help="'builtin' (procedural shapes) or an ImageNet-style folder")
-    parser.add_argument("--builtin-size", type=int, default=10000, help="images in the built-in dataset")
+    parser.add_argument("--builtin-size", type=SIZE, default=10000, help="images in the built-in dataset")
     parser.add_argument("--out", default=None, help="output folder (default out/<config>)")
     recipe = parser.add_argument_group("recipe (default: RECIPES[--config])")
-    recipe.add_argument("--batch-size", type=int, help="per process")
-    recipe.add_argument("--grad-accum", type=int)
-    recipe.add_argument("--lr", type=float)
-    recipe.add_argument("--ema", type=float, help="EMA decay (0: no EMA)")
-    recipe.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    recipe.add_argument("--batch-size", type=SIZE, help="per process")
+    recipe.add_argument("--grad-accum", type=SIZE)
+    recipe.add_argument("--lr", type=RATE)
+    recipe.add_argument("--ema", type=FRACTION, help="EMA decay in [0, 1) (0: no EMA)")
+    recipe.add_argument("--weight-decay", type=WEIGHT, help="AdamW weight decay")
     run = parser.add_argument_group("the run")
-    run.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
-    run.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (release: 1.0)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--betas", type=FRACTION, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
+    run.add_argument("--grad-clip", type=RATE, default=1.0, help="global grad-norm clip (release: 1.0)")
+    run.add_argument("--seed", type=COUNT, default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--workers", type=int, default=0, help="data-loading processes per training process")
-    run.add_argument("--log-every", type=int, default=100)
-    run.add_argument("--sample-every", type=int, default=500, help="write a picture every N steps")
-    run.add_argument("--save-every", type=int, default=500)
+    run.add_argument("--workers", type=COUNT, default=0, help="data-loading processes per training process")
+    run.add_argument("--log-every", type=SIZE, default=100)
+    run.add_argument("--sample-every", type=SIZE, default=500, help="write a picture every N steps")
+    run.add_argument("--save-every", type=SIZE, default=500)
     run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    run.add_argument("--overwrite", action="store_true", help="start afresh over the checkpoint in --out")
     run.add_argument("--export", metavar="PATH", help="at the end, also write the EMA weights alone in half "
                      "precision to PATH, a small file to share (with --resume at the last step: export only)")
     return recipe
 
 
-def finish_training_flags(args, recipes, script, argv):
-    """Fill the recipe flags left out from RECIPES[--config], record the command, default --out."""
+def finish_training_flags(parser, argv, recipes, script):
+    """Parse; fill the recipe flags left out from RECIPES[--config], record the command, default --out; check the
+    paths (--data must be a folder, --out and --export must not be in the way)."""
+    args = parser.parse_args(argv)
     args.command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
     for key, value in recipes[args.config].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = Path(args.out or f"out/{args.config}")
+    if args.data != "builtin" and not Path(args.data).is_dir():
+        parser.error(f"--data: no folder {args.data} (an ImageNet-style folder, or 'builtin')")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
+    if args.export and (Path(args.export).is_dir() or Path(args.export).suffix != ".pt"):
+        parser.error(f"--export {args.export}: expected a file name ending in .pt")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
     return args
 
 
-def training_setup(args):
+def training_setup(args, checkpoint_path):
     """Processes, device and precision of a training run: -> rank, world size, device, the autocast context
-    (bf16 on CUDA, none on the CPU, where fp32 keeps runs exact), a rank-0 log function. Seeds the initial weights."""
+    (bf16 on CUDA, none on the CPU, where fp32 keeps runs exact), a rank-0 log function. Rank 0 first claims --out
+    (`claim_run_folder`); the initial weights are seeded."""
+    if os.environ.get("RANK", "0") == "0":
+        claim_run_folder(args.out, checkpoint_path, args.resume, args.overwrite)
     rank, world_size, device = setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)  # the initial weights; the training stream seeds itself per step
     return rank, world_size, device, autocast, log
+
+
+def training_images(args, image_size, augment):
+    """--data: the built-in shapes (--builtin-size of seed --seed) or an image folder with the `augment` of
+    `ImageFolder`; a folder without readable images ends the run with one line."""
+    if args.data == "builtin":
+        return BuiltinShapes(args.builtin_size, image_size, seed=args.seed)
+    try:
+        dataset = ImageFolder(args.data, image_size, augment=augment)
+        dataset.read(0)
+    except ValueError as error:
+        raise BadInput(f"--data {args.data}: {error}") from None
+    return dataset
 
 
 def accumulate_gradients(trained, grad_accum, autocast, compute):
@@ -1751,15 +1930,20 @@ def export_weights(checkpoint_path, path, command):
                      "training_args": checkpoint["args"], "command": command}, path)
 
 
-def resume_training(path, model, ema, optimizer):
-    """Load a checkpoint written by `training_checkpoint` into model, ema (or None) and optimizer; -> the
-    checkpoint (its "step", and the script's own entries)."""
-    if not Path(path).exists():
-        raise SystemExit(f"--resume: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: the optimizer state is updated in place
-    model.load_state_dict(checkpoint["model"])
+def resume_training(path, kind, model, ema, optimizer):
+    """Load a checkpoint of `kind` written by `training_checkpoint` into model, ema (or None) and optimizer; -> the
+    checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming its kind or first bad key."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: the optimizer state is updated
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
+        raise ValueError(f"--resume: {path} is not a PyTorch checkpoint (truncated, or another kind of file)") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != kind or "optimizer" not in checkpoint:
+        found = checkpoint.get("kind", "no kind") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"--resume: {path} is not a {kind} training checkpoint (it is {found!r}"
+                         f"{', without optimizer state' if isinstance(checkpoint, dict) and 'optimizer' not in checkpoint else ''})")
+    load_state_strict(model, checkpoint["model"], f"--resume {path}")
     if ema is not None:
-        ema.load_state_dict(checkpoint["ema"])
+        load_state_strict(ema, checkpoint["ema"], f"--resume {path} (EMA)")
     optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint
 
@@ -1963,7 +2147,11 @@ def time_blur(images, t, strength, most=8.0):
     Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image; strength 0: the images."""
     if strength == 0:
         return images
-    sigma = (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most)                # (B,)
+    return gaussian_blur(images, (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most))
+
+
+def gaussian_blur(images, sigma):
+    """images (B, 3, H, W), each blurred by a Gaussian of its own sigma (B,) pixels (reflected borders)."""
     out = images.clone()
     for value in sigma.unique().tolist():  # a few distinct times per batch: one separable blur each
         chosen, radius = sigma == value, min(math.ceil(3 * value), images.shape[-1] - 1)
@@ -2069,11 +2257,22 @@ class ShapeClassifier(nn.Module):
         return self.head(self.features(images))
 
 
+def soften(images, generator=None):
+    """The toy evaluator's augmentation: half the images blurred (sigma uniform in [0, 1.25] px, in steps of 0.25)
+    and, independently, half given Gaussian noise (std uniform in [0, 0.15]), so that a slightly soft but
+    recognisable shape is judged by its shape."""
+    B = images.shape[0]
+    blurred = torch.rand(B, generator=generator) < 0.5
+    sigma = (torch.randint(1, 6, (B,), generator=generator) * 0.25) * blurred
+    noisy = (torch.rand(B, generator=generator) < 0.5).float() * 0.15 * torch.rand(B, generator=generator)
+    return gaussian_blur(images, sigma) + noisy.view(-1, 1, 1, 1) * torch.randn(images.shape, generator=generator)
+
+
 @torch.enable_grad()  # also when called under no_grad (the toy evaluator trains on first use)
 def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3, seed=0,
-                           data_seed=EVALUATOR_TRAIN_SEED):
+                           data_seed=EVALUATOR_TRAIN_SEED, augment=False):
     """Train a `ShapeClassifier` on `num_images` built-in images (set `data_seed`); -> the model in eval
-    mode. AdamW with a cosine decay; the images are drawn once and cycled."""
+    mode. AdamW with a cosine decay; the images are drawn once and cycled; augment: `soften` each batch."""
     data = BuiltinShapes(num_images, image_size, seed=data_seed)
     images = torch.stack([data[i][0] for i in range(num_images)])
     labels = torch.arange(num_images) % data.num_classes
@@ -2082,53 +2281,99 @@ def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_siz
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     order = torch.cat([torch.randperm(num_images) for _ in range(steps * batch_size // num_images + 1)])
+    generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         batch = order[step * batch_size:(step + 1) * batch_size]
-        F.cross_entropy(model(images[batch]), labels[batch]).backward()
+        inputs = soften(images[batch], generator) if augment else images[batch]
+        F.cross_entropy(model(inputs), labels[batch]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
     return model.eval()
 
 
-def cached_shape_classifier(path, kind, image_size, seed, data_seed, half):
-    """A `ShapeClassifier` trained once with `train_shape_classifier(seed=, data_seed=)` and cached at `path`
-    (in half precision if `half`); -> it in eval mode, float32."""
-    path = Path(path)
-    if not path.is_file():
-        tqdm.write(f"training the {kind} once -> {path}")
-        state = train_shape_classifier(image_size, seed=seed, data_seed=data_seed).state_dict()
-        save_checkpoint({"kind": kind, "image_size": image_size, "step": 1000,
-                         "command": f"dar.train_shape_classifier({image_size}, seed={seed}, data_seed={data_seed})",
-                         "model": {key: value.half() if half else value for key, value in state.items()}}, path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("kind") != kind or checkpoint.get("image_size") != image_size:
-        raise ValueError(f"{path} is not a {kind} of {image_size}-pixel images "
-                         f"(kind {checkpoint.get('kind')!r}, image_size {checkpoint.get('image_size')})")
-    classifier = ShapeClassifier()
-    classifier.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
-    return classifier.eval()
+# the toy evaluator's members: (initial-weight seed, data seed); no other part of the repository uses these images
+EVALUATOR_MEMBERS = ((0, 11), (1, 12), (2, 13), (3, 14), (4, 15))
+
+
+class ToyEvaluator(nn.Module):
+    """The toy evaluator: an ensemble of `ShapeClassifier`s of different seeds, each trained (with `soften`) on
+    images of its own. Every figure it gives is reported as the members' mean and range, so that a result does
+    not hinge on one classifier. forward / features: (M, B, classes) logits / (M, B, 128) pooled features."""
+
+    def __init__(self, num_members=len(EVALUATOR_MEMBERS)):
+        super().__init__()
+        self.members = nn.ModuleList(ShapeClassifier() for _ in range(num_members))
+
+    def features(self, images):
+        return torch.stack([member.features(images) for member in self.members])
+
+    def forward(self, images):
+        return torch.stack([member(images) for member in self.members])
+
+
+def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS):
+    """-> a `ToyEvaluator` whose member i is train_shape_classifier(seed=, data_seed= members[i], augment=True)."""
+    evaluator = ToyEvaluator(len(members))
+    for member, (seed, data_seed) in zip(evaluator.members, members):
+        member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed, augment=True).state_dict())
+    return evaluator.eval()
+
+
+def save_toy_evaluator(path, image_size=32):
+    """Train the toy evaluator and write it to `path`: its members in half precision, their seeds, the command."""
+    evaluator = train_toy_evaluator(image_size)
+    save_checkpoint({"kind": "evaluator", "image_size": image_size, "members": EVALUATOR_MEMBERS,
+                     "command": f"python -c \"import dar; dar.save_toy_evaluator('{path}', {image_size})\"",
+                     "model": {key: value.half() for key, value in evaluator.state_dict().items()}}, path)
 
 
 def load_toy_evaluator(path, image_size):
-    """The toy evaluator of the built-in shapes, trained once (about 20 s on 2 CPU cores) and cached at `path`."""
-    return cached_shape_classifier(path, "evaluator", image_size, 0, EVALUATOR_TRAIN_SEED, half=True)
+    """The toy evaluator of the built-in shapes, trained once (about 2 minutes on 2 CPU cores) and cached at `path`."""
+    path = Path(path)
+    if not path.is_file():
+        tqdm.write(f"training the toy evaluator once -> {path}")
+        save_toy_evaluator(path, image_size)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("kind") != "evaluator" or checkpoint.get("image_size") != image_size or "members" not in checkpoint:
+        raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel images (kind "
+                         f"{checkpoint.get('kind')!r}, image_size {checkpoint.get('image_size')}, members "
+                         f"{len(checkpoint.get('members', ()))})")
+    evaluator = ToyEvaluator(len(checkpoint["members"]))
+    evaluator.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
+    return evaluator.eval()
 
 
 def load_teacher(path, image_size, device):
-    """The code head's teacher, trained once on images of its own seed (never the evaluator's) and cached at
-    `path` in float32; -> images -> its pooled features."""
-    classifier = cached_shape_classifier(path, "teacher", image_size, TEACHER_TRAIN_SEED, TEACHER_TRAIN_SEED, half=False)
-    return classifier.to(device).requires_grad_(False).features
+    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never the
+    evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
+    path = Path(path)
+    if not path.is_file():
+        tqdm.write(f"training the code head's teacher once -> {path}")
+        classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED, data_seed=TEACHER_TRAIN_SEED)
+        save_checkpoint({"kind": "teacher", "image_size": image_size, "model": classifier.state_dict()}, path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size:
+        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel images")
+    classifier = ShapeClassifier()
+    classifier.load_state_dict(checkpoint["model"])
+    return classifier.to(device).eval().requires_grad_(False).features
 
 
 @torch.no_grad()
-def toy_judgement(classifier, images, labels):
-    """The evaluator on images (B, 3, H, W) (clamped to [-1, 1]) and their asked-for labels (B,): -> pooled
-    features (B, 128) on the CPU and how many images it classifies as their label."""
-    device = next(classifier.parameters()).device
-    features = classifier.features(images.float().clamp(-1, 1).to(device))
-    return features.cpu(), (classifier.head(features).argmax(-1).cpu() == torch.as_tensor(labels).cpu()).sum().item()
+def toy_judgement(evaluator, images, labels):
+    """The evaluator on images (B, 3, H, W) (clamped to [-1, 1]) and their asked-for labels (B,): -> each
+    member's pooled features (M, B, 128) on the CPU and how many images each classifies as their label (M,)."""
+    device = next(evaluator.parameters()).device
+    features = evaluator.features(images.float().clamp(-1, 1).to(device))                 # (M, B, 128)
+    logits = torch.stack([member.head(f) for member, f in zip(evaluator.members, features)])
+    return features.cpu(), (logits.argmax(-1).cpu() == torch.as_tensor(labels).cpu()).sum(-1)
+
+
+def spread(values):
+    """Per-member figures (M,) -> {"mean", "low", "high"}."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    return {"mean": values.mean().item(), "low": values.min().item(), "high": values.max().item()}
 
 
 def builtin_images(num_images, image_size, seed):
@@ -2141,20 +2386,22 @@ def builtin_images(num_images, image_size, seed):
 REAL_FLOOR_SEED = 3
 
 
-def toy_metrics(classifier, make, total, batch_size, image_size):
-    """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the evaluator's
-    accuracy w.r.t. the labels and the Frechet distance of its features to `total` held-out real images ("toy
-    FID"); then, as the floor, the accuracy on those real images and the distance of another real set to them."""
+def toy_metrics(evaluator, make, total, batch_size, image_size):
+    """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the accuracy w.r.t. the
+    labels and the Frechet distance of the features to `total` held-out real images ("toy FID"); then, as the
+    floor, the accuracy on those real images and the distance of another real set to them. Each a `spread` over
+    the evaluator's members."""
     features, correct = [], 0
     for start in tqdm(range(0, total, batch_size), desc="eval", dynamic_ncols=True):
-        batch_features, batch_correct = toy_judgement(classifier, *make(list(range(start, min(start + batch_size, total)))))
+        batch_features, batch_correct = toy_judgement(evaluator, *make(list(range(start, min(start + batch_size, total)))))
         features.append(batch_features)
-        correct += batch_correct
-    real_features, real_correct = toy_judgement(classifier, *builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED))
-    floor_features, _ = toy_judgement(classifier, *builtin_images(total, image_size, REAL_FLOOR_SEED))
-    return dict(accuracy=correct / total, toy_fid=frechet_distance(torch.cat(features).numpy(), real_features.numpy()),
-                real_accuracy=real_correct / total,
-                real_toy_fid=frechet_distance(floor_features.numpy(), real_features.numpy()))
+        correct = correct + batch_correct
+    features = torch.cat(features, 1)
+    real_features, real_correct = toy_judgement(evaluator, *builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED))
+    floor_features, _ = toy_judgement(evaluator, *builtin_images(total, image_size, REAL_FLOOR_SEED))
+    distance = lambda a, b: spread([frechet_distance(x.numpy(), y.numpy()) for x, y in zip(a, b)])
+    return dict(accuracy=spread(correct / total), toy_fid=distance(features, real_features),
+                real_accuracy=spread(real_correct / total), real_toy_fid=distance(floor_features, real_features))
 
 
 def shape_layout(images):
@@ -2175,26 +2422,27 @@ def shape_layout(images):
 
 
 @torch.no_grad()
-def layout_metrics(ar, tokenizer, classifier, references, kept, seed=0, **options):
+def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options):
     """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample every class
-    from one seed per reference (seed + r). -> how often the evaluator sees the asked-for class, how far the
+    from one seed per reference (seed + r). -> how often the evaluator sees the asked-for class (a `spread`), how far the
     shape's centroid lies from the reference's (pixels; the image size where no shape is found), and how
     often the shape and background colours are the reference's (`shape_layout`). kept = 0: the chance level."""
     C, size = ar.cfg.num_classes, tokenizer.cfg.image_size
     device = tokenizer.sampling_times.device
     codes, labels = tokenizer.encode(references.to(device)), torch.arange(C, device=device)
     where, background, colour = shape_layout(references.cpu())
-    correct = distance = same_colours = 0
+    correct, distance, same_colours = torch.zeros(len(evaluator.members)), 0, 0
     for r in tqdm(range(len(references)), desc=f"{kept} tokens kept", dynamic_ncols=True):
         *_, last = sample(ar, tokenizer, labels, prefix=codes[r:r + 1, :kept].expand(C, kept),
                           generator=generators([seed + r] * C, device), **options)
         images = last.image.float().clamp(-1, 1)
-        correct += toy_judgement(classifier, images, labels)[1]
+        correct += toy_judgement(evaluator, images, labels)[1]
         sample_where, sample_background, sample_colour = shape_layout(images.cpu())
         distance += (sample_where - where[r]).norm(dim=-1).nan_to_num(float(size)).sum().item()
         same_colours += ((sample_background == background[r]).all(-1) & (sample_colour == colour[r]).all(-1)).sum().item()
     total = len(references) * C
-    return dict(kept=kept, class_as_asked=correct / total, centroid_px=distance / total, colours_kept=same_colours / total)
+    return dict(kept=kept, class_as_asked=spread(correct / total), centroid_px=distance / total,
+                colours_kept=same_colours / total)
 
 
 def frechet_distance(features_a, features_b):

@@ -36,7 +36,7 @@ QUICKSTART = Path("out/tiny")  # where `python train_tokenizer.py && python trai
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = dar.Parser(__doc__)
     pair = parser.add_argument_group("the pair")
     pair.add_argument("--tokenizer", help="ours or the release's (default: the tiny pair, see above)")
     pair.add_argument("--ar", help="ours or the release's (D-AR-L-360K.pt, ...); default: the tiny pair")
@@ -47,20 +47,20 @@ def parse_args(argv=None):
                       help="the AR model's weights on CUDA (release: bf16; the tokenizer runs in fp32/TF32)")
     sampling = parser.add_argument_group("sampling, every mode (release defaults)")
     sampling.add_argument("--labels", help="comma-separated class ids (or shape names, for the built-in data)")
-    sampling.add_argument("--guidance", default="4.0", help="classifier-free guidance scale, or 'start,end' for "
+    sampling.add_argument("--guidance", type=guidance_flag, default=4.0, help="classifier-free guidance scale, or 'start,end' for "
                           "the linear schedule (paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--top-k", type=int, default=0, help="0: off")
-    sampling.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    sampling.add_argument("--temperature", type=dar.WEIGHT, default=1.0)
+    sampling.add_argument("--top-k", type=dar.COUNT, default=0, help="0: off")
+    sampling.add_argument("--top-p", type=dar.flag_type(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: off")
     sampling.add_argument("--solver", default="adams2", choices=dar.SOLVERS)
-    sampling.add_argument("--steps", type=int, help="diffusion steps S of a decode (default: the tokenizer's, "
+    sampling.add_argument("--steps", type=dar.SIZE, help="diffusion steps S of a decode (default: the tokenizer's, "
                           "K = 8 as released); with S > K a token group drives several steps (Eq. 5)")
-    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--seed", type=dar.COUNT, default=0)
     sampling.add_argument("--compile", action="store_true", help="compile the one-token AR step and the "
                           "denoising step (torch.compile; CUDA graphs on a GPU); the same numbers as eager")
-    sampling.add_argument("--batch-size", type=int, default=64, help="--fid, --reconstruct, --eval: images per "
+    sampling.add_argument("--batch-size", type=dar.SIZE, default=64, help="--fid, --reconstruct, --eval: images per "
                           "batch and process (release FID run: 64)")
-    sampling.add_argument("--n", type=int, help="how many images: the picture's rows (default: one per label), "
+    sampling.add_argument("--n", type=dar.SIZE, help="how many images: the picture's rows (default: one per label), "
                           "--eval's samples (default 1000) or references (default 50), --reconstruct's (default: all)")
     sampling.add_argument("--out", help="where the mode writes: the PNG of a picture, the folder of --fid and "
                           "--reconstruct (default for a picture: next to the AR checkpoint)")
@@ -71,28 +71,63 @@ def parse_args(argv=None):
     modes.add_argument("--layout-from", metavar="IMAGE", help="keep this image's first tokens (Fig. 5): a file, or "
                        "'builtin:I' (held-out built-in image I); with --eval, 'builtin' measures --n references")
     modes.add_argument("--prefix-tokens", default="8,16,32", help="--layout-from: counts of kept tokens, one row each")
-    modes.add_argument("--fid", type=int, metavar="N", help="write N class-balanced samples as PNGs and an .npz")
+    modes.add_argument("--fid", type=dar.SIZE, metavar="N", help="write N class-balanced samples as PNGs and an .npz")
     modes.add_argument("--reconstruct", metavar="FOLDER", help="write reconstructions of an image folder "
                        "('builtin': held-out built-in images) as PNGs and an .npz (rFID)")
     modes.add_argument("--eval", action="store_true", help="built-in data: toy accuracy and toy FID of the samples "
                        "(with --reconstruct builtin: of the reconstructions; with --layout-from builtin: Fig. 5)")
-    modes.add_argument("--preview-groups", type=int, metavar="k", help="--fid, --eval: the preview after k groups "
+    modes.add_argument("--preview-groups", type=dar.SIZE, metavar="k", help="--fid, --eval: the preview after k groups "
                        "instead of the image (Table 5)")
     modes.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
-                       help="--eval's classifier (shipped; trained and written there if missing)")
+                       help="--eval's toy evaluator, an ensemble (shipped; trained and written there if missing)")
     modes.add_argument("--benchmark", metavar="BATCHES", nargs="?", const="1,16,64", help="time the sampler at "
                        "these comma-separated batch sizes (default 1,16,64): images/s, AR ms per token, D_FM ms "
                        "per step, their shares, peak memory on CUDA")
-    modes.add_argument("--repeat", type=int, default=3, help="--benchmark: timed runs per batch size after a warm-up")
+    modes.add_argument("--repeat", type=dar.SIZE, default=3, help="--benchmark: timed runs per batch size after a warm-up")
     modes.add_argument("--preset", metavar="TOKENIZER:AR", help="--benchmark on random weights of presets instead "
                        f"of files, e.g. ablation:B or v1:L (tokenizer: {', '.join(dar.TOKENIZER_PRESETS)}; "
                        f"AR: {', '.join(dar.AR_PRESETS)})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_paths(parser, args)
+    return args
+
+
+def guidance_flag(text):
+    """--guidance: a scale or 'start,end', each a finite number >= 0."""
+    parts = text.split(",")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected a scale or 'start,end', got {text!r}")
+    try:
+        scales = [dar.check_number(part, "each scale", 0) for part in parts]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
+    return scales[0] if len(scales) == 1 else tuple(scales)
+
+
+def check_paths(parser, args):
+    """What a mode reads must exist and what it writes must not be in the way; --labels only where it is read."""
+    picture = args.fid is None and args.reconstruct is None and not args.eval and not args.benchmark
+    if args.out and picture and (Path(args.out).is_dir() or Path(args.out).suffix.lower() != ".png"):
+        parser.error(f"--out {args.out}: a picture is written to a file name ending in .png")
+    if args.out and not picture and Path(args.out).is_file():
+        parser.error(f"--out {args.out} is a file: --fid and --reconstruct write a folder")
+    if args.out and Path(args.out).parent.exists() and not os.access(Path(args.out).parent, os.W_OK):
+        parser.error(f"--out {args.out}: its folder is not writable")
+    if args.out and any(parent.is_file() for parent in Path(args.out).parents):
+        parser.error(f"--out {args.out}: a parent of it is a file")
+    if args.labels and (args.fid is not None or args.eval or args.benchmark):
+        parser.error("--labels chooses a picture's rows; --fid and --eval balance the classes, --benchmark cycles them")
+    for flag in ("tokenizer", "ar", "evaluator"):
+        path = getattr(args, flag)
+        if path and Path(path).is_dir():
+            parser.error(f"--{flag} {path} is a folder, not a checkpoint")
+    if args.reconstruct not in (None, "builtin") and not Path(args.reconstruct).is_dir():
+        parser.error(f"--reconstruct: no folder {args.reconstruct}")
 
 
 def fail(message):
-    """Bad input ends the run with one line, no traceback."""
-    raise SystemExit(f"sample.py: error: {message}")
+    """Bad input ends the run with one line, no traceback (exit code 2)."""
+    raise dar.BadInput(message)
 
 
 def check_modes(args):
@@ -112,9 +147,6 @@ def check_modes(args):
         fail("--eval measures the built-in shapes: use --reconstruct builtin")
     if args.preview_groups is not None and args.fid is None and not (args.eval and not modes):
         fail("--preview-groups applies to --fid and --eval of samples; the picture shows every preview")
-    for flag in ("fid", "n", "batch_size", "steps", "repeat"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     writes_files = args.fid is not None or (args.reconstruct is not None and not args.eval)
     if writes_files and args.out is None:
         fail("--fid and --reconstruct write a folder of PNGs: pass --out DIR")
@@ -198,19 +230,9 @@ def parse_labels(text, ar):
     return labels
 
 
-def parse_guidance(text):
-    try:
-        scales = [float(value) for value in text.split(",")]
-    except ValueError:
-        scales = []
-    if len(scales) not in (1, 2):
-        fail(f"--guidance: expected a scale or 'start,end', got {text!r}")
-    return scales[0] if len(scales) == 1 else tuple(scales)
-
-
 def sampling_options(args):
     """The keyword arguments of dar.sample that the flags set."""
-    return dict(guidance=parse_guidance(args.guidance), temperature=args.temperature, top_k=args.top_k,
+    return dict(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, solver=args.solver, steps=args.steps, compile=args.compile)
 
 
@@ -244,10 +266,10 @@ def picture(args, tokenizer, ar, device):
 def load_reference(text, image_size):
     """--layout-from: an image file, or 'builtin:I' (held-out built-in image I) -> (1, 3, H, W)."""
     if text.startswith("builtin:"):
-        try:
-            index = int(text.split(":", 1)[1])
-        except ValueError:
-            fail(f"--layout-from: expected builtin:INDEX, got {text!r}")
+        index = text.split(":", 1)[1]
+        if not index.isdigit():
+            fail(f"--layout-from: expected builtin:INDEX with INDEX an integer >= 0, got {text!r}")
+        index = int(index)
         return dar.BuiltinShapes(index + 1, image_size, seed=dar.EVALUATOR_REFERENCE_SEED)[index][0][None]
     try:
         with Image.open(text) as image:
@@ -306,8 +328,9 @@ def reconstruction_batch(args, tokenizer):
     else:
         try:
             dataset = dar.ImageFolder(args.reconstruct, size)
+            dataset.read(0)
         except ValueError as error:
-            fail(f"--reconstruct: {error}")
+            fail(f"--reconstruct {args.reconstruct}: {error}")
     make = dar.reconstructions(tokenizer, dataset, args.seed, solver=args.solver, steps=args.steps, compile=args.compile)
     return make, min(len(dataset), args.n or len(dataset)), dataset
 
@@ -319,21 +342,26 @@ def load_evaluator(path, image_size):
         fail(f"--evaluator {path}: {str(error).splitlines()[0]}; pass another --evaluator")
 
 
+def spread_text(figure, form):
+    """A dar.spread as 'mean [low, high]'."""
+    return f"{figure['mean']:{form}} [{figure['low']:{form}}, {figure['high']:{form}}]"
+
+
 def toy_eval(args, tokenizer, ar, device):
     """--eval: the toy metric of the samples, or of the reconstructions (--reconstruct builtin), or Fig. 5
     measured (--layout-from builtin)."""
     if ar is not None and not is_builtin(ar):
         fail(f"--eval measures models of the built-in shapes ({len(dar.SHAPE_CLASSES)} classes); "
              f"{args.ar} has {ar.cfg.num_classes}. For ImageNet, use --fid and the ADM evaluator")
-    classifier = load_evaluator(args.evaluator, tokenizer.cfg.image_size).to(device)
+    evaluator = load_evaluator(args.evaluator, tokenizer.cfg.image_size).to(device)
     if args.layout_from:
         references = dar.builtin_images(args.n or 50, tokenizer.cfg.image_size, dar.EVALUATOR_REFERENCE_SEED)[0]
         results = []
         for kept in layout_prefix_counts(args, tokenizer, ar):
-            row = dar.layout_metrics(ar, tokenizer, classifier, references, kept, args.seed, **sampling_options(args))
+            row = dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed, **sampling_options(args))
             print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class as asked "
-                  f"{row['class_as_asked']:.1%}, shape centroid {row['centroid_px']:.1f} px from the reference's, "
-                  f"both colours kept {row['colours_kept']:.1%}")
+                  f"{spread_text(row['class_as_asked'], '.1%')}, shape centroid {row['centroid_px']:.1f} px from the "
+                  f"reference's, both colours kept {row['colours_kept']:.1%}")
             results.append(row)
         return results
     if args.reconstruct:
@@ -342,9 +370,11 @@ def toy_eval(args, tokenizer, ar, device):
         make, total, what = sample_batch(args, tokenizer, ar), args.n or 1000, f"samples (guidance {args.guidance}"
         what += f", previews after {args.preview_groups} groups)" if args.preview_groups else ")"
     what += f", {args.steps} steps" if args.steps else ""
-    scores = dar.toy_metrics(classifier, make, total, args.batch_size, tokenizer.cfg.image_size)
-    print(f"{total} {what}: accuracy {scores['accuracy']:.1%}, toy FID {scores['toy_fid']:.2f} (real held-out "
-          f"images: accuracy {scores['real_accuracy']:.1%}, toy FID {scores['real_toy_fid']:.2f})")
+    scores = dar.toy_metrics(evaluator, make, total, args.batch_size, tokenizer.cfg.image_size)
+    print(f"{total} {what}: accuracy {spread_text(scores['accuracy'], '.1%')}, toy FID "
+          f"{spread_text(scores['toy_fid'], '.2f')} (real held-out images: accuracy "
+          f"{spread_text(scores['real_accuracy'], '.1%')}, toy FID {spread_text(scores['real_toy_fid'], '.2f')}; "
+          f"{len(evaluator.members)} evaluators: mean [lowest, highest])")
     return scores
 
 
@@ -353,17 +383,33 @@ def sample_files(args, tokenizer, ar, rank, world_size, device):
     make, total, dataset = ((sample_batch(args, tokenizer, ar), args.fid, None) if args.fid is not None
                             else reconstruction_batch(args, tokenizer))
     folder = Path(args.out)
+    if rank == 0:
+        dar.check_record(folder / "settings.json", file_settings(args, total), f"--out {folder}")
+    if world_size > 1:
+        torch.distributed.barrier()
     made = dar.write_pngs(make, total, folder, rank, world_size, args.batch_size)
     if world_size > 1:
         torch.distributed.barrier()
     if rank == 0:
         print(f"{folder}: {total} PNGs ({made} made now by process 0) -> {dar.pack_npz(folder, total)}")
+        if dataset is not None and getattr(dataset, "skipped", 0):
+            print(f"{dataset.skipped} unreadable files were skipped (the next readable file stood in)")
         if dataset is not None:
             print(f"the {total} centre crops it encoded -> {dar.pack_reference(dataset, total, folder)} "
                   f"(rFID: evaluator.py {folder.name}-reference.npz {folder.name}.npz)")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return folder
+
+
+def file_settings(args, total):
+    """What determines the images of a --fid / --reconstruct folder: a rerun with other settings is refused."""
+    models = {flag: dar.file_digest(path) for flag, path in (("tokenizer", args.tokenizer), ("ar", args.ar))
+              if path and (flag == "tokenizer" or args.fid is not None)}
+    return {"images": total, "mode": "fid" if args.fid is not None else f"reconstruct {args.reconstruct}",
+            **{f"{flag}_sha256": digest for flag, digest in models.items()},
+            **{key: getattr(args, key) for key in ("guidance", "temperature", "top_k", "top_p", "solver", "steps",
+                                                    "seed", "preview_groups", "precision")}}
 
 
 def preset_pair(text, device, precision):
@@ -438,4 +484,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    dar.command_line(main)

@@ -740,7 +740,7 @@ def test_sampler_bad_inputs_raise_clear_value_errors(official_ar, official, expe
     with pytest.raises(ValueError, match=">= 0"):
         first(guidance=(-1.0, 4.0))
     for top_p in (0.0, 1.5):
-        with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"top_p must be a finite number > 0 and <= 1"):
             first(top_p=top_p)
     with pytest.raises(ValueError, match="unknown solver"):
         first(solver="heun")
@@ -879,10 +879,11 @@ def test_train_ar_reverse_is_recorded_and_cached_codes_round_trip(tmp_path, trai
     assert codes.shape == (1, 32, 64) and torch.equal(torch.from_numpy(codes[0]).long(), tok.encode(images))
 
 
-def test_code_cache_is_reused_and_rebuilt_when_the_tokenizer_file_changes(tmp_path, trained_tokenizer):
+def test_code_cache_is_reused_and_refused_for_another_tokenizer_file(tmp_path, trained_tokenizer):
     data, path = dar.BuiltinShapes(8, 32, seed=0), tmp_path / "tokenizer.pt"
     path.write_bytes(trained_tokenizer.read_bytes())
-    cache = lambda tok: train_ar.cache_codes(tok, path, data, tmp_path / "codes", 0, 1, torch.device("cpu"), 4)
+    identity = {"source": "builtin", "size": 8, "seed": 0}
+    cache = lambda tok: train_ar.cache_codes(tok, path, data, tmp_path / "codes", 0, 1, torch.device("cpu"), 4, identity)
     images = torch.stack([data[i][0] for i in range(8)])
     tok = dar.load_tokenizer(path)
     first = cache(tok).codes[0].copy()
@@ -892,9 +893,12 @@ def test_code_cache_is_reused_and_rebuilt_when_the_tokenizer_file_changes(tmp_pa
     assert (tmp_path / "codes" / "codes.npy").stat().st_mtime_ns == stamp        # unchanged file: reused
     other = dar.Tokenizer(tok.cfg)                                                # another tokenizer, saved over it
     torch.save({"kind": "tokenizer", "config": asdict(tok.cfg), "model": other.state_dict()}, path)
-    other = dar.load_tokenizer(path)
-    rebuilt = cache(other).codes[0]
-    assert np.array_equal(rebuilt, other.encode(images).numpy()) and not np.array_equal(rebuilt, first)
+    with pytest.raises(dar.BadInput, match="made with tokenizer_sha256 = "):
+        cache(dar.load_tokenizer(path))
+    assert (tmp_path / "codes" / "codes.npy").stat().st_mtime_ns == stamp        # and left as it was
+    (tmp_path / "codes" / "codes.npy").unlink()                                  # an interrupted cache is rebuilt
+    path.write_bytes(trained_tokenizer.read_bytes())
+    assert np.array_equal(cache(tok).codes[0], first)
 
 
 def final_state(path):
@@ -1033,7 +1037,7 @@ def test_sample_default_picture_has_a_row_per_class_and_a_column_per_group(tmp_p
 def test_fid_mode_is_balanced_named_by_index_and_packed_for_the_adm_evaluator(tmp_path, trained_pair, sampler_calls):
     folder = sample.main([*trained_pair, "--fid", "12", "--batch-size", "5", "--out", str(tmp_path / "fid")])
     assert sorted(label for call in sampler_calls for label in call["labels"]) == sorted(i % 10 for i in range(12))
-    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(12)]
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(12)] + ["settings.json"]
     packed = np.load(tmp_path / "fid.npz")
     assert list(packed) == ["arr_0"] and packed["arr_0"].dtype == np.uint8 and packed["arr_0"].shape == (12, 32, 32, 3)
     assert np.array_equal(packed["arr_0"][7], np.asarray(Image.open(folder / "000007.png")))
@@ -1118,10 +1122,15 @@ def test_layout_control_keeps_the_reference_prefix(tmp_path, trained_pair, sampl
 
 @pytest.fixture(scope="module")
 def evaluator(tmp_path_factory):
+    """A small two-member toy evaluator (short training) and its file, in the shipped format."""
     path = tmp_path_factory.mktemp("eval") / "evaluator.pt"
-    classifier = dar.train_shape_classifier(32, num_images=2000, steps=300)
-    dar.save_checkpoint({"kind": "evaluator", "image_size": 32, "model": classifier.state_dict()}, path)
-    return classifier, path
+    members = ((0, 1), (1, 11))
+    ensemble = dar.ToyEvaluator(len(members))
+    for member, (seed, data_seed) in zip(ensemble.members, members):
+        member.load_state_dict(dar.train_shape_classifier(32, num_images=2000, steps=300, seed=seed,
+                                                          data_seed=data_seed).state_dict())
+    dar.save_checkpoint({"kind": "evaluator", "image_size": 32, "members": members, "model": ensemble.state_dict()}, path)
+    return ensemble.eval(), path
 
 
 
@@ -1145,12 +1154,24 @@ def test_benchmark_measures_speed_and_shares_for_a_pair_and_for_random_preset_we
 
 
 def test_evaluator_classifies_held_out_real_shapes(evaluator):
-    classifier, _ = evaluator
-    real = dar.BuiltinShapes(500, 32, seed=dar.EVALUATOR_REFERENCE_SEED)
-    images, labels = torch.stack([real[i][0] for i in range(500)]), torch.arange(500) % 10
+    ensemble, _ = evaluator
+    images, labels = dar.builtin_images(500, 32, dar.EVALUATOR_REFERENCE_SEED)
     with torch.no_grad():
-        accuracy = (classifier(images).argmax(-1) == labels).float().mean().item()
-    assert accuracy > 0.95
+        accuracy = (ensemble(images).argmax(-1) == labels).float().mean(-1)          # (M,): each member
+    assert accuracy.shape == (2,) and (accuracy > 0.95).all()
+    features, correct = dar.toy_judgement(ensemble, images, labels)
+    assert features.shape == (2, 500, 128) and torch.equal(correct, (accuracy * 500).round().long())
+
+
+def test_shipped_evaluator_members_agree_and_judge_soft_shapes_by_their_shape():
+    """Five classifiers of their own seeds and images; trained with `soften`, so mild blur or noise is no coin flip."""
+    ensemble = dar.load_toy_evaluator(SHIPPED["evaluator"], 32)
+    images, labels = dar.builtin_images(500, 32, dar.EVALUATOR_REFERENCE_SEED)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for softened in (images, dar.gaussian_blur(images, torch.full((500,), 1.0)), images + 0.1 * noise):
+            accuracy = (ensemble(softened).argmax(-1) == labels).float().mean(-1)
+            assert len(accuracy) == 5 and accuracy.min() >= 0.95, accuracy
 
 
 def test_frechet_distance_closed_form_and_real_versus_noise(evaluator):
@@ -1159,7 +1180,7 @@ def test_frechet_distance_closed_form_and_real_versus_noise(evaluator):
     expected = ((x.mean(0) + 1) ** 2).sum() + np.trace(np.cov(x, rowvar=False))
     assert dar.frechet_distance(x, 2 * x + 1) == pytest.approx(expected, rel=1e-9)
     assert dar.frechet_distance(x, x) == pytest.approx(0, abs=1e-9)
-    classifier, _ = evaluator
+    classifier = evaluator[0].members[0]
     features = lambda images: classifier.features(images).detach().numpy()
     real = lambda seed: torch.stack([image for image, _ in dar.BuiltinShapes(500, 32, seed=seed)])
     real_a, real_b = features(real(dar.EVALUATOR_REFERENCE_SEED)), features(real(7))
@@ -1170,29 +1191,31 @@ def test_frechet_distance_closed_form_and_real_versus_noise(evaluator):
 def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator):
     # the same numbers by hand: item i uses class i mod 10 and a generator seeded i (--seed 0); the real
     # side is the first 20 images of the reference set
-    tokenizer, classifier = dar.load_tokenizer(trained_pair[1]), sample.load_evaluator(evaluator[1], 32)
+    tokenizer, members = dar.load_tokenizer(trained_pair[1]), sample.load_evaluator(evaluator[1], 32).members
     ar, classes = dar.load_ar(trained_pair[3]), torch.arange(20) % 10
     seeded = lambda: [torch.Generator().manual_seed(i) for i in range(20)]
     real = torch.stack([image for image, _ in dar.BuiltinShapes(20, 32, seed=dar.EVALUATOR_REFERENCE_SEED)])
 
-    def by_hand(images):
+    def by_hand(images):  # -> each member's accuracy and toy FID
         with torch.no_grad():
-            features = classifier.features(images.clamp(-1, 1))
-            accuracy = (classifier.head(features).argmax(-1) == classes).float().mean().item()
-            return accuracy, dar.frechet_distance(features.numpy(), classifier.features(real).numpy())
+            accuracy = [(member(images.clamp(-1, 1)).argmax(-1) == classes).float().mean().item() for member in members]
+            fid = [dar.frechet_distance(member.features(images.clamp(-1, 1)).numpy(), member.features(real).numpy())
+                   for member in members]
+        return accuracy, fid
+
+    def check(scores, accuracy, fid):  # the mean and the range over the members
+        assert (scores["accuracy"]["mean"], scores["accuracy"]["low"], scores["accuracy"]["high"]) == pytest.approx(
+            (np.mean(accuracy), min(accuracy), max(accuracy)))
+        assert (scores["toy_fid"]["mean"], scores["toy_fid"]["low"], scores["toy_fid"]["high"]) == pytest.approx(
+            (np.mean(fid), min(fid), max(fid)), rel=1e-4)
 
     scores = sample.main([*trained_pair, "--eval", "--n", "20", "--evaluator", str(evaluator[1])])
     *_, last = dar.sample(ar, tokenizer, classes, guidance=4.0, generator=seeded())
-    expected_accuracy, expected_fid = by_hand(last.image)
-    assert scores["accuracy"] == pytest.approx(expected_accuracy)
-    assert scores["toy_fid"] == pytest.approx(expected_fid, rel=1e-4)
-
+    check(scores, *by_hand(last.image))
     scores = sample.main([*trained_pair, "--eval", "--reconstruct", "builtin", "--n", "20",
                           "--evaluator", str(evaluator[1])])
-    expected_accuracy, expected_fid = by_hand(tokenizer.decode(tokenizer.encode(real), generator=seeded()))
-    assert scores["accuracy"] == pytest.approx(expected_accuracy)
-    assert scores["toy_fid"] == pytest.approx(expected_fid, rel=1e-4)
-    assert scores["real_accuracy"] == pytest.approx(by_hand(real)[0])
+    check(scores, *by_hand(tokenizer.decode(tokenizer.encode(real), generator=seeded())))
+    assert scores["real_accuracy"]["mean"] == pytest.approx(np.mean(by_hand(real)[0]))
 
 
 def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
@@ -1205,8 +1228,7 @@ def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
     for extra, message in [(["--labels", "3,10"], r"class 10 is outside the AR model's 10 classes"),
                            (["--layout-from", "builtin:0", "--prefix-tokens", "65"], r"must lie in \[0, 64\]"),
                            (["--layout-from", str(unreadable)], r"cannot read .*broken.png as an image"),
-                           (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it"),
-                           (["--steps", "0"], r"--steps must be at least 1, got 0")]:
+                           (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it")]:
         with pytest.raises(SystemExit, match=message) as raised:
             sample.main([*trained_pair, *extra])
         assert "\n" not in str(raised.value)
@@ -1222,8 +1244,8 @@ def test_eval_on_a_first_run_trains_the_evaluator_without_a_traceback(tmp_path, 
     monkeypatch.chdir(tmp_path)
     scores = sample.main(["--tokenizer", str(trained_tokenizer), "--eval", "--reconstruct", "builtin",
                           "--n", "10", "--evaluator", "out/evaluator.pt"])
-    assert (tmp_path / "out" / "evaluator.pt").is_file() and 0 <= scores["accuracy"] <= 1
-    assert np.isfinite(scores["toy_fid"])
+    assert (tmp_path / "out" / "evaluator.pt").is_file() and 0 <= scores["accuracy"]["mean"] <= 1
+    assert np.isfinite(scores["toy_fid"]["mean"])
 
 
 def test_sample_uses_the_quickstart_pair_when_it_exists_and_the_shipped_pair_otherwise(tmp_path, trained_pair,
@@ -1270,9 +1292,10 @@ def shipped():
             dar.load_toy_evaluator(SHIPPED["evaluator"], 32))
 
 
-def shipped_accuracy(images, labels, classifier):
+def shipped_accuracy(images, labels, ensemble):
+    """The toy evaluator's accuracy, its members' mean."""
     with torch.no_grad():
-        return (classifier(images.clamp(-1, 1)).argmax(-1) == labels).float().mean().item()
+        return (ensemble(images.clamp(-1, 1)).argmax(-1) == labels).float().mean().item()
 
 
 def test_shipped_tokenizer_reconstructs_held_out_shapes(shipped):
@@ -1338,7 +1361,7 @@ def test_every_readme_sample_command_runs_and_gives_what_it_says(command, tmp_pa
     elif "--eval" in argv and "--layout-from" in argv:
         assert [row["kept"] for row in result] == [int(n) for n in argv[argv.index("--prefix-tokens") + 1].split(",")]
     elif "--eval" in argv:
-        assert 0 <= result["accuracy"] <= 1 and np.isfinite(result["toy_fid"])
+        assert 0 <= result["accuracy"]["mean"] <= 1 and np.isfinite(result["toy_fid"]["mean"])
     else:
         assert Path(result).is_file() and str(result) in printed
     if "--gif" in argv:
@@ -1508,20 +1531,20 @@ def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator
     results = sample.main([*trained_pair, "--eval", "--layout-from", "builtin", "--prefix-tokens", "0,64", "--n", "3",
                            "--evaluator", str(evaluator[1])])
     assert [row["kept"] for row in results] == [0, 64]
-    tokenizer, classifier = dar.load_tokenizer(trained_pair[1]), evaluator[0]
+    tokenizer, ensemble = dar.load_tokenizer(trained_pair[1]), evaluator[0]
     references = torch.stack([image for image, _ in dar.BuiltinShapes(3, 32, seed=dar.EVALUATOR_REFERENCE_SEED)])
     codes = tokenizer.encode(references)
     where, background, colour = dar.shape_layout(references)
-    correct = distance = kept = 0
+    correct, distance, kept = torch.zeros(2), 0, 0
     for r in range(3):
         image = tokenizer.decode(codes[r:r + 1], generator=torch.Generator().manual_seed(r)).clamp(-1, 1)
-        correct += (classifier(image).argmax(-1).item() == torch.arange(10)).sum().item()
+        correct += (ensemble(image)[:, 0].argmax(-1)[:, None] == torch.arange(10)).sum(-1)   # per member
         image_where, image_background, image_colour = dar.shape_layout(image)
         distance += 10 * (image_where[0] - where[r]).norm().nan_to_num(32.0).item()
         kept += 10 * ((image_background[0] == background[r]).all() & (image_colour[0] == colour[r]).all()).item()
     measured = results[1]
-    assert (measured["class_as_asked"], measured["centroid_px"], measured["colours_kept"]) == pytest.approx(
-        (correct / 30, distance / 30, kept / 30), abs=1e-4)
+    assert measured["class_as_asked"]["mean"] == pytest.approx((correct / 30).mean().item(), abs=1e-4)
+    assert (measured["centroid_px"], measured["colours_kept"]) == pytest.approx((distance / 30, kept / 30), abs=1e-4)
 
 
 def test_shape_layout_reads_position_and_colours():
@@ -1584,3 +1607,129 @@ def test_notebook_runs_top_to_bottom_without_jupyter(notebook, monkeypatch):
         exec(compile(tree, name, "exec"), namespace)
         if last is not None:
             display(eval(compile(ast.Expression(last.value), name, "eval"), namespace))
+
+
+# ---- bad input never corrupts or lies ---------------------------------------------------------------
+
+def one_line_refusal(run, capsys):
+    """run() must end with exit code 2 and one line `script: error: ...` (argparse's or a BadInput's); -> the line."""
+    with pytest.raises(SystemExit) as raised:
+        run()
+    assert raised.value.code == 2
+    line = str(raised.value) if isinstance(raised.value, dar.BadInput) else capsys.readouterr().err.strip()
+    assert line and "\n" not in line and "Traceback" not in line
+    return line
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("tokenizer", ["--steps", "0"], "--steps: must be an integer >= 1, got '0'"),
+    ("tokenizer", ["--warmup", "-1"], "--warmup: must be an integer >= 0"),
+    ("tokenizer", ["--ema", "1.5"], "--ema: must be a finite number >= 0 and < 1"),
+    ("tokenizer", ["--lr", "nan"], "--lr: must be a finite number > 0"),
+    ("tokenizer", ["--lr", "-1"], "--lr: must be a finite number > 0"),
+    ("tokenizer", ["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    ("tokenizer", ["--grad-accum", "0"], "--grad-accum: must be an integer >= 1"),
+    ("tokenizer", ["--save-every", "0"], "--save-every: must be an integer >= 1"),
+    ("tokenizer", ["--data", "/no/such/folder"], "--data: no folder /no/such/folder"),
+    ("tokenizer", ["--export", "small"], "--export small: expected a file name ending in .pt"),
+    ("tokenizer", ["--resume", "--overwrite"], "give one"),
+    ("ar", ["--epochs", "0"], "--epochs: must be a finite number > 0"),
+    ("ar", ["--epochs", "-1"], "--epochs: must be a finite number > 0"),
+    ("ar", ["--decay-fraction", "2"], "--decay-fraction: must be a finite number >= 0 and <= 1"),
+    ("ar", ["--tokenizer", "/no/such.pt"], "--tokenizer: no checkpoint at /no/such.pt"),
+    ("sample", ["--guidance", "nan"], "--guidance: each scale must be a finite number >= 0"),
+    ("sample", ["--guidance", "inf"], "--guidance: each scale must be a finite number >= 0"),
+    ("sample", ["--guidance", "-1"], "--guidance: each scale must be a finite number >= 0"),
+    ("sample", ["--temperature", "nan"], "--temperature: must be a finite number >= 0"),
+    ("sample", ["--top-p", "0"], "--top-p: must be a finite number > 0 and <= 1"),
+    ("sample", ["--top-p", "1.5"], "--top-p: must be a finite number > 0 and <= 1"),
+    ("sample", ["--top-k", "-5"], "--top-k: must be an integer >= 0"),
+    ("sample", ["--steps", "1.5"], "--steps: must be an integer, got '1.5'"),
+    ("sample", ["--fid", "3", "--labels", "3", "--out", "x"], "--labels chooses a picture's rows"),
+    ("sample", ["--out", "picture"], "a picture is written to a file name ending in .png"),
+])
+def test_every_bad_flag_value_ends_with_one_line_before_any_work(script, argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    if script == "sample":
+        run = lambda: sample.main(argv)
+    else:
+        module = train_tokenizer if script == "tokenizer" else train_ar
+        extra = [] if script == "tokenizer" or "--tokenizer" in argv else ["--tokenizer", str(OFFICIAL_TOKENIZER)]
+        run = lambda: module.main(module.parse_args(["--out", str(out), *extra, *argv]))
+    assert message in one_line_refusal(run, capsys)
+    assert not out.exists()                                          # nothing was written
+
+
+def test_a_run_owns_its_out_folder(tmp_path, capsys):
+    out, argv = tmp_path / "run", ["--steps", "2"]
+    train = lambda *extra: train_tokenizer.main(tokenizer_args(out, *argv, *extra))
+    train()
+    first = (out / "tokenizer.pt").read_bytes()
+    line = one_line_refusal(train, capsys)                           # a finished checkpoint is not replaced
+    assert "already holds" in line and "--resume" in line and "--overwrite" in line
+    assert (out / "tokenizer.pt").read_bytes() == first
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{sleeper.pid}\n")               # a second live run holds the folder
+        line = one_line_refusal(lambda: train("--overwrite"), capsys)
+        assert f"in use by process {sleeper.pid}" in line and (out / "tokenizer.pt").read_bytes() == first
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    train("--overwrite")                                             # its process ended: a stale lock is taken over
+    assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+    assert not list(out.glob("*.tmp"))                               # temporaries are per process and renamed
+
+
+def test_resumable_outputs_refuse_a_rerun_with_other_settings(tmp_path, trained_pair, trained_tokenizer):
+    folder = tmp_path / "fid"
+    sample.main([*trained_pair, "--fid", "3", "--guidance", "4.0", "--out", str(folder)])
+    (folder / "000001.png").unlink()                                 # an interrupted run
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(dar.BadInput, match=r"made with guidance = 4.0, this run has 1.0"):
+        sample.main([*trained_pair, "--fid", "3", "--guidance", "1.0", "--out", str(folder)])
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    data, cache = dar.BuiltinShapes(8, 32, seed=0), tmp_path / "codes"
+    tokenizer = dar.load_tokenizer(trained_tokenizer)
+    build = lambda seed: train_ar.cache_codes(tokenizer, trained_tokenizer, data, cache, 0, 1, torch.device("cpu"), 4,
+                                              {"source": "builtin", "size": 8, "seed": seed})
+    build(0)
+    with pytest.raises(dar.BadInput, match=r"made with data = .*'seed': 0.*this run has .*'seed': 1"):
+        build(1)                                                     # another dataset: not the seed-0 codes
+
+
+def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)          # 0 .. 65472, a 16-bit greyscale ramp
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    rgb = np.asarray(dar.open_rgb(tmp_path / "grey16.png"))
+    assert rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() >= 250                 # contrast kept, not clipped
+    assert rgb[..., 0].ravel().tolist() == sorted(rgb[..., 0].ravel().tolist())
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    transparent.save(tmp_path / "alpha.png")
+    assert np.asarray(dar.open_rgb(tmp_path / "alpha.png"))[0, 0].tolist() == [255, 255, 255]   # on white
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    assert dar.open_rgb(tmp_path / "cmyk.jpg").mode == "RGB"
+    frames = [Image.new("P", (8, 8), i) for i in (3, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert dar.open_rgb(tmp_path / "anim.gif").size == (8, 8)
+
+
+def test_checkpoint_errors_name_the_real_cause(tmp_path, trained_tokenizer, capsys):
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        dar.load_tokenizer(noise)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tokenizer.pt").write_bytes(noise.read_bytes())
+    line = one_line_refusal(lambda: train_tokenizer.main(tokenizer_args(out, "--steps", "2", "--resume")), capsys)
+    assert "not a PyTorch checkpoint" in line
+    torch.save({"kind": "ar", "model": {}, "optimizer": {}}, out / "tokenizer.pt")    # a wrong-kind checkpoint
+    line = one_line_refusal(lambda: train_tokenizer.main(tokenizer_args(out, "--steps", "2", "--resume")), capsys)
+    assert "is not a tokenizer training checkpoint (it is 'ar')" in line and len(line) < 300
+
+
+def test_sampler_refuses_non_finite_settings(official_ar, official):
+    for options in (dict(guidance=float("nan")), dict(guidance=(1.0, float("inf"))), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError, match="finite number"):
+            next(dar.sample(official_ar, official, torch.arange(2), **options))

@@ -9,9 +9,7 @@ Each config brings its recipe (RECIPES below: the paper's values for B/L/XL/XXL)
 The global batch is --batch-size x --grad-accum x the number of processes. Tokens are computed on the
 fly by the tokenizer (EMA weights, float32), or once per augmentation view with --cache-codes.
 """
-import argparse
 import copy
-import json
 import math
 import random
 from dataclasses import replace
@@ -34,9 +32,9 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = dar.Parser(__doc__)
     recipe = dar.add_training_flags(parser, RECIPES)
-    recipe.add_argument("--epochs", type=float)
+    recipe.add_argument("--epochs", type=dar.RATE)
     model = parser.add_argument_group("the tokens")
     model.add_argument("--tokenizer", default=None, help="tokenizer checkpoint, ours or the release's "
                        "(default for tiny: out/tiny/tokenizer.pt)")
@@ -44,16 +42,21 @@ def parse_args(argv=None):
                        "(default for tiny: <out>/codes; otherwise tokens are computed on the fly)")
     model.add_argument("--reverse", action="store_true", help="train on the reversed (fine-to-coarse) order")
     schedule = parser.add_argument_group("the learning-rate decay (paper)")
-    schedule.add_argument("--final-lr", type=float, default=1e-5, help="lr at the end of the decay (paper: 1e-5)")
-    schedule.add_argument("--decay-fraction", type=float, default=50 / 300,
+    schedule.add_argument("--final-lr", type=dar.WEIGHT, default=1e-5, help="lr at the end of the decay (paper: 1e-5)")
+    schedule.add_argument("--decay-fraction", type=dar.flag_type(0, 1), default=50 / 300,
                           help="linear decay over this last fraction of training (paper: the last 50 of 300 epochs)")
-    parser.add_argument("--sample-guidance", type=float, default=4.0, help="guidance scale of the --sample-every "
+    parser.add_argument("--sample-guidance", type=dar.WEIGHT, default=4.0, help="guidance scale of the --sample-every "
                         "pictures")
-    args = dar.finish_training_flags(parser.parse_args(argv), RECIPES, "train_ar.py", argv)
+    args = dar.finish_training_flags(parser, argv, RECIPES, "train_ar.py")
     if args.tokenizer is None:
         if args.config != "tiny":
             parser.error("--tokenizer is required for the paper configs (e.g. the released D-AR-tokenizer_v1.pt)")
         args.tokenizer = "out/tiny/tokenizer.pt"
+    if not Path(args.tokenizer).is_file():
+        parser.error(f"--tokenizer: no checkpoint at {args.tokenizer}; train one with `python train_tokenizer.py` "
+                     f"or pass the released D-AR-tokenizer_v1.pt")
+    if args.cache_codes is not None and Path(args.cache_codes).exists() and not Path(args.cache_codes).is_dir():
+        parser.error(f"--cache-codes {args.cache_codes} is a file, not a folder")
     if args.cache_codes is None and args.config == "tiny":
         args.cache_codes = str(args.out / "codes")
     return args
@@ -74,16 +77,17 @@ class CachedCodes(torch.utils.data.Dataset):
         return torch.from_numpy(self.codes[view, index].astype(np.int64)), int(self.labels[index])
 
 
-def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, device, batch_size):
-    """Encode every view of every image once into <folder>/codes.npy (sharded over the processes); a
-    cache made by another tokenizer file or of another shape is rebuilt."""
+def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, device, batch_size, data):
+    """Encode every view of every image once into <folder>/codes.npy (sharded over the processes). The folder
+    records what made it (the tokenizer file's SHA-256, the data: `data`, the shape); a cache of other settings is
+    refused with one line naming the difference, and an interrupted one is rebuilt."""
     folder = Path(folder)
     shape = (dataset.views, len(dataset), tokenizer.cfg.num_tokens)
     codes_path, labels_path, source_path = folder / "codes.npy", folder / "labels.npy", folder / "source.json"
-    stat = Path(tokenizer_path).stat()
-    source = {"tokenizer": str(Path(tokenizer_path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "shape": list(shape)}
-    if not codes_path.exists() or not source_path.exists() or json.loads(source_path.read_text()) != source:
+    source = {"tokenizer_sha256": dar.file_digest(tokenizer_path), "data": data, "shape": list(shape)}
+    if source_path.exists():
+        dar.check_record(source_path, source, f"--cache-codes {folder}")
+    if not codes_path.exists() or not source_path.exists():
         partial = folder / "codes.npy.partial"
         if rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
@@ -107,30 +111,36 @@ def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, de
         if rank == 0:
             (folder / "labels.partial.npy").replace(labels_path)
             partial.replace(codes_path)
-            source_path.write_text(json.dumps(source))
+            dar.check_record(source_path, source, f"--cache-codes {folder}")
         if world_size > 1:
             torch.distributed.barrier()
-    return CachedCodes(np.load(codes_path, mmap_mode="r"), np.load(labels_path), dataset.num_classes)
+    try:
+        codes, labels = np.load(codes_path, mmap_mode="r"), np.load(labels_path)
+    except (OSError, ValueError) as error:
+        raise dar.BadInput(f"--cache-codes: {codes_path} is damaged ({error}); delete {folder} to rebuild it") from None
+    if codes.shape != shape or labels.shape != (shape[1],):
+        raise dar.BadInput(f"--cache-codes: {codes_path} holds {codes.shape}, not {shape}; delete {folder} to rebuild it")
+    return CachedCodes(codes, labels, dataset.num_classes)
 
 
 def tokenizer_and_data(args, rank, world_size, device):
     """The frozen tokenizer (EMA weights) and the data: images, or with --cache-codes their tokens; -> tokenizer,
     dataset, whether the dataset holds tokens."""
-    if not Path(args.tokenizer).exists():
-        raise SystemExit(f"no tokenizer at {args.tokenizer}; train one with `python train_tokenizer.py` "
-                         f"or pass the released D-AR-tokenizer_v1.pt with --tokenizer")
-    tokenizer = dar.load_tokenizer(args.tokenizer, device).requires_grad_(False)
-    size = tokenizer.cfg.image_size
-    dataset = (dar.BuiltinShapes(args.builtin_size, size, seed=args.seed) if args.data == "builtin"
-               else dar.ImageFolder(args.data, size, augment="ar"))
+    try:
+        tokenizer = dar.load_tokenizer(args.tokenizer, device).requires_grad_(False)
+    except (ValueError, KeyError, OSError) as error:
+        raise dar.BadInput(f"--tokenizer {args.tokenizer} cannot be loaded: {str(error).splitlines()[0]}") from None
+    dataset = dar.training_images(args, tokenizer.cfg.image_size, "ar")
     if args.cache_codes is None:
         return tokenizer, dataset, False
+    data = ({"source": "builtin", "size": args.builtin_size, "seed": args.seed} if args.data == "builtin"
+            else {"source": str(Path(args.data).resolve()), "files": len(dataset)})
     return tokenizer, cache_codes(tokenizer, args.tokenizer, dataset, args.cache_codes, rank, world_size, device,
-                                  args.batch_size), True
+                                  args.batch_size, data), True
 
 
 def main(args):
-    rank, world_size, device, autocast, log = dar.training_setup(args)
+    rank, world_size, device, autocast, log = dar.training_setup(args, args.out / "ar.pt")
     tokenizer, dataset, cached = tokenizer_and_data(args, rank, world_size, device)
 
     # ---- model, EMA, optimiser (weight decay on matrices and embeddings, not on norm weights)
@@ -144,7 +154,10 @@ def main(args):
     decay_start = round((1 - args.decay_fraction) * total_steps)
     checkpoint_path, start_step = args.out / "ar.pt", 0
     if args.resume:
-        start_step = dar.resume_training(checkpoint_path, model, ema, optimizer)["step"]
+        try:
+            start_step = dar.resume_training(checkpoint_path, "ar", model, ema, optimizer)["step"]
+        except ValueError as error:
+            raise dar.BadInput(str(error)) from None
         log(f"resumed {checkpoint_path} at step {start_step}")
     log(f"AR {args.config}{' (reversed order)' if args.reverse else ''}: {sum(p.numel() for p in model.parameters()):,} "
         f"parameters, {len(dataset)} images, global batch {global_batch}, {total_steps} steps ({args.epochs} epochs)")
@@ -196,4 +209,4 @@ def save_samples(model, tokenizer, args, path):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    dar.command_line(lambda: main(parse_args()))

@@ -37,37 +37,38 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = dar.Parser(__doc__)
     recipe = dar.add_training_flags(parser, RECIPES)
-    recipe.add_argument("--steps", type=int, help="optimizer steps")
-    recipe.add_argument("--warmup", type=int, help="linear warm-up steps (release: 500)")
-    recipe.add_argument("--lpips-weight", type=float, help="lambda_1 of Eq. (7) (paper: 0.5; needs VGG16 weights)")
-    recipe.add_argument("--repa-weight", type=float, help="lambda_2 of Eq. (7) (paper: 0.5; needs DINOv2-B/14)")
+    recipe.add_argument("--steps", type=dar.SIZE, help="optimizer steps")
+    recipe.add_argument("--warmup", type=dar.COUNT, help="linear warm-up steps (release: 500)")
+    recipe.add_argument("--lpips-weight", type=dar.WEIGHT, help="lambda_1 of Eq. (7) (paper: 0.5; needs VGG16 weights)")
+    recipe.add_argument("--repa-weight", type=dar.WEIGHT, help="lambda_2 of Eq. (7) (paper: 0.5; needs DINOv2-B/14)")
     tiny = parser.add_argument_group("the CPU miniature (--config tiny; dar.MiniatureRecipe)")
     tiny.add_argument("--conv-stem", action=argparse.BooleanOptionalAction, help="embed patches with a small CNN "
                       "(default: on; release: one strided convolution)")
-    tiny.add_argument("--codebook-restart", type=int, help="re-seed unused codebook rows every N steps (default: 100; "
+    tiny.add_argument("--codebook-restart", type=dar.COUNT, help="re-seed unused codebook rows every N steps (default: 100; "
                       "0: never, as released)")
-    tiny.add_argument("--code-path-steps", type=int, help="first train the encoder -> VQ -> causal decoder path "
+    tiny.add_argument("--code-path-steps", type=dar.COUNT, help="first train the encoder -> VQ -> causal decoder path "
                       "alone for N steps, against the code head, no diffusion")
-    tiny.add_argument("--teacher-weight", type=float, help="in those steps the code head also predicts the pooled "
+    tiny.add_argument("--teacher-weight", type=dar.WEIGHT, help="in those steps the code head also predicts the pooled "
                       "features of a small CNN trained on built-in shapes, with this weight (0: pixels only)")
     tiny.add_argument("--freeze", choices=["none", "encoder"], help="after the code-path steps, hold the encoder and "
                       "the codebook fixed")
-    tiny.add_argument("--target-blur", type=float, help="the code head's target for group c(t): the image blurred by "
+    tiny.add_argument("--target-blur", type=dar.WEIGHT, help="the code head's target for group c(t): the image blurred by "
                       "sigma = S (1 - t) / t px (dar.time_blur), so each group learns what its step can see (default 0)")
     tiny.add_argument("--teacher-from", choices=["group", "last"], help="the teacher's features are predicted from "
                       "c(t) (default) or from the last group")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--eval-every", type=int, default=0, help="built-in data: every N steps, the EMA weights' "
+    parser.add_argument("--eval-every", type=dar.COUNT, default=0, help="built-in data: every N steps, the EMA weights' "
                         "reconstructions of held-out images -> toy accuracy, MSE and codebook use, logged and "
                         "appended to <out>/learning_curve.tsv (0: never)")
-    parser.add_argument("--eval-images", type=int, default=200, help="held-out images of --eval-every")
-    parser.add_argument("--probe-images", type=int, default=3500, help="--eval-every's linear probes of the first "
+    parser.add_argument("--eval-images", type=dar.SIZE, default=200, help="held-out images of --eval-every")
+    parser.add_argument("--probe-images", type=dar.flag_type(2, integer=True), default=3500, help="--eval-every's linear probes of the first "
                         "and last group (dar.group_probes): fitted on all but 500 of these held-out images")
     parser.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
-                        help="--eval-every's classifier (shipped; trained and written there if missing)")
-    args = dar.finish_training_flags(parser.parse_args(argv), RECIPES, "train_tokenizer.py", argv)
+                        help="--eval-every's toy evaluator (shipped; trained and written there if missing); the "
+                        "accuracy logged is its members' mean")
+    args = dar.finish_training_flags(parser, argv, RECIPES, "train_tokenizer.py")
     miniature_flags = [flag for flag in MINIATURE_FLAGS if getattr(args, flag) is not None]
     if args.config != "tiny" and (miniature_flags or args.code_path_steps):
         parser.error("--conv-stem, --codebook-restart and --code-path-steps belong to the CPU miniature (--config tiny)")
@@ -143,7 +144,7 @@ class HeldOut:
         self.images = self.images.to(device)
         self.noise = torch.randn(len(self.images), 3, image_size, image_size,
                                  generator=torch.Generator().manual_seed(0)).to(device)
-        self.classifier = dar.load_toy_evaluator(args.evaluator, image_size).to(device)
+        self.evaluator = dar.load_toy_evaluator(args.evaluator, image_size).to(device)
         self.probe_images, self.probe_labels = dar.builtin_images(args.probe_images, image_size, dar.PROBE_SEED)
         self.probe_train = max(1, args.probe_images - 500)
         self.probe_images = self.probe_images.to(device)
@@ -161,7 +162,7 @@ class HeldOut:
             reconstructions = head(tokenizer.conditions(codes)[:, -tokenizer.cfg.group_size:])
         else:
             reconstructions = tokenizer.decode(codes, noise=self.noise)
-        accuracy = dar.toy_judgement(self.classifier, reconstructions, self.labels)[1] / len(self.images)
+        accuracy = (dar.toy_judgement(self.evaluator, reconstructions, self.labels)[1] / len(self.images)).mean().item()
         mse, use = F.mse_loss(reconstructions, self.images).item(), codes.unique().numel() / tokenizer.cfg.codebook_size
         stage = "code path" if head is not None else "diffusion"
         probes = dar.group_probes(tokenizer, self.probe_images, self.probe_labels, self.probe_train)
@@ -189,16 +190,15 @@ def build(args, cfg, device):
 
 
 def main(args):
-    rank, world_size, device, autocast, log = dar.training_setup(args)
+    checkpoint_path, start_step = args.out / "tokenizer.pt", 0
+    rank, world_size, device, autocast, log = dar.training_setup(args, checkpoint_path)
 
     # ---- data and model; a run without REPA builds no REPA head (nothing untrained is saved)
     cfg = dar.TOKENIZER_PRESETS[args.config]
     cfg = replace(cfg, repa_dim=0) if args.repa_weight == 0 else cfg
-    dataset = (dar.BuiltinShapes(args.builtin_size, cfg.image_size, seed=args.seed) if args.data == "builtin"
-               else dar.ImageFolder(args.data, cfg.image_size, augment="tokenizer"))
+    dataset = dar.training_images(args, cfg.image_size, "tokenizer")
     recipe, model, head, learner, learner_ema, optimizer, restarts = build(args, cfg, device)
     ema = learner_ema.tokenizer if head is not None else learner_ema
-    checkpoint_path, start_step = args.out / "tokenizer.pt", 0
     if args.resume:
         start_step = resume(checkpoint_path, learner, learner_ema, optimizer, restarts)
         log(f"resumed {checkpoint_path} at step {start_step}")
@@ -266,9 +266,13 @@ def miniature_entries(recipe, head, learner_ema, restarts):
 
 def resume(path, learner, learner_ema, optimizer, restarts):
     """--resume: the tokenizer, its EMA, the optimizer, and the miniature's code head and codebook use; -> the step."""
-    checkpoint = dar.resume_training(path, learner.tokenizer if isinstance(learner, dar.CodePath) else learner,
-                                     learner_ema.tokenizer if isinstance(learner, dar.CodePath) else learner_ema, optimizer)
-    if isinstance(learner, dar.CodePath):
+    two_stage = isinstance(learner, dar.CodePath)
+    try:
+        checkpoint = dar.resume_training(path, "tokenizer", learner.tokenizer if two_stage else learner,
+                                         learner_ema.tokenizer if two_stage else learner_ema, optimizer)
+    except ValueError as error:
+        raise dar.BadInput(str(error)) from None
+    if two_stage:
         learner.head.load_state_dict(checkpoint["code_head"])
         learner_ema.head.load_state_dict(checkpoint["code_head_ema"])
     if restarts is not None:
@@ -277,4 +281,4 @@ def resume(path, learner, learner_ema, optimizer, restarts):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    dar.command_line(lambda: main(parse_args()))
