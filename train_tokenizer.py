@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         "appended to <out>/learning_curve.tsv (0: never)")
     parser.add_argument("--eval-images", type=dar.SIZE, default=200, help="held-out images of --eval-every")
     parser.add_argument("--probe-images", type=dar.flag_type(2, integer=True), default=3500, help="--eval-every's linear probes of the first "
-                        "and last group (dar.group_probes): fitted on all but 500 of these held-out images")
+                        "and last group (dar.group_probes): fitted on all but 500 (or a quarter) of these held-out images")
     parser.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
                         help="--eval-every's toy evaluator (shipped; trained and written there if missing); the "
                         "accuracy logged is its members' mean")
@@ -146,7 +146,7 @@ class HeldOut:
                                  generator=torch.Generator().manual_seed(0)).to(device)
         self.evaluator = dar.load_toy_evaluator(args.evaluator, image_size).to(device)
         self.probe_images, self.probe_labels = dar.builtin_images(args.probe_images, image_size, dar.PROBE_SEED)
-        self.probe_train = max(1, args.probe_images - 500)
+        self.probe_train = args.probe_images - min(500, args.probe_images // 4)  # the rest scores the probes
         self.probe_images = self.probe_images.to(device)
         self.curve = args.out / "learning_curve.tsv"
         if not self.curve.exists():
