@@ -1721,7 +1721,7 @@ def check_number(value, name, low=None, high=None, low_open=False, high_open=Fal
     if not math.isfinite(number) or below or above:
         bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
                  ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
-        raise ValueError(f"{name} must be {kind} {' and '.join(bounds)}, got {value!r}".replace(" ,", ","))
+        raise ValueError(f"{name} must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got {value!r}")
     return number
 
 
