@@ -28,8 +28,8 @@ import io
 import json
 import math
 import os
-import pickle
 import random
+import re
 import shlex
 import sys
 import time
@@ -704,17 +704,19 @@ class _ForeignObject:
     receives the pickled attributes; no code of the file runs."""
 
 
-def load_checkpoint_file(path):
+def load_checkpoint_file(path, mmap=True):
     """torch.load with weights_only=True, allowing only plain data plus the two foreign objects the
     official files contain: an argparse.Namespace and a config_util.Config (read as plain attributes)."""
     allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        if "Weights only load failed" in str(error):  # a real checkpoint that holds an object we do not allow
-            raise ValueError(f"{path} holds objects other than tensors and plain values; refused "
-                             f"({str(error).splitlines()[0][:120]})") from None
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError:
+        raise
+    except Exception as error:  # on arbitrary bytes torch's unpickler raises anything (IndexError, KeyError, ...)
+        found = re.search(r"GLOBAL (\S+)", str(error))  # a real checkpoint that pickles an object we do not allow
+        if found:
+            raise ValueError(f"{path} holds {found[1]}, an object other than tensors and plain values; refused") from None
         raise ValueError(f"{path} is not a PyTorch checkpoint (truncated, or another kind of file)") from None
 
 
@@ -1923,7 +1925,7 @@ def export_weights(checkpoint_path, path, command):
     kept no EMA), floats in half precision (the loaders cast them back to float32), the entries that say
     how to build the model, the arguments of the training run and `command`, the invocation that exported
     it. No optimizer state, and nothing that only training uses."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(checkpoint_path)
     weights = checkpoint.get("ema") or checkpoint["model"]
     save_checkpoint({**{key: checkpoint[key] for key in EXPORTED_ENTRIES if key in checkpoint},
                      "model": {key: value.half() if value.is_floating_point() else value for key, value in weights.items()},
@@ -1934,9 +1936,9 @@ def resume_training(path, kind, model, ema, optimizer):
     """Load a checkpoint of `kind` written by `training_checkpoint` into model, ema (or None) and optimizer; -> the
     checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming its kind or first bad key."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no mmap: the optimizer state is updated
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError):
-        raise ValueError(f"--resume: {path} is not a PyTorch checkpoint (truncated, or another kind of file)") from None
+        checkpoint = load_checkpoint_file(path, mmap=False)  # no mmap: the optimizer state is updated in place
+    except ValueError as error:
+        raise ValueError(f"--resume: {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != kind or "optimizer" not in checkpoint:
         found = checkpoint.get("kind", "no kind") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"--resume: {path} is not a {kind} training checkpoint (it is {found!r}"
@@ -2334,7 +2336,7 @@ def load_toy_evaluator(path, image_size):
     if not path.is_file():
         tqdm.write(f"training the toy evaluator once -> {path}")
         save_toy_evaluator(path, image_size)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path)
     if checkpoint.get("kind") != "evaluator" or checkpoint.get("image_size") != image_size or "members" not in checkpoint:
         raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel images (kind "
                          f"{checkpoint.get('kind')!r}, image_size {checkpoint.get('image_size')}, members "
@@ -2352,7 +2354,7 @@ def load_teacher(path, image_size, device):
         tqdm.write(f"training the code head's teacher once -> {path}")
         classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED, data_seed=TEACHER_TRAIN_SEED)
         save_checkpoint({"kind": "teacher", "image_size": image_size, "model": classifier.state_dict()}, path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path)
     if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size:
         raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel images")
     classifier = ShapeClassifier()

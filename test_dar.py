@@ -1716,9 +1716,14 @@ def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):
 
 def test_checkpoint_errors_name_the_real_cause(tmp_path, trained_tokenizer, capsys):
     noise = tmp_path / "noise.pt"
-    noise.write_bytes(os.urandom(4096))
-    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
-        dar.load_tokenizer(noise)
+    for seed in range(64):  # on arbitrary bytes torch's unpickler raises many kinds of error; each is the same refusal
+        noise.write_bytes(np.random.default_rng(seed).bytes(4096))
+        for load in (dar.load_tokenizer, dar.load_checkpoint_file):
+            with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+                load(noise)
+    torch.save({"config": dar.TokenizerConfig()}, tmp_path / "class.pt")  # a real checkpoint that pickles a class
+    with pytest.raises(ValueError, match="holds dar.TokenizerConfig, an object other than tensors"):
+        dar.load_checkpoint_file(tmp_path / "class.pt")
     out = tmp_path / "run"
     out.mkdir()
     (out / "tokenizer.pt").write_bytes(noise.read_bytes())
