@@ -800,6 +800,7 @@ def load_tokenizer(path, device="cpu"):
         raise ValueError(f"{path}: unknown tokenizer builder {builder!r}; known: {sorted(TOKENIZER_BUILDERS)}")
     tokenizer = TOKENIZER_BUILDERS[builder](cfg, ckpt.get("recipe", {})) if builder else Tokenizer(cfg)
     load_state_strict(tokenizer, weights, f"tokenizer checkpoint {path}")
+    tokenizer.file = Path(path)  # what `check_pair` compares with an AR model's record
     return tokenizer.to(device).eval()
 
 
@@ -1081,6 +1082,7 @@ def load_ar(path, config=None, device="cpu"):
         cfg = config or infer_ar_config(weights)
     model = LlamaAR(cfg)
     load_state_strict(model, weights, f"AR checkpoint {path}")
+    model.codes_of = read_tokenizer_record(ckpt.get("tokenizer"), path)  # ours: the tokenizer it learned; release: None
     return model.to(device).eval()
 
 
@@ -1132,10 +1134,41 @@ class SampledGroup:
 
 
 def check_pair(ar, tokenizer):
-    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's V and N."""
+    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's V and N, and
+    (where both were loaded from our files) only the codes of the tokenizer file it learned."""
     if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size, tokenizer.cfg.num_tokens):
         raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the "
                          f"tokenizer ({tokenizer.cfg.codebook_size} ids, {tokenizer.cfg.num_tokens} tokens)")
+    learned, file = getattr(ar, "codes_of", None), getattr(tokenizer, "file", None)
+    if learned and file and cached_digest(file) != learned["sha256"]:
+        raise ValueError(f"the AR model learned the codes of {learned['path']} (sha256 {learned['sha256'][:12]}), "
+                         f"not of {file} ({cached_digest(file)[:12]}): pass the tokenizer it learned")
+
+
+def tokenizer_record(tokenizer_path, holder_path):
+    """What an AR checkpoint at `holder_path` records of the tokenizer whose codes it learns: the file's SHA-256 and
+    its path relative to the checkpoint's folder (so the pair stays a pair when both move together)."""
+    return {"path": os.path.relpath(Path(tokenizer_path).resolve(), Path(holder_path).resolve().parent),
+            "sha256": file_digest(tokenizer_path)}
+
+
+def read_tokenizer_record(record, holder_path):
+    """A `tokenizer_record` read from the checkpoint at `holder_path` -> {"path": where it points, "sha256"}, or None."""
+    if record is None:
+        return None
+    return {"path": Path(os.path.normpath(Path(holder_path).parent / record["path"])), "sha256": record["sha256"]}
+
+
+_DIGESTS = {}
+
+
+def cached_digest(path):
+    """`file_digest`, computed once per (path, size, modification time)."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
 
 
 @torch.no_grad()
@@ -1682,20 +1715,32 @@ def claim_run_folder(out, checkpoint, resume, overwrite):
     if checkpoint.exists() and not (resume or overwrite):
         raise BadInput(f"--out {out} already holds {checkpoint}: pass --resume to continue it or --overwrite to "
                        f"start afresh")
+    lock_folder(out, "--out")
+
+
+def lock_folder(folder, flag):
+    """Make `folder` this process's: a lock file refuses a second live process (naming it), a stale one is taken
+    over. -> release(), which the end of the process also calls."""
+    folder, pid = Path(folder), str(os.getpid())
+    lock = folder / ".lock"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = out / ".lock"
-        try:  # created only if absent: of two runs starting together, one wins
+        folder.mkdir(parents=True, exist_ok=True)
+        try:  # created only if absent: of two processes starting together, one wins
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             holder = int((lock.read_text().split() or ["0"])[0])
-            if holder != os.getpid() and process_alive(holder):
-                raise BadInput(f"--out {out} is in use by process {holder} (lock {lock}); wait for it or choose "
-                               f"another --out") from None
-        lock.write_text(f"{os.getpid()}\n")  # ours now (a stale lock's process has ended)
+            if str(holder) != pid and process_alive(holder):
+                raise BadInput(f"{flag} {folder} is in use by process {holder} (lock {lock}); wait for it or choose "
+                               f"another {flag}") from None
+        lock.write_text(f"{pid}\n")  # ours now (a stale lock's process has ended)
     except OSError as error:
-        raise BadInput(f"--out {out} is not writable ({error.strerror})") from None
-    atexit.register(lambda: lock.exists() and lock.read_text().split()[0] == str(os.getpid()) and lock.unlink())
+        raise BadInput(f"{flag} {folder} is not writable ({error.strerror})") from None
+
+    def release():
+        if lock.exists() and lock.read_text().split()[:1] == [pid]:
+            lock.unlink()
+    atexit.register(release)
+    return release
 
 
 def process_alive(pid):
@@ -1767,7 +1812,7 @@ def add_training_flags(parser, recipes):
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--workers", type=COUNT, default=0, help="data-loading processes per training process")
     run.add_argument("--log-every", type=SIZE, default=100)
-    run.add_argument("--sample-every", type=SIZE, default=500, help="write a picture every N steps")
+    run.add_argument("--sample-every", type=SIZE, default=250, help="write a picture every N steps and at the end")
     run.add_argument("--save-every", type=SIZE, default=500)
     run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     run.add_argument("--overwrite", action="store_true", help="start afresh over the checkpoint in --out")
@@ -1917,7 +1962,7 @@ def training_checkpoint(kind, cfg, model, ema, optimizer, step, args, **entries)
 
 
 # what a shared file keeps of a training checkpoint, besides the weights
-EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe")
+EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe", "tokenizer")
 
 
 def export_weights(checkpoint_path, path, command):
@@ -1927,6 +1972,10 @@ def export_weights(checkpoint_path, path, command):
     it. No optimizer state, and nothing that only training uses."""
     checkpoint = load_checkpoint_file(checkpoint_path)
     weights = checkpoint.get("ema") or checkpoint["model"]
+    if "tokenizer" in checkpoint:  # an AR model's tokenizer, its path now relative to the exported file
+        learned = read_tokenizer_record(checkpoint["tokenizer"], checkpoint_path)
+        checkpoint["tokenizer"] = {**checkpoint["tokenizer"], "path": os.path.relpath(
+            learned["path"].resolve(), Path(path).resolve().parent)}
     save_checkpoint({**{key: checkpoint[key] for key in EXPORTED_ENTRIES if key in checkpoint},
                      "model": {key: value.half() if value.is_floating_point() else value for key, value in weights.items()},
                      "training_args": checkpoint["args"], "command": command}, path)
@@ -2424,24 +2473,33 @@ def shape_layout(images):
 
 
 @torch.no_grad()
+def layout_agreement(references, images):
+    """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether its background colour
+    is the reference's (B,), whether both colours are (B,), and how far its shape's centroid lies from the
+    reference's (B,) in pixels (the image size where either has no shape)."""
+    where, background, colour = shape_layout(references.float().cpu())
+    image_where, image_background, image_colour = shape_layout(images.float().clamp(-1, 1).cpu())
+    same_background = (image_background == background).all(-1)
+    colours = same_background & (image_colour == colour).all(-1)
+    return same_background, colours, (image_where - where).norm(dim=-1).nan_to_num(float(images.shape[-1]))
+
+
 def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options):
     """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample every class
     from one seed per reference (seed + r). -> how often the evaluator sees the asked-for class (a `spread`), how far the
     shape's centroid lies from the reference's (pixels; the image size where no shape is found), and how
     often the shape and background colours are the reference's (`shape_layout`). kept = 0: the chance level."""
-    C, size = ar.cfg.num_classes, tokenizer.cfg.image_size
+    C = ar.cfg.num_classes
     device = tokenizer.sampling_times.device
     codes, labels = tokenizer.encode(references.to(device)), torch.arange(C, device=device)
-    where, background, colour = shape_layout(references.cpu())
     correct, distance, same_colours = torch.zeros(len(evaluator.members)), 0, 0
     for r in tqdm(range(len(references)), desc=f"{kept} tokens kept", dynamic_ncols=True):
         *_, last = sample(ar, tokenizer, labels, prefix=codes[r:r + 1, :kept].expand(C, kept),
                           generator=generators([seed + r] * C, device), **options)
         images = last.image.float().clamp(-1, 1)
         correct += toy_judgement(evaluator, images, labels)[1]
-        sample_where, sample_background, sample_colour = shape_layout(images.cpu())
-        distance += (sample_where - where[r]).norm(dim=-1).nan_to_num(float(size)).sum().item()
-        same_colours += ((sample_background == background[r]).all(-1) & (sample_colour == colour[r]).all(-1)).sum().item()
+        _, colours, off = layout_agreement(references[r:r + 1].expand(C, -1, -1, -1), images)
+        same_colours, distance = same_colours + colours.sum().item(), distance + off.sum().item()
     total = len(references) * C
     return dict(kept=kept, class_as_asked=spread(correct / total), centroid_px=distance / total,
                 colours_kept=same_colours / total)

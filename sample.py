@@ -15,8 +15,9 @@ paper's FIDs are computed from, the toy metric of the built-in shapes and the sa
     python sample.py --benchmark 1,4,16 --compile                 # images/s, ms per token and per step
     python sample.py --benchmark 1,64 --preset ablation:B         # random weights, no download
 
-Without --tokenizer and --ar: the pair that `python train_tokenizer.py && python train_ar.py` wrote to
-out/tiny when it exists, else the shipped weights/tiny (one printed line says which). Sample i of --fid and
+Without --ar: the AR model `python train_ar.py` wrote to out/tiny when it exists, else the shipped one in
+weights/tiny; without --tokenizer: the tokenizer whose codes that AR model learned (its checkpoint records
+the file and its SHA-256; another tokenizer is refused). One printed line says which. Sample i of --fid and
 --eval asks for class i mod C and draws its noise and tokens from its own generator, seeded with --seed + i,
 so the set is the same whatever the batch size or the number of processes.
 """
@@ -154,40 +155,43 @@ def check_modes(args):
         fail("only --fid and --reconstruct are shared out over processes; run the other modes without torchrun")
 
 
-def choose_tiny_pair(args):
-    """A missing --tokenizer / --ar: the quickstart's pair in out/tiny when it has run, else the shipped one."""
-    if args.tokenizer is not None and args.ar is not None:
-        return
-    own = all((QUICKSTART / name).is_file() for name in ("tokenizer.pt", "ar.pt"))
-    folder = QUICKSTART if own else dar.SHIPPED_TINY
-    args.tokenizer = args.tokenizer or str(folder / "tokenizer.pt")
-    args.ar = args.ar or str(folder / "ar.pt")
-    print(f"tiny pair: {os.path.relpath(folder)}/ (" + ("your quickstart run)" if own else "shipped; `python train_tokenizer.py && "
-                                        "python train_ar.py` trains your own into out/tiny)"))
-
-
-def output_folder(args):
-    """Pictures go next to the AR checkpoint, except for the shipped pair: out/tiny, outside the repository's files."""
-    folder = Path(args.ar).parent
-    return QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
+def yours_or_shipped(name, command):
+    """out/tiny/<name> when your `command` has written it, else the shipped weights/tiny/<name>; -> path, words."""
+    if (QUICKSTART / name).is_file():
+        return str(QUICKSTART / name), f"yours, from `{command}`"
+    return os.path.relpath(dar.SHIPPED_TINY / name), f"shipped; `{command}` trains yours into {QUICKSTART}"
 
 
 def load_models(args, device, need_ar=True):
-    """-> (tokenizer, ar or None) in eval mode, the AR model in bf16 on CUDA as released."""
-    checks = [(args.tokenizer, "python train_tokenizer.py", "--tokenizer")]
-    if need_ar:
-        checks.append((args.ar, "python train_ar.py", "--ar"))
-    for path, command, flag in checks:
+    """-> (tokenizer, ar or None) in eval mode, the AR model in bf16 on CUDA as released. A missing --ar: yours or
+    the shipped one (`yours_or_shipped`); a missing --tokenizer: the one whose codes the AR model learned (its
+    record), or without an AR model yours or the shipped one. One printed line says which."""
+    def load(flag, path, command, loader, *options):
         if not Path(path).is_file():
             fail(f"no checkpoint at {path}; `{command}` creates it, or pass {flag} PATH")
-
-    def load(flag, loader, *options):
         try:
-            return loader(*options, device=device)
+            return loader(path, *options, device=device)
         except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as error:  # a wrong or damaged file
-            fail(f"{flag} {options[0]} cannot be loaded: {str(error).splitlines()[0]}")
-    tokenizer = load("--tokenizer", dar.load_tokenizer, args.tokenizer)
-    ar = load("--ar", dar.load_ar, args.ar, args.ar_config) if need_ar else None
+            fail(f"{flag} {path} cannot be loaded: {str(error).splitlines()[0]}")
+    chosen, ar = [], None
+    if need_ar:
+        if args.ar is None:
+            args.ar, why = yours_or_shipped("ar.pt", "python train_ar.py")
+            chosen.append(f"AR model {args.ar} ({why})")
+        ar = load("--ar", args.ar, "python train_ar.py", dar.load_ar, args.ar_config)
+    if args.tokenizer is None and ar is not None:
+        if ar.codes_of is None:
+            fail(f"--ar {args.ar} does not record which tokenizer's codes it learned: pass --tokenizer")
+        args.tokenizer = os.path.relpath(ar.codes_of["path"])
+        chosen.append(f"tokenizer {args.tokenizer} (whose codes it learned)")
+        if not Path(args.tokenizer).is_file():
+            fail(f"--ar {args.ar} learned the codes of {args.tokenizer}, which is not there: pass --tokenizer")
+    elif args.tokenizer is None:
+        args.tokenizer, why = yours_or_shipped("tokenizer.pt", "python train_tokenizer.py")
+        chosen.append(f"tokenizer {args.tokenizer} ({why})")
+    if chosen:
+        print("pair: " + ", ".join(chosen) if ar is not None else chosen[0])
+    tokenizer = load("--tokenizer", args.tokenizer, "python train_tokenizer.py", dar.load_tokenizer)
     if ar is not None:
         try:
             dar.check_pair(ar, tokenizer)
@@ -195,6 +199,12 @@ def load_models(args, device, need_ar=True):
             fail(f"--ar {args.ar} and --tokenizer {args.tokenizer}: {error}")
         at_release_precision(ar, device, args.precision)
     return tokenizer, ar
+
+
+def output_folder(args):
+    """Pictures go next to the AR checkpoint, except for the shipped pair: out/tiny, outside the repository's files."""
+    folder = Path(args.ar).parent
+    return QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
 
 
 def at_release_precision(ar, device, precision):
@@ -364,8 +374,14 @@ def toy_eval(args, tokenizer, ar, device):
                   f"reference's, both colours kept {row['colours_kept']:.1%}")
             results.append(row)
         return results
+    layouts = []  # of reconstructions: does each keep its image's layout (dar.layout_agreement)?
     if args.reconstruct:
-        (make, total, _), what = reconstruction_batch(args, tokenizer), "reconstructions"
+        (reconstruct, total, dataset), what = reconstruction_batch(args, tokenizer), "reconstructions"
+
+        def make(indices):
+            images, labels = reconstruct(indices)
+            layouts.append(dar.layout_agreement(torch.stack([dataset[i][0] for i in indices]), images))
+            return images, labels
     else:
         make, total, what = sample_batch(args, tokenizer, ar), args.n or 1000, f"samples (guidance {args.guidance}"
         what += f", previews after {args.preview_groups} groups)" if args.preview_groups else ")"
@@ -375,6 +391,12 @@ def toy_eval(args, tokenizer, ar, device):
           f"{spread_text(scores['toy_fid'], '.2f')} (real held-out images: accuracy "
           f"{spread_text(scores['real_accuracy'], '.1%')}, toy FID {spread_text(scores['real_toy_fid'], '.2f')}; "
           f"{len(evaluator.members)} evaluators: mean [lowest, highest])")
+    if layouts:
+        background, colours, offsets = (torch.cat(parts) for parts in zip(*layouts))
+        scores.update(background_kept=background.float().mean().item(), colours_kept=colours.float().mean().item(),
+                      centroid_px=offsets.mean().item())
+        print(f"their layout: background colour kept {scores['background_kept']:.1%}, both colours "
+              f"{scores['colours_kept']:.1%}, the shape's centroid off by {scores['centroid_px']:.2f} px on average")
     return scores
 
 
@@ -469,7 +491,6 @@ def main(argv=None):
     if args.preset:
         tokenizer, ar = preset_pair(args.preset, device, args.precision)
         return benchmark(args, tokenizer, ar, device, f"random weights of the presets {args.preset} (not trained)")
-    choose_tiny_pair(args)
     tokenizer, ar = load_models(args, device, need_ar=args.reconstruct is None)
     with torch.no_grad():
         if args.benchmark:

@@ -837,13 +837,13 @@ SINGLE_STAGE = ["--code-path-steps", "0", "--teacher-weight", "0", "--freeze", "
 def tokenizer_args(out, *extra):
     return train_tokenizer.parse_args(["--out", str(out), "--builtin-size", "64", "--batch-size", "2",
                                        "--log-every", "1", "--sample-every", "2", "--save-every", "2",
-                                       *SINGLE_STAGE, *extra])
+                                       "--eval-every", "0", *SINGLE_STAGE, *extra])
 
 
 def ar_args(out, tokenizer, *extra):
     return train_ar.parse_args(["--out", str(out), "--tokenizer", str(tokenizer), "--builtin-size", "32",
                                 "--batch-size", "4", "--log-every", "1", "--sample-every", "4", "--save-every", "2",
-                                *extra])
+                                "--eval-samples", "0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -858,14 +858,20 @@ def test_train_tokenizer_writes_a_loadable_checkpoint_and_pictures(trained_token
     assert tok.cfg.image_size == 32 and tok.diffusion.repa_out is None   # trained without REPA: no head saved
     raw = torch.load(trained_tokenizer, weights_only=True)
     assert raw["step"] == 2 and set(raw) >= {"model", "ema", "optimizer", "config", "seed"}
-    assert (trained_tokenizer.parent / "tokenizer_0000002.png").exists()
+    assert (trained_tokenizer.parent / "reconstructions_0000002.png").exists()
 
 
-def test_train_ar_writes_a_loadable_checkpoint_and_samples(tmp_path, trained_tokenizer):
-    train_ar.main(ar_args(tmp_path, trained_tokenizer, "--epochs", "0.5"))
+def test_train_ar_writes_a_loadable_checkpoint_and_samples(tmp_path, trained_tokenizer, capsys):
+    train_ar.main(ar_args(tmp_path, trained_tokenizer, "--epochs", "0.5", "--eval-samples", "10"))
     ar = dar.load_ar(tmp_path / "ar.pt")
     assert (ar.cfg.num_classes, ar.cfg.vocab_size, ar.cfg.num_tokens, ar.cfg.reverse) == (10, 256, 64, False)
-    assert (tmp_path / "samples_0000004.png").exists()
+    assert ar.cfg.token_dropout == ar.cfg.residual_dropout == ar.cfg.ffn_dropout == 0.0  # the tiny recipe
+    assert ar.cfg.label_dropout == 0.1                                                    # guidance needs it
+    with Image.open(tmp_path / "samples_0000004.png") as picture:  # a labelled row per class, a column per group
+        assert picture.width > 8 * 96 and picture.height > 10 * 96
+    out = capsys.readouterr().out
+    assert out.startswith(f"the tokens of {trained_tokenizer}\n")
+    assert len([line for line in out.splitlines() if line.startswith("step 4 (16 images): toy accuracy of 10 samples")]) == 1
     assert torch.load(tmp_path / "ar.pt", weights_only=True)["step"] == 4
 
 
@@ -1009,6 +1015,16 @@ def trained_pair(tmp_path_factory, trained_tokenizer):
     out = tmp_path_factory.mktemp("pair")
     train_ar.main(ar_args(out, trained_tokenizer, "--epochs", "0.25", "--sample-every", "100"))
     return ["--tokenizer", str(trained_tokenizer), "--ar", str(out / "ar.pt")]
+
+
+def copy_pair(pair, folder):
+    """The pair's files as folder/tokenizer.pt and folder/ar.pt, the AR file's record pointing at the copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer, ar = (Path(pair[pair.index(flag) + 1]) for flag in ("--tokenizer", "--ar"))
+    (folder / "tokenizer.pt").write_bytes(tokenizer.read_bytes())
+    checkpoint = torch.load(ar, weights_only=True)
+    checkpoint["tokenizer"] = dar.tokenizer_record(folder / "tokenizer.pt", folder / "ar.pt")
+    torch.save(checkpoint, folder / "ar.pt")
 
 
 @pytest.fixture
@@ -1248,23 +1264,78 @@ def test_eval_on_a_first_run_trains_the_evaluator_without_a_traceback(tmp_path, 
     assert np.isfinite(scores["toy_fid"]["mean"])
 
 
-def test_sample_uses_the_quickstart_pair_when_it_exists_and_the_shipped_pair_otherwise(tmp_path, trained_pair,
-                                                                                     monkeypatch, capsys):
+def test_sample_uses_your_ar_model_when_it_exists_and_the_tokenizer_it_learned(tmp_path, trained_pair,
+                                                                              monkeypatch, capsys):
     shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    for flag, name in (("--tokenizer", "tokenizer.pt"), ("--ar", "ar.pt")):
-        (shipped / name).write_bytes(Path(trained_pair[trained_pair.index(flag) + 1]).read_bytes())
+    copy_pair(trained_pair, shipped)
     monkeypatch.setattr(dar, "SHIPPED_TINY", shipped)
     monkeypatch.chdir(tmp_path)
     path = sample.main(["--n", "1"])
-    assert "tiny pair: shipped/ (shipped" in capsys.readouterr().out
+    assert "pair: AR model shipped/ar.pt (shipped; `python train_ar.py` trains yours into out/tiny), tokenizer " \
+           "shipped/tokenizer.pt (whose codes it learned)" in capsys.readouterr().out
     assert path == Path("out/tiny/samples.png") and path.is_file() and not (shipped / "samples.png").exists()
-    (tmp_path / "out" / "tiny" / "tokenizer.pt").write_bytes((shipped / "tokenizer.pt").read_bytes())
-    sample.main(["--n", "1"])                                        # half a quickstart: still the shipped pair
-    assert "tiny pair: shipped/ (shipped" in capsys.readouterr().out
-    (tmp_path / "out" / "tiny" / "ar.pt").write_bytes((shipped / "ar.pt").read_bytes())
-    sample.main(["--n", "1"])
-    assert "tiny pair: out/tiny/ (your quickstart run)" in capsys.readouterr().out
+    (tmp_path / "out" / "tiny" / "tokenizer.pt").write_bytes(b"your tokenizer, not what the AR model learned")
+    sample.main(["--n", "1"])                                        # your tokenizer alone: still the shipped pair
+    assert "tokenizer shipped/tokenizer.pt (whose codes it learned)" in capsys.readouterr().out
+    copy_pair(trained_pair, tmp_path / "out" / "tiny")
+    sample.main(["--n", "1"])                                        # your AR model, with the tokenizer it learned
+    assert "pair: AR model out/tiny/ar.pt (yours, from `python train_ar.py`), tokenizer out/tiny/tokenizer.pt " \
+           "(whose codes it learned)" in capsys.readouterr().out
+
+
+def test_an_ar_model_records_the_tokenizer_it_learned_and_a_mismatched_pair_is_refused(tmp_path, trained_pair, capsys):
+    tokenizer, ar_path = (Path(trained_pair[trained_pair.index(flag) + 1]) for flag in ("--tokenizer", "--ar"))
+    ar = dar.load_ar(ar_path)
+    assert ar.codes_of == {"path": tokenizer.resolve(), "sha256": dar.file_digest(tokenizer)}
+    other = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")   # the same V and N: only the record tells them apart
+    with pytest.raises(ValueError, match=f"learned the codes of {tokenizer.resolve()}"):
+        next(dar.sample(ar, other, [0]))
+    line = one_line_refusal(lambda: sample.main(["--ar", str(ar_path), "--tokenizer",
+                                                 str(dar.SHIPPED_TINY / "tokenizer.pt"), "--n", "1"]), capsys)
+    assert "learned the codes of" in line and "pass the tokenizer it learned" in line
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    dar.export_weights(ar_path, moved / "exported.pt", "test")       # rebased: it still names the tokenizer it learned
+    assert dar.load_ar(moved / "exported.pt").codes_of["path"] == tokenizer.resolve()
+    copy_pair(trained_pair, moved)
+    (moved / "tokenizer.pt").write_bytes((dar.SHIPPED_TINY / "tokenizer.pt").read_bytes())   # replaced by another
+    line = one_line_refusal(lambda: sample.main(["--ar", str(moved / "ar.pt"), "--n", "1"]), capsys)
+    assert f"learned the codes of {(moved / 'tokenizer.pt').resolve()}" in line
+    assert not list(moved.glob("*.png"))
+    shipped = dar.load_ar(dar.SHIPPED_TINY / "ar.pt")                # the shipped pair records its tokenizer
+    assert shipped.codes_of["path"] == (dar.SHIPPED_TINY / "tokenizer.pt").resolve()
+    dar.check_pair(shipped, dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt"))
+
+
+def test_train_ar_without_a_tokenizer_uses_yours_or_the_shipped_one_and_says_which(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train_ar.parse_args([])
+    assert Path(args.tokenizer).resolve() == (dar.SHIPPED_TINY / "tokenizer.pt").resolve()
+    assert args.tokenizer_choice.startswith("the tokens of the shipped tokenizer") and "you have none in out/tiny" \
+        in args.tokenizer_choice
+    assert Path(args.cache_codes) == Path("out/tiny") / f"codes-{dar.file_digest(args.tokenizer)[:12]}"
+    (tmp_path / "out" / "tiny").mkdir(parents=True)
+    (tmp_path / "out" / "tiny" / "tokenizer.pt").write_bytes((dar.SHIPPED_TINY / "tokenizer.pt").read_bytes())
+    args = train_ar.parse_args([])
+    assert args.tokenizer == "out/tiny/tokenizer.pt" and args.tokenizer_choice.startswith("the tokens of your tokenizer")
+
+
+def test_train_ar_refuses_to_resume_on_another_tokenizer_and_to_share_a_cache_being_built(tmp_path, trained_tokenizer,
+                                                                                         capsys):
+    train_ar.main(ar_args(tmp_path / "run", trained_tokenizer, "--epochs", "0.25"))
+    before = (tmp_path / "run" / "ar.pt").read_bytes()
+    shipped = str(dar.SHIPPED_TINY / "tokenizer.pt")
+    line = one_line_refusal(lambda: train_ar.main(ar_args(tmp_path / "run", shipped, "--epochs", "0.5", "--resume")),
+                            capsys)
+    assert f"learned the codes of {os.path.relpath(trained_tokenizer.resolve(), (tmp_path / 'run').resolve())}" in line
+    assert (tmp_path / "run" / "ar.pt").read_bytes() == before
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".lock").write_text(f"{os.getppid()}\n")             # a live process is building it
+    line = one_line_refusal(lambda: train_ar.main(ar_args(tmp_path / "other", trained_tokenizer, "--epochs", "0.25",
+                                                          "--cache-codes", str(cache))), capsys)
+    assert f"--cache-codes {cache} is in use by process {os.getppid()}" in line
+    assert sorted(path.name for path in cache.iterdir()) == [".lock"]
 
 
 # ---- the shipped tiny pair (weights/tiny): real numbers on held-out data, in seconds ----------------
@@ -1334,9 +1405,7 @@ def readme_sample_commands():
 def test_every_readme_sample_command_runs_and_gives_what_it_says(command, tmp_path, trained_pair, evaluator,
                                                                  monkeypatch, capsys):
     # the README's commands as they stand, in a folder laid out as after the quickstart (out/tiny, out/evaluator.pt)
-    (tmp_path / "out" / "tiny").mkdir(parents=True)
-    for flag, name in (("--tokenizer", "tokenizer.pt"), ("--ar", "ar.pt")):
-        (tmp_path / "out" / "tiny" / name).write_bytes(Path(trained_pair[trained_pair.index(flag) + 1]).read_bytes())
+    copy_pair(trained_pair, tmp_path / "out" / "tiny")
     (tmp_path / "out" / "evaluator.pt").write_bytes(evaluator[1].read_bytes())
     monkeypatch.chdir(tmp_path)
     argv = shlex.split(command)[2:]
@@ -1349,6 +1418,10 @@ def test_every_readme_sample_command_runs_and_gives_what_it_says(command, tmp_pa
         if named is not None and not named.exists():
             named.parent.mkdir(parents=True, exist_ok=True)
             named.write_bytes((tmp_path / "out" / "tiny" / name).read_bytes())
+            if flag == "--ar":  # it learned the pair's tokenizer
+                checkpoint = torch.load(named, weights_only=True)
+                checkpoint["tokenizer"] = dar.tokenizer_record(tmp_path / "out" / "tiny" / "tokenizer.pt", named)
+                torch.save(checkpoint, named)
     small = ["--n", "3"] if "--layout-from" not in argv or "--eval" in argv else []
     if "--benchmark" in argv:  # at batch 2, timed once
         at = argv.index("--benchmark") + 1
@@ -1472,9 +1545,10 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     assert all(torch.equal(states[3][key], states[2][key]) for key in encoder)          # frozen: fixed
     assert not all(torch.equal(states[3][key], states[1][key]) for key in diffusion)   # D_FM learns
     rows = (tmp_path / "run" / "learning_curve.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["step", "images", "stage", "accuracy", "mse", "codebook_use", *train_tokenizer.PROBE_COLUMNS]
-    fractions = [value for row in rows[1:] for i, value in enumerate(row.split("\t")) if i == 3 or i >= 5]
-    assert all(0 <= float(value) <= 1 for value in fractions)       # accuracy, codebook use, probes
+    assert rows[0].split("\t") == [*train_tokenizer.CURVE_COLUMNS, *train_tokenizer.PROBE_COLUMNS]
+    fractions = [value for row in rows[1:] for i, value in enumerate(row.split("\t")) if i in (3, 4, 6) or i >= 8]
+    assert all(0 <= float(value) <= 1 for value in fractions)       # colours kept, accuracy, codebook use, probes
+    assert all(0 <= float(row.split("\t")[5]) <= 32 for row in rows[1:])  # the centroid's offset in pixels
     assert [row.split("\t")[:3] for row in rows[1:]] == [["2", "4", "code path"], ["4", "8", "diffusion"]]
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
     assert not {"code_head", "code_head_ema", "codebook_use", "optimizer"} & set(exported)

@@ -1,16 +1,19 @@
 """Train the Llama AR model (§3.2, Eq. 6) on the tokens of a frozen sequential diffusion tokenizer.
 
-    python train_ar.py                                          # tiny config on out/tiny/tokenizer.pt, CPU
+    python train_ar.py                                          # tiny config, CPU, under 3 min: the codes of
+                                                                # out/tiny/tokenizer.pt, else the shipped one
     python train_ar.py --reverse --out out/tiny-reverse         # the fine-to-coarse ablation (Table 7)
     torchrun --nproc_per_node 8 train_ar.py --config L --tokenizer D-AR-tokenizer_v1.pt \\
         --data /imagenet/train --batch-size 128 --cache-codes /fast/codes   # the paper's D-AR-L
 
 Each config brings its recipe (RECIPES below: the paper's values for B/L/XL/XXL); any flag overrides it.
 The global batch is --batch-size x --grad-accum x the number of processes. Tokens are computed on the
-fly by the tokenizer (EMA weights, float32), or once per augmentation view with --cache-codes.
+fly by the tokenizer (EMA weights, float32), or once per augmentation view with --cache-codes. The
+checkpoint records the tokenizer file (path and SHA-256), which sample.py then uses.
 """
 import copy
 import math
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -23,11 +26,13 @@ import dar
 
 RECIPES = {
     # paper §4: batch 1024 for 300 epochs, AdamW lr 4e-4 (the release's script used its default 1e-4),
-    # betas (0.9, 0.95), weight decay 0.05, linear decay to 1e-5 over the last 50 epochs; no EMA (release)
-    **{name: dict(epochs=300, batch_size=64, grad_accum=16, lr=4e-4, ema=0.0, weight_decay=0.05)
+    # betas (0.9, 0.95), weight decay 0.05, linear decay to 1e-5 over the last 50 epochs; no EMA (release);
+    # dropout 0.1 on tokens, residuals and FFNs (release)
+    **{name: dict(epochs=300, batch_size=64, grad_accum=16, lr=4e-4, ema=0.0, weight_decay=0.05, dropout=0.1)
        for name in ("B", "L", "XL", "XXL")},
-    # the laptop run on the built-in shapes: a higher lr for the small model and the short schedule
-    "tiny": dict(epochs=2, batch_size=64, grad_accum=1, lr=1e-3, ema=0.0, weight_decay=0.05),
+    # the laptop run on the built-in shapes, within 3 minutes on 2 cores: a higher lr for the small model, and
+    # no dropout, which slows a short run (the class-label dropout of guidance stays)
+    "tiny": dict(epochs=3.5, batch_size=64, grad_accum=1, lr=3e-3, ema=0.0, weight_decay=0.05, dropout=0.0),
 }
 
 
@@ -35,6 +40,8 @@ def parse_args(argv=None):
     parser = dar.Parser(__doc__)
     recipe = dar.add_training_flags(parser, RECIPES)
     recipe.add_argument("--epochs", type=dar.RATE)
+    recipe.add_argument("--dropout", type=dar.flag_type(0, 1, high_open=True), help="dropout on the tokens, residuals "
+                        "and FFNs (release: 0.1); the class label's dropout (for guidance) stays 0.1")
     model = parser.add_argument_group("the tokens")
     model.add_argument("--tokenizer", default=None, help="tokenizer checkpoint, ours or the release's "
                        "(default for tiny: out/tiny/tokenizer.pt)")
@@ -45,21 +52,40 @@ def parse_args(argv=None):
     schedule.add_argument("--final-lr", type=dar.WEIGHT, default=1e-5, help="lr at the end of the decay (paper: 1e-5)")
     schedule.add_argument("--decay-fraction", type=dar.flag_type(0, 1), default=50 / 300,
                           help="linear decay over this last fraction of training (paper: the last 50 of 300 epochs)")
-    parser.add_argument("--sample-guidance", type=dar.WEIGHT, default=4.0, help="guidance scale of the --sample-every "
-                        "pictures")
+    watch = parser.add_argument_group("watching it learn")
+    watch.add_argument("--sample-guidance", type=dar.WEIGHT, default=4.0, help="guidance scale of the --sample-every "
+                       "pictures and --eval-samples")
+    watch.add_argument("--eval-samples", type=dar.COUNT, default=None, help="built-in data: at every picture, the toy "
+                       "accuracy of this many samples (default 100 for tiny, 0 otherwise: off)")
+    watch.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
+                       help="--eval-samples' toy evaluator (shipped; trained and written there if missing)")
     args = dar.finish_training_flags(parser, argv, RECIPES, "train_ar.py")
-    if args.tokenizer is None:
-        if args.config != "tiny":
-            parser.error("--tokenizer is required for the paper configs (e.g. the released D-AR-tokenizer_v1.pt)")
-        args.tokenizer = "out/tiny/tokenizer.pt"
+    if args.tokenizer is None and args.config != "tiny":
+        parser.error("--tokenizer is required for the paper configs (e.g. the released D-AR-tokenizer_v1.pt)")
+    args.tokenizer, args.tokenizer_choice = choose_tokenizer(args.tokenizer, args.out)
     if not Path(args.tokenizer).is_file():
         parser.error(f"--tokenizer: no checkpoint at {args.tokenizer}; train one with `python train_tokenizer.py` "
                      f"or pass the released D-AR-tokenizer_v1.pt")
     if args.cache_codes is not None and Path(args.cache_codes).exists() and not Path(args.cache_codes).is_dir():
         parser.error(f"--cache-codes {args.cache_codes} is a file, not a folder")
-    if args.cache_codes is None and args.config == "tiny":
-        args.cache_codes = str(args.out / "codes")
+    if args.eval_samples is None:
+        args.eval_samples = 100 if args.config == "tiny" and args.data == "builtin" else 0
+    if args.eval_samples and args.data != "builtin":
+        parser.error("--eval-samples measures the built-in shapes (--data builtin)")
+    if args.cache_codes is None and args.config == "tiny":  # one cache per tokenizer file
+        args.cache_codes = str(args.out / f"codes-{dar.file_digest(args.tokenizer)[:12]}")
     return args
+
+
+def choose_tokenizer(given, out):
+    """--config tiny without --tokenizer: yours (<out>/tokenizer.pt, from `python train_tokenizer.py`) if it
+    exists, else the shipped one; -> the path and the line that says which."""
+    own, shipped = Path(out) / "tokenizer.pt", os.path.relpath(dar.SHIPPED_TINY / "tokenizer.pt")
+    if given is not None:
+        return given, f"the tokens of {given}"
+    if own.is_file():
+        return str(own), f"the tokens of your tokenizer {own} (--tokenizer chooses another)"
+    return shipped, f"the tokens of the shipped tokenizer {shipped} (you have none in {out}: `python train_tokenizer.py`)"
 
 
 class CachedCodes(torch.utils.data.Dataset):
@@ -80,7 +106,8 @@ class CachedCodes(torch.utils.data.Dataset):
 def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, device, batch_size, data):
     """Encode every view of every image once into <folder>/codes.npy (sharded over the processes). The folder
     records what made it (the tokenizer file's SHA-256, the data: `data`, the shape); a cache of other settings is
-    refused with one line naming the difference, and an interrupted one is rebuilt."""
+    refused with one line naming the difference, an interrupted one is rebuilt, and one being built by another live
+    process is refused."""
     folder = Path(folder)
     shape = (dataset.views, len(dataset), tokenizer.cfg.num_tokens)
     codes_path, labels_path, source_path = folder / "codes.npy", folder / "labels.npy", folder / "source.json"
@@ -89,8 +116,8 @@ def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, de
         dar.check_record(source_path, source, f"--cache-codes {folder}")
     if not codes_path.exists() or not source_path.exists():
         partial = folder / "codes.npy.partial"
-        if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0:  # one process builds a cache: a second run into the same folder is refused, not mixed in
+            release = dar.lock_folder(folder, "--cache-codes")
             np.lib.format.open_memmap(partial, mode="w+", dtype=np.int32, shape=shape)
             np.save(folder / "labels.partial.npy", np.zeros(len(dataset), dtype=np.int64))
         if world_size > 1:
@@ -112,6 +139,7 @@ def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, de
             (folder / "labels.partial.npy").replace(labels_path)
             partial.replace(codes_path)
             dar.check_record(source_path, source, f"--cache-codes {folder}")
+            release()
         if world_size > 1:
             torch.distributed.barrier()
     try:
@@ -140,24 +168,22 @@ def tokenizer_and_data(args, rank, world_size, device):
 
 
 def main(args):
+    if os.environ.get("RANK", "0") == "0":
+        print(args.tokenizer_choice)
     rank, world_size, device, autocast, log = dar.training_setup(args, args.out / "ar.pt")
     tokenizer, dataset, cached = tokenizer_and_data(args, rank, world_size, device)
+    learned = dar.tokenizer_record(args.tokenizer, args.out / "ar.pt")  # the pair: which tokenizer's codes
+    evaluator = dar.load_toy_evaluator(args.evaluator, tokenizer.cfg.image_size).to(device) \
+        if args.eval_samples and rank == 0 else None
 
     # ---- model, EMA, optimiser (weight decay on matrices and embeddings, not on norm weights)
-    cfg = replace(dar.AR_PRESETS[args.config], vocab_size=tokenizer.cfg.codebook_size,
-                  num_tokens=tokenizer.cfg.num_tokens, num_classes=dataset.num_classes, reverse=args.reverse)
-    model = dar.LlamaAR(cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
-    optimizer = dar.ar_optimizer(model, args.lr, args.betas, args.weight_decay)
+    cfg, model, ema, optimizer = build(args, tokenizer, dataset.num_classes, device)
     global_batch = args.batch_size * args.grad_accum * world_size
     total_steps = math.ceil(args.epochs * len(dataset) / global_batch)
     decay_start = round((1 - args.decay_fraction) * total_steps)
     checkpoint_path, start_step = args.out / "ar.pt", 0
     if args.resume:
-        try:
-            start_step = dar.resume_training(checkpoint_path, "ar", model, ema, optimizer)["step"]
-        except ValueError as error:
-            raise dar.BadInput(str(error)) from None
+        start_step = resume(checkpoint_path, model, ema, optimizer, learned, args.tokenizer)
         log(f"resumed {checkpoint_path} at step {start_step}")
     log(f"AR {args.config}{' (reversed order)' if args.reverse else ''}: {sum(p.numel() for p in model.parameters()):,} "
         f"parameters, {len(dataset)} images, global batch {global_batch}, {total_steps} steps ({args.epochs} epochs)")
@@ -190,22 +216,61 @@ def main(args):
         step_log(done, global_batch, terms, lr)
         if rank == 0 and (done % args.sample_every == 0 or done == total_steps):
             save_samples(ema or model, tokenizer, args, args.out / f"samples_{done:07d}.png")
+            if evaluator is not None:
+                log(f"step {done} ({done * global_batch:,} images): {toy_accuracy(ema or model, tokenizer, evaluator, args)}")
             model.train()
         if rank == 0 and (done % args.save_every == 0 or done == total_steps):
-            dar.save_checkpoint(dar.training_checkpoint("ar", cfg, model, ema, optimizer, done, args), checkpoint_path)
+            dar.save_checkpoint(dar.training_checkpoint("ar", cfg, model, ema, optimizer, done, args, tokenizer=learned),
+                                checkpoint_path)
     progress.close()
     dar.finish_training(args, checkpoint_path, rank, world_size, log)
     return model, terms["loss"]  # for notebooks and tests
 
 
+def build(args, tokenizer, num_classes, device):
+    """-> the AR config (the preset, sized to the tokenizer and the data), the model, its EMA (or None), AdamW."""
+    cfg = replace(dar.AR_PRESETS[args.config], vocab_size=tokenizer.cfg.codebook_size, num_tokens=tokenizer.cfg.num_tokens,
+                  num_classes=num_classes, reverse=args.reverse, token_dropout=args.dropout,
+                  residual_dropout=args.dropout, ffn_dropout=args.dropout)
+    model = dar.LlamaAR(cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
+    return cfg, model, ema, dar.ar_optimizer(model, args.lr, args.betas, args.weight_decay)
+
+
+def resume(path, model, ema, optimizer, learned, tokenizer_path):
+    """--resume: the model, its EMA and the optimizer, if the checkpoint learned this tokenizer's codes; -> the step."""
+    try:
+        checkpoint = dar.resume_training(path, "ar", model, ema, optimizer)
+    except ValueError as error:
+        raise dar.BadInput(str(error)) from None
+    if checkpoint.get("tokenizer", learned)["sha256"] != learned["sha256"]:
+        raise dar.BadInput(f"--resume: {path} learned the codes of {checkpoint['tokenizer']['path']}, "
+                           f"not of --tokenizer {tokenizer_path}")
+    return checkpoint["step"]
+
+
 @torch.no_grad()
 def save_samples(model, tokenizer, args, path):
-    """A picture: a row per class (up to 8), the previews after each group, the last being the image."""
+    """A picture: a row per class (up to 10), the previews after each group, the last being the image."""
     device = tokenizer.sampling_times.device
-    labels = torch.arange(min(model.cfg.num_classes, 8), device=device)
+    labels = torch.arange(min(model.cfg.num_classes, 10), device=device)
     groups = list(dar.sample(model.eval(), tokenizer, labels, guidance=args.sample_guidance,
                              generator=torch.Generator(device).manual_seed(args.seed)))
-    dar.save_grid(torch.stack([group.preview for group in groups] + [groups[-1].image], dim=1), path)
+    K, G = tokenizer.cfg.num_groups, tokenizer.cfg.group_size
+    names = [dar.SHAPE_CLASSES[label] if args.data == "builtin" else f"class {label}" for label in labels.tolist()]
+    columns = [f"{k * G} tokens" for k in range(1, K)] + [f"image ({K * G})"]
+    previews = torch.stack([group.preview for group in groups], dim=1)
+    dar.labelled_grid(previews, names, columns).save(path)
+
+
+@torch.no_grad()
+def toy_accuracy(model, tokenizer, evaluator, args):
+    """The built-in data's toy accuracy of --eval-samples class-balanced guided samples (the evaluators' mean)."""
+    make = dar.class_balanced_samples(model.eval(), tokenizer, seed=args.seed, guidance=args.sample_guidance)
+    correct = dar.toy_judgement(evaluator, *make(list(range(args.eval_samples))))[1]
+    accuracy = dar.spread(correct / args.eval_samples)
+    return (f"toy accuracy of {args.eval_samples} samples {accuracy['mean']:.1%} [{accuracy['low']:.1%}, "
+            f"{accuracy['high']:.1%}] (guidance {args.sample_guidance})")
 
 
 if __name__ == "__main__":

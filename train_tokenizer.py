@@ -29,10 +29,11 @@ RECIPES = {
     # appendix A.4: the lightweight ablation tokenizer, 50K iterations at batch 256
     "ablation": dict(steps=50_000, batch_size=64, grad_accum=4, lr=2e-4, warmup=500, ema=0.999, weight_decay=0.0,
                      lpips_weight=0.5, repa_weight=0.5, code_path_steps=0, teacher_weight=0.0, freeze="none"),
-    # the CPU miniature's quickstart: the code path first, then D_FM on the frozen encoder. No LPIPS or REPA:
-    # their pretrained networks cannot be downloaded offline and do not suit 32 x 32 images
-    "tiny": dict(steps=500, batch_size=32, grad_accum=1, lr=1e-3, warmup=100, ema=0.99, weight_decay=0.0,
-                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=300, teacher_weight=1.0, freeze="encoder"),
+    # the CPU miniature's quickstart, within 3 minutes on 2 cores: the code path first (pixels only: the layout
+    # needs no teacher), then D_FM on the frozen encoder. No LPIPS or REPA: their pretrained networks cannot be
+    # downloaded offline and do not suit 32 x 32 images
+    "tiny": dict(steps=360, batch_size=32, grad_accum=1, lr=1e-3, warmup=100, ema=0.99, weight_decay=0.0,
+                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=100, teacher_weight=0.0, freeze="encoder"),
 }
 
 
@@ -59,23 +60,30 @@ def parse_args(argv=None):
     tiny.add_argument("--teacher-from", choices=["group", "last"], help="the teacher's features are predicted from "
                       "c(t) (default) or from the last group")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    parser.add_argument("--eval-every", type=dar.COUNT, default=0, help="built-in data: every N steps, the EMA weights' "
-                        "reconstructions of held-out images -> toy accuracy, MSE and codebook use, logged and "
-                        "appended to <out>/learning_curve.tsv (0: never)")
-    parser.add_argument("--eval-images", type=dar.SIZE, default=200, help="held-out images of --eval-every")
-    parser.add_argument("--probe-images", type=dar.flag_type(2, integer=True), default=3500, help="--eval-every's linear probes of the first "
-                        "and last group (dar.group_probes): fitted on all but 500 (or a quarter) of these held-out images")
-    parser.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
-                        help="--eval-every's toy evaluator (shipped; trained and written there if missing); the "
-                        "accuracy logged is its members' mean")
+    watch = parser.add_argument_group("watching it learn (built-in data)")
+    watch.add_argument("--eval-every", type=dar.COUNT, default=None, help="every N steps and at the end, the EMA "
+                       "weights' reconstructions of held-out images: both colours kept, centroid offset, toy accuracy, "
+                       "MSE, codebook use; logged, appended to <out>/learning_curve.tsv and drawn to "
+                       "<out>/reconstructions_STEP.png (default for tiny: 100; 0: never)")
+    watch.add_argument("--eval-images", type=dar.SIZE, default=100, help="held-out images of --eval-every")
+    watch.add_argument("--probe-images", type=dar.COUNT, default=0, help="--eval-every also fits linear probes of the "
+                       "first and last group (dar.group_probes) on all but 500 (or a quarter) of this many held-out "
+                       "images (0: no probes)")
+    watch.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
+                       help="--eval-every's toy evaluator (shipped; trained and written there if missing); the "
+                       "accuracy logged is its members' mean")
     args = dar.finish_training_flags(parser, argv, RECIPES, "train_tokenizer.py")
     miniature_flags = [flag for flag in MINIATURE_FLAGS if getattr(args, flag) is not None]
     if args.config != "tiny" and (miniature_flags or args.code_path_steps):
         parser.error("--conv-stem, --codebook-restart and --code-path-steps belong to the CPU miniature (--config tiny)")
     if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
         parser.error("--freeze and --teacher-weight act on the code-path stage: give --code-path-steps N")
+    if args.eval_every is None:
+        args.eval_every = 100 if args.config == "tiny" and args.data == "builtin" else 0
     if args.eval_every and args.data != "builtin":
         parser.error("--eval-every measures the built-in shapes (--data builtin)")
+    if args.probe_images == 1:
+        parser.error("--probe-images: 0 (no probes) or at least 2 (to fit and to score)")
     return args
 
 
@@ -137,7 +145,7 @@ PROBE_COLUMNS = tuple(f"{group}_{what.replace(' ', '_')}" for group, what in PRO
 
 
 class HeldOut:
-    """--eval-every: held-out built-in images, their noise x_0, the toy evaluator, the curve file."""
+    """--eval-every: held-out built-in images, their noise x_0, the toy evaluator, the probes' images, the curve file."""
 
     def __init__(self, args, image_size, device):
         self.images, self.labels = dar.builtin_images(args.eval_images, image_size, dar.EVALUATOR_REFERENCE_SEED)
@@ -145,13 +153,15 @@ class HeldOut:
         self.noise = torch.randn(len(self.images), 3, image_size, image_size,
                                  generator=torch.Generator().manual_seed(0)).to(device)
         self.evaluator = dar.load_toy_evaluator(args.evaluator, image_size).to(device)
-        self.probe_images, self.probe_labels = dar.builtin_images(args.probe_images, image_size, dar.PROBE_SEED)
-        self.probe_train = args.probe_images - min(500, args.probe_images // 4)  # the rest scores the probes
-        self.probe_images = self.probe_images.to(device)
+        self.probes = args.probe_images
+        if self.probes:
+            self.probe_images, self.probe_labels = dar.builtin_images(self.probes, image_size, dar.PROBE_SEED)
+            self.probe_images, self.probe_train = self.probe_images.to(device), self.probes - min(500, self.probes // 4)
+        self.out = args.out
         self.curve = args.out / "learning_curve.tsv"
         if not self.curve.exists():
             self.curve.parent.mkdir(parents=True, exist_ok=True)
-            self.curve.write_text("step\timages\tstage\taccuracy\tmse\tcodebook_use\t" + "\t".join(PROBE_COLUMNS) + "\n")
+            self.curve.write_text("\t".join(CURVE_COLUMNS + PROBE_COLUMNS) + "\n")
 
     @torch.no_grad()
     def evaluate(self, tokenizer, head, step, images_seen, log):
@@ -162,16 +172,34 @@ class HeldOut:
             reconstructions = head(tokenizer.conditions(codes)[:, -tokenizer.cfg.group_size:])
         else:
             reconstructions = tokenizer.decode(codes, noise=self.noise)
+        background, colours, offset = dar.layout_agreement(self.images, reconstructions)
         accuracy = (dar.toy_judgement(self.evaluator, reconstructions, self.labels)[1] / len(self.images)).mean().item()
-        mse, use = F.mse_loss(reconstructions, self.images).item(), codes.unique().numel() / tokenizer.cfg.codebook_size
+        figures = dict(background_kept=background.float().mean().item(), colours_kept=colours.float().mean().item(),
+                       centroid_px=offset.mean().item(), accuracy=accuracy,
+                       mse=F.mse_loss(reconstructions, self.images).item(),
+                       codebook_use=codes.unique().numel() / tokenizer.cfg.codebook_size)
         stage = "code path" if head is not None else "diffusion"
-        probes = dar.group_probes(tokenizer, self.probe_images, self.probe_labels, self.probe_train)
-        probed = [probes[group][what] for group, what in PROBES]
-        log(f"eval step {step} ({images_seen:,} images, {stage}): accuracy {accuracy:.4f} mse {mse:.4f} "
-            f"codebook_use {use:.4f} " + " ".join(f"{c} {v:.3f}" for c, v in zip(PROBE_COLUMNS, probed)))
+        probed = [float("nan")] * len(PROBES)
+        if self.probes:  # fitted on probe_train images, scored on the rest
+            probes = dar.group_probes(tokenizer, self.probe_images, self.probe_labels, self.probe_train)
+            probed = [probes[group][what] for group, what in PROBES]
+        log(f"eval step {step} ({images_seen:,} images, {'the code head' if head is not None else 'D_FM'}): background "
+            f"kept {figures['background_kept']:.1%}, both colours {figures['colours_kept']:.1%}, centroid off by "
+            f"{figures['centroid_px']:.2f} px, toy accuracy "
+            f"{accuracy:.1%}, mse {figures['mse']:.4f}, codebook use {figures['codebook_use']:.1%}"
+            + "".join(f", {c} {v:.3f}" for c, v in zip(PROBE_COLUMNS, probed) if self.probes))
         with open(self.curve, "a") as file:
-            file.write(f"{step}\t{images_seen}\t{stage}\t{accuracy:.4f}\t{mse:.4f}\t{use:.4f}\t"
-                       + "\t".join(f"{v:.4f}" for v in probed) + "\n")
+            file.write("\t".join([str(step), str(images_seen), stage] + [f"{figures[c]:.4f}" for c in CURVE_COLUMNS[3:]]
+                                 + [f"{v:.4f}" for v in probed]) + "\n")
+        shown = slice(0, 10)  # one image of each class
+        names = [dar.SHAPE_CLASSES[label] for label in self.labels[shown].tolist()]
+        rows = ["held out", "code head" if head is not None else "reconstructed"]
+        dar.labelled_grid(torch.stack([self.images[shown], reconstructions[shown]]), rows, names).save(
+            self.out / f"reconstructions_{step:07d}.png")
+
+
+CURVE_COLUMNS = ("step", "images", "stage", "background_kept", "colours_kept", "centroid_px", "accuracy", "mse",
+                 "codebook_use")
 
 
 def build(args, cfg, device):
@@ -242,8 +270,9 @@ def main(args):
         if held_out and (done % args.eval_every == 0 or done == args.steps):
             held_out.evaluate(ema, learner_ema.head if code_path else None, done,
                               done * args.batch_size * args.grad_accum * world_size, log)
-        if rank == 0 and (done % args.sample_every == 0 or done == args.steps) and not code_path:
-            dar.save_grid(torch.stack([shown, ema.decode(ema.encode(shown))]), args.out / f"tokenizer_{done:07d}.png")
+        if rank == 0 and (done % args.sample_every == 0 or done == args.steps) and not code_path and not held_out:
+            dar.labelled_grid(torch.stack([shown, ema.decode(ema.encode(shown))]), ["training image", "reconstructed"],
+                              [f"image {i}" for i in range(len(shown))]).save(args.out / f"reconstructions_{done:07d}.png")
         if rank == 0 and (done % args.save_every == 0 or done == args.steps):
             entries = miniature_entries(recipe, head, learner_ema, restarts)
             dar.save_checkpoint(dar.training_checkpoint("tokenizer", cfg, model, ema, optimizer, done, args, **entries),
