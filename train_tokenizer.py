@@ -30,10 +30,11 @@ RECIPES = {
     "ablation": dict(steps=50_000, batch_size=64, grad_accum=4, lr=2e-4, warmup=500, ema=0.999, weight_decay=0.0,
                      lpips_weight=0.5, repa_weight=0.5, code_path_steps=0, teacher_weight=0.0, freeze="none"),
     # the CPU miniature's quickstart, within 3 minutes on 2 cores: the code path first (pixels only: the layout
-    # needs no teacher), then D_FM on the frozen encoder. No LPIPS or REPA: their pretrained networks cannot be
-    # downloaded offline and do not suit 32 x 32 images
-    "tiny": dict(steps=360, batch_size=32, grad_accum=1, lr=1e-3, warmup=100, ema=0.99, weight_decay=0.0,
-                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=100, teacher_weight=0.0, freeze="encoder"),
+    # needs no teacher), then D_FM on the frozen encoder, in small batches (more updates for the images it has
+    # time to see). No LPIPS or REPA: their pretrained networks cannot be downloaded offline and do not suit
+    # 32 x 32 images
+    "tiny": dict(steps=800, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ema=0.99, weight_decay=0.0,
+                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=150, teacher_weight=0.0, freeze="encoder"),
 }
 
 
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     watch.add_argument("--eval-every", type=dar.COUNT, default=None, help="every N steps and at the end, the EMA "
                        "weights' reconstructions of held-out images: both colours kept, centroid offset, toy accuracy, "
                        "MSE, codebook use; logged, appended to <out>/learning_curve.tsv and drawn to "
-                       "<out>/reconstructions_STEP.png (default for tiny: 100; 0: never)")
+                       "<out>/reconstructions_STEP.png (default for tiny: 200; 0: never)")
     watch.add_argument("--eval-images", type=dar.SIZE, default=100, help="held-out images of --eval-every")
     watch.add_argument("--probe-images", type=dar.COUNT, default=0, help="--eval-every also fits linear probes of the "
                        "first and last group (dar.group_probes) on all but 500 (or a quarter) of this many held-out "
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
         parser.error("--freeze and --teacher-weight act on the code-path stage: give --code-path-steps N")
     if args.eval_every is None:
-        args.eval_every = 100 if args.config == "tiny" and args.data == "builtin" else 0
+        args.eval_every = 200 if args.config == "tiny" and args.data == "builtin" else 0
     if args.eval_every and args.data != "builtin":
         parser.error("--eval-every measures the built-in shapes (--data builtin)")
     if args.probe_images == 1:
