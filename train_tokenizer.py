@@ -1,6 +1,6 @@
 """Train the sequential diffusion tokenizer (§3.1) with the loss of Eq. (7).
 
-    python train_tokenizer.py                                   # tiny config, built-in shapes, CPU, ~2 min
+    python train_tokenizer.py                                   # tiny config, built-in shapes, CPU, < 2 min
     python train_tokenizer.py --config v1 --data /imagenet/train --batch-size 64 --grad-accum 2 \\
         --grad-checkpointing --compile                          # the paper's run on one GPU
     torchrun --nproc_per_node 8 train_tokenizer.py --config v1 --data /imagenet/train --batch-size 128
