@@ -1149,7 +1149,7 @@ def tokenizer_record(tokenizer_path, holder_path):
     """What an AR checkpoint at `holder_path` records of the tokenizer whose codes it learns: the file's SHA-256 and
     its path relative to the checkpoint's folder (so the pair stays a pair when both move together)."""
     return {"path": os.path.relpath(Path(tokenizer_path).resolve(), Path(holder_path).resolve().parent),
-            "sha256": file_digest(tokenizer_path)}
+            "sha256": cached_digest(tokenizer_path)}
 
 
 def read_tokenizer_record(record, holder_path):
@@ -1163,9 +1163,9 @@ _DIGESTS = {}
 
 
 def cached_digest(path):
-    """`file_digest`, computed once per (path, size, modification time)."""
+    """`file_digest`, computed once per version of the file (its path, inode, size and change times)."""
     stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = file_digest(path)
     return _DIGESTS[key]
@@ -1343,12 +1343,16 @@ def compact_notebook_pictures():
     formatters["image/png"].for_type(Image.Image, png)
 
 
+def preview_names(num_groups, group_size):
+    """What the preview after each group shows: "8 tokens", "16 tokens", ..., "image (64)"."""
+    return [f"{k * group_size} tokens" for k in range(1, num_groups)] + [f"image ({num_groups * group_size})"]
+
+
 def save_forming_gif(previews, names, group_size, path):
     """previews (B, K, 3, H, W) -> an animated GIF: frame k shows every sample's preview after k + 1 groups, the
     last frame (the images) held longest."""
     K = previews.shape[1]
-    frames = [labelled_grid(previews[:, k][None], [f"{(k + 1) * group_size} tokens" if k < K - 1 else "image"],
-                            names) for k in range(K)]
+    frames = [labelled_grid(previews[:, k][None], [step], names) for k, step in enumerate(preview_names(K, group_size))]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000], loop=0)
 
@@ -2472,7 +2476,6 @@ def shape_layout(images):
     return centroid, snap(background), snap(shape_colour)
 
 
-@torch.no_grad()
 def layout_agreement(references, images):
     """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether its background colour
     is the reference's (B,), whether both colours are (B,), and how far its shape's centroid lies from the
@@ -2484,6 +2487,7 @@ def layout_agreement(references, images):
     return same_background, colours, (image_where - where).norm(dim=-1).nan_to_num(float(images.shape[-1]))
 
 
+@torch.no_grad()
 def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options):
     """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample every class
     from one seed per reference (seed + r). -> how often the evaluator sees the asked-for class (a `spread`), how far the

@@ -263,10 +263,9 @@ def picture(args, tokenizer, ar, device):
             print(f"group {sampled.group + 1}/{K}: {sampled.tokens.shape[1]:4d} tokens, t = {sampled.t:.3f}, "
                   f"preview ready at {milliseconds:7.1f} ms")
     path = Path(args.out or output_folder(args) / "samples.png")
-    columns = [f"{k * G} tokens" for k in range(1, K)] + [f"image ({K * G})"]
     names = [class_name(ar, label) for label in labels]
     path.parent.mkdir(parents=True, exist_ok=True)
-    dar.labelled_grid(torch.stack(previews, 1), names, columns).save(path)
+    dar.labelled_grid(torch.stack(previews, 1), names, dar.preview_names(K, G)).save(path)
     if args.gif:
         dar.save_forming_gif(torch.stack(previews, 1), names, G, path.with_suffix(".gif"))
         print(path.with_suffix(".gif"))
@@ -426,7 +425,7 @@ def sample_files(args, tokenizer, ar, rank, world_size, device):
 
 def file_settings(args, total):
     """What determines the images of a --fid / --reconstruct folder: a rerun with other settings is refused."""
-    models = {flag: dar.file_digest(path) for flag, path in (("tokenizer", args.tokenizer), ("ar", args.ar))
+    models = {flag: dar.cached_digest(path) for flag, path in (("tokenizer", args.tokenizer), ("ar", args.ar))
               if path and (flag == "tokenizer" or args.fid is not None)}
     return {"images": total, "mode": "fid" if args.fid is not None else f"reconstruct {args.reconstruct}",
             **{f"{flag}_sha256": digest for flag, digest in models.items()},

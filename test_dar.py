@@ -1516,7 +1516,7 @@ def test_codebook_restart_reseeds_only_unused_rows_from_encoder_outputs():
     assert restarts.use.sum() == 0 and list(quantizer.state_dict()) == ["codebook.weight"]   # the release's keys
 
 
-def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_path):
+def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_path, capsys):
     """--code-path-steps: D_FM gets no update while the encoder -> code head path learns; --freeze encoder:
     afterwards the encoder and codebook stay at their EMA values while D_FM learns. The learning curve is
     written at every --eval-every; the exported file holds no code head, and says how to build the model."""
@@ -1550,6 +1550,14 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     assert all(0 <= float(value) <= 1 for value in fractions)       # colours kept, accuracy, codebook use, probes
     assert all(0 <= float(row.split("\t")[5]) <= 32 for row in rows[1:])  # the centroid's offset in pixels
     assert [row.split("\t")[:3] for row in rows[1:]] == [["2", "4", "code path"], ["4", "8", "diffusion"]]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval step")]
+    assert [line.split(":")[0] for line in printed] == ["eval step 2 (4 images, the code head)",
+                                                        "eval step 4 (8 images, D_FM)"]
+    assert all("background kept" in line and "both colours" in line and "centroid off by" in line
+               and "toy accuracy" in line for line in printed)
+    for step in (2, 4):  # the labelled held-out pictures
+        with Image.open(tmp_path / "run" / f"reconstructions_{step:07d}.png") as picture:
+            assert picture.size[1] > 2 * 96
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
     assert not {"code_head", "code_head_ema", "codebook_use", "optimizer"} & set(exported)
     assert exported["builder"] == "miniature" and exported["recipe"]["teacher_features"] == 128

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     if args.eval_samples and args.data != "builtin":
         parser.error("--eval-samples measures the built-in shapes (--data builtin)")
     if args.cache_codes is None and args.config == "tiny":  # one cache per tokenizer file
-        args.cache_codes = str(args.out / f"codes-{dar.file_digest(args.tokenizer)[:12]}")
+        args.cache_codes = str(args.out / f"codes-{dar.cached_digest(args.tokenizer)[:12]}")
     return args
 
 
@@ -111,7 +111,7 @@ def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, de
     folder = Path(folder)
     shape = (dataset.views, len(dataset), tokenizer.cfg.num_tokens)
     codes_path, labels_path, source_path = folder / "codes.npy", folder / "labels.npy", folder / "source.json"
-    source = {"tokenizer_sha256": dar.file_digest(tokenizer_path), "data": data, "shape": list(shape)}
+    source = {"tokenizer_sha256": dar.cached_digest(tokenizer_path), "data": data, "shape": list(shape)}
     if source_path.exists():
         dar.check_record(source_path, source, f"--cache-codes {folder}")
     if not codes_path.exists() or not source_path.exists():
@@ -256,11 +256,9 @@ def save_samples(model, tokenizer, args, path):
     labels = torch.arange(min(model.cfg.num_classes, 10), device=device)
     groups = list(dar.sample(model.eval(), tokenizer, labels, guidance=args.sample_guidance,
                              generator=torch.Generator(device).manual_seed(args.seed)))
-    K, G = tokenizer.cfg.num_groups, tokenizer.cfg.group_size
     names = [dar.SHAPE_CLASSES[label] if args.data == "builtin" else f"class {label}" for label in labels.tolist()]
-    columns = [f"{k * G} tokens" for k in range(1, K)] + [f"image ({K * G})"]
     previews = torch.stack([group.preview for group in groups], dim=1)
-    dar.labelled_grid(previews, names, columns).save(path)
+    dar.labelled_grid(previews, names, dar.preview_names(tokenizer.cfg.num_groups, tokenizer.cfg.group_size)).save(path)
 
 
 @torch.no_grad()
