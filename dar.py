@@ -646,8 +646,8 @@ class Tokenizer(nn.Module):
     def training_conditions(self, images, u=None):
         """Eq. (1) and (5) for one training step: tokens of the images, their conditions z', a time per image
         and the group c(t) it reads. u: Eq. (5)'s t' per image (U[0, 1) when None); the network sees t = shift(u).
-        -> t (B,), all conditions z' (B, N, D), c(t) (B, G, D), l_VQ over the tokens up to each image's group,
-        the codebook fraction in use."""
+        -> t (B,), the quantised tokens z_q (B, N, C), all conditions z' (B, N, D), c(t) (B, G, D), l_VQ over the
+        tokens up to each image's group, the codebook fraction in use."""
         cfg = self.cfg
         z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))       # (B, N, C), (B, N), (B, N)
         cond = self.causal_decoder(z_q)                                                # (B, N, D)
@@ -659,7 +659,7 @@ class Tokenizer(nn.Module):
         # l_VQ counts only the tokens up to the selected group: later ones got no D_FM signal this step
         seen = (torch.arange(cfg.num_tokens, device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
         vq = (vq_per_token * seen).sum() / seen.sum()
-        return t, cond, cond_t, vq, codes.unique().numel() / cfg.codebook_size
+        return t, z_q, cond, cond_t, vq, codes.unique().numel() / cfg.codebook_size
 
     def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5, u=None):
         """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5 in the paper).
@@ -677,7 +677,7 @@ class Tokenizer(nn.Module):
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer >= "
                              "diffusion_depth); pass repa_target=None")
-        t, _, cond_t, vq, usage = self.training_conditions(images, u)
+        t, _, _, cond_t, vq, usage = self.training_conditions(images, u)
         x1 = cfg.data_std * images  # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
         v, repa = self.diffusion(x_t, t, cond_t, return_repa=repa_target is not None,
@@ -1473,7 +1473,7 @@ class BuiltinShapes(torch.utils.data.Dataset):
     control); shapes span 56-90% of the image so that their outline covers many pixels.
     """
 
-    num_classes = len(SHAPE_CLASSES)
+    num_classes, class_names = len(SHAPE_CLASSES), SHAPE_CLASSES
     views = 1  # no augmentation: each image has one view (see `ImageFolder.views`)
 
     def __init__(self, num_images=10000, image_size=32, seed=0):
@@ -1497,6 +1497,84 @@ class BuiltinShapes(torch.utils.data.Dataset):
         cover = shape_mask(SHAPE_CLASSES[label], dy, dx).float().view(size, 4, size, 4).mean((1, 3))
         background, foreground = SHAPE_COLOURS[torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]].view(2, 3, 1, 1)
         return background * (1 - cover) + foreground * cover, label
+
+
+# the built-in textures' classes: 4 x 4 tiles of a pattern, each covering exactly half the tile (8 of 16
+# pixels), so that every class has the same mean colour and a blur of a few pixels makes them one
+TEXTURE_CLASSES = ("rows", "columns", "diagonals", "antidiagonals", "checks", "fine checks", "dots", "fine rows",
+                   "waves", "ripples")
+
+
+def texture_tiles():
+    """-> (10, 4, 4) bool, one tile per `TEXTURE_CLASSES` entry (True: the pattern darkens the pixel)."""
+    y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    dots = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    zigzag = torch.tensor([0, 1, 2, 1])
+    tiles = [y < 2, x < 2, (x + y) % 4 < 2, (x - y) % 4 < 2, (x // 2 + y // 2) % 2 == 0, (x + y) % 2 == 0,
+             dots, y % 2 == 0, (y - zigzag[x]) % 4 < 2, (x - zigzag[y]) % 4 < 2]
+    return torch.stack(tiles)
+
+
+class BuiltinTextures(torch.utils.data.Dataset):
+    """A procedural dataset whose class lives in the fine detail, as fur does in Fig. 5 (no download).
+
+    The layout is coarse and independent of the class: an ellipse of random radii and position, and two
+    different colours of `SHAPE_COLOURS` for the background and the object. The class (`TEXTURE_CLASSES`,
+    label = index mod 10) is a pattern of a 2-4 pixel period inside the object, anchored to the object's
+    centre, that darkens the object's colour to 30% on half of its pixels and fades out towards the edge: no
+    channel changes sign, so the layout reads by the nearest palette colour (`shape_layout`), and a blur of
+    3 pixels removes the class.
+    Image i is a pure function of (seed, i); a different seed gives a held-out set.
+    """
+
+    num_classes, class_names = len(TEXTURE_CLASSES), TEXTURE_CLASSES
+    views = 1  # no augmentation: each image has one view (see `ImageFolder.views`)
+    tiles = texture_tiles()
+
+    def __init__(self, num_images=10000, image_size=32, seed=0):
+        self.num_images, self.image_size, self.seed = num_images, image_size, seed
+
+    def __len__(self):
+        return self.num_images
+
+    def layout(self, index):
+        """The class-independent part of image `index`: coverage (H, W) of the ellipse, the pattern's contrast (H, W)
+        (1 inside, fading to 0 over the outer `fade` pixels), the centre's pixel (row, column), and the background
+        and object colours (3,) each."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        size, fade = self.image_size, 2.5
+        radii = (0.24 + 0.2 * torch.rand(2, generator=gen)) * size
+        centre = radii + (size - 2 * radii) * torch.rand(2, generator=gen)
+        coords = (torch.arange(4 * size) + 0.5) / 4  # 4x supersampled, averaged: smooth edges
+        dy, dx = torch.meshgrid((coords - centre[0]) / radii[0], (coords - centre[1]) / radii[1], indexing="ij")
+        radius = (dy ** 2 + dx ** 2).sqrt()
+        average = lambda x: x.view(size, 4, size, 4).mean((1, 3))
+        cover = average((radius <= 1).float())
+        contrast = average(((1 - radius) * radii.min() / fade).clamp(0, 1))
+        background, colour = SHAPE_COLOURS[torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]]
+        return cover, contrast, centre.floor().long(), background, colour
+
+    def draw(self, layout, label):
+        """The image (3, H, W) of a layout (`layout`) drawn in class `label`."""
+        cover, contrast, centre, background, colour = layout
+        rows = (torch.arange(self.image_size) - centre[0]) % 4
+        cols = (torch.arange(self.image_size) - centre[1]) % 4
+        pattern = self.tiles[label][rows[:, None], cols[None, :]].float()               # (H, W)
+        darkened = 0.5 + (pattern - 0.5) * contrast  # the fade keeps the mean: no class at the object's edge
+        inside = colour[:, None, None] * (1 - 0.7 * darkened)
+        return background[:, None, None] * (1 - cover) + inside * cover
+
+    def __getitem__(self, key):
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation here)."""
+        index = key[0] if isinstance(key, tuple) else key
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image {index} of {self.num_images}")
+        label = index % self.num_classes
+        return self.draw(self.layout(index), label), label
+
+
+# the built-in datasets by --data name
+BUILTIN_DATA = {"builtin": BuiltinShapes, "textures": BuiltinTextures}
 
 
 def open_rgb(path):
@@ -1834,7 +1912,7 @@ def finish_training_flags(parser, argv, recipes, script):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = Path(args.out or f"out/{args.config}")
-    if args.data != "builtin" and not Path(args.data).is_dir():
+    if args.data not in BUILTIN_DATA and not Path(args.data).is_dir():
         parser.error(f"--data: no folder {args.data} (an ImageNet-style folder, or 'builtin')")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
@@ -1862,8 +1940,8 @@ def training_setup(args, checkpoint_path):
 def training_images(args, image_size, augment):
     """--data: the built-in shapes (--builtin-size of seed --seed) or an image folder with the `augment` of
     `ImageFolder`; a folder without readable images ends the run with one line."""
-    if args.data == "builtin":
-        return BuiltinShapes(args.builtin_size, image_size, seed=args.seed)
+    if args.data in BUILTIN_DATA:
+        return BUILTIN_DATA[args.data](args.builtin_size, image_size, seed=args.seed)
     try:
         dataset = ImageFolder(args.data, image_size, augment=augment)
         dataset.read(0)
@@ -2103,6 +2181,7 @@ class MiniatureRecipe:
     teacher_features: int = 128  # the code head also predicts a teacher CNN's pooled features this wide (0: no)
     target_blur: float = 0.0     # the code head's target for c(t): the image blurred as `time_blur` (0: sharp)
     teacher_from: str = "group"  # the teacher's features predicted from c(t) ("group") or the last group ("last")
+    own_step: bool = False       # c(t) of group k reads earlier groups' tokens detached (`CodePath`)
 
     def __post_init__(self):
         if self.teacher_from not in ("group", "last"):
@@ -2226,39 +2305,55 @@ class CodePath(nn.Module):
     teacher's pooled features]; c(t) as in Eq. (7), a random group per image. The target is the image
     (target_blur 0: every group must carry all of it) or `time_blur` of it (each group only what its step can
     see: coarse to fine); the teacher's features are predicted from c(t) or from the last group (teacher_from).
-    Its parameters are the tokenizer's, then the head's."""
+    own_step: c(t) of group k reads the tokens of groups before k detached, so that its target trains only
+    group k's tokens (and the teacher only the last group's). Its parameters are the tokenizer's, then the head's."""
 
-    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group"):
+    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False):
         super().__init__()
         self.tokenizer, self.head, self.target_blur, self.teacher_from = tokenizer, head, target_blur, teacher_from
+        self.own_step = own_step
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
-        self.tokenizer.check_images(images)
-        t, cond, cond_t, vq, usage = self.tokenizer.training_conditions(images, u)
+        tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
+        tokenizer.check_images(images)
+        t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
+        last = cond[:, -G:]
+        if self.own_step:  # miniature only: each group learns what its own step adds (release: full gradient)
+            group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
+            cond_t = gather_group(self.own_conditions(z_q, group), group, G)
+            last = self.own_conditions(z_q, torch.full_like(group, tokenizer.cfg.num_groups - 1))[:, -G:]
         head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
-            read = cond_t if self.teacher_from == "group" else cond[:, -self.tokenizer.cfg.group_size:]
+            read = cond_t if self.teacher_from == "group" else last
             features = 1 - F.cosine_similarity(self.head.predict_features(read), target, dim=-1).mean()
             loss, terms["features"] = loss + teacher_weight * features, features.detach()
         return {"loss": loss, **terms, "usage": usage}
 
+    def own_conditions(self, z_q, group):
+        """z' (B, N, D) of tokens z_q (B, N, C) with those of the groups before each image's `group` (B,) detached."""
+        token_group = torch.arange(z_q.shape[1], device=z_q.device) // self.tokenizer.cfg.group_size
+        earlier = (token_group[None, :] < group[:, None])[..., None]                    # (B, N, 1)
+        return self.tokenizer.causal_decoder(torch.where(earlier, z_q.detach(), z_q))
+
 
 @torch.no_grad()
-def group_probes(tokenizer, images, labels, train=3000, ridge=10.0):
-    """Linear probes of what one group of conditions z' holds, for the first group and the last: ridge regressions
-    on the first `train` images, scored on the rest. -> {"first": scores, "last": scores}, each {"class",
-    "background", "shape colour" (accuracies), "position" (the fraction whose centroid is read within 3 px)}."""
+def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None):
+    """Linear probes of what one group of conditions z' holds: ridge regressions on the first `train` images, scored
+    on the rest, for each 0-based group in `groups` (default: groups 1, 2, 4 and K, counted from 1). -> {group:
+    {"class", "background", "object colour" (accuracies), "position" (the fraction whose centroid is read within
+    3 px)}}."""
     cfg = tokenizer.cfg
+    groups = groups or sorted({0, min(1, cfg.num_groups - 1), min(3, cfg.num_groups - 1), cfg.num_groups - 1})
     cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500])) for i in range(0, len(images), 500)])
     where, background, colour = shape_layout(images.cpu())
     index = lambda colours: torch.cdist(colours, SHAPE_COLOURS).argmin(-1)
     targets = {"class": F.one_hot(labels.cpu(), 10).float(), "background": F.one_hot(index(background), 8).float(),
-               "shape colour": F.one_hot(index(colour), 8).float(), "position": where.nan_to_num(cfg.image_size / 2)}
+               "object colour": F.one_hot(index(colour), 8).float(), "position": where.nan_to_num(cfg.image_size / 2)}
     results = {}
-    for name, group in (("first", 0), ("last", cfg.num_groups - 1)):
+    for group in groups:
         x = cond[:, group * cfg.group_size:(group + 1) * cfg.group_size].flatten(1).double().cpu()
         x = (x - x[:train].mean(0)) / x[:train].std(0).clamp(min=1e-6)
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
@@ -2271,7 +2366,7 @@ def group_probes(tokenizer, images, labels, train=3000, ridge=10.0):
                 scores[what] = ((predicted - y[train:]).norm(dim=-1) <= 3).float().mean().item()
             else:
                 scores[what] = (predicted.argmax(-1) == y[train:].argmax(-1)).float().mean().item()
-        results[name] = scores
+        results[group] = scores
     return results
 
 
@@ -2325,10 +2420,10 @@ def soften(images, generator=None):
 
 @torch.enable_grad()  # also when called under no_grad (the toy evaluator trains on first use)
 def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3, seed=0,
-                           data_seed=EVALUATOR_TRAIN_SEED, augment=False):
-    """Train a `ShapeClassifier` on `num_images` built-in images (set `data_seed`); -> the model in eval
-    mode. AdamW with a cosine decay; the images are drawn once and cycled; augment: `soften` each batch."""
-    data = BuiltinShapes(num_images, image_size, seed=data_seed)
+                           data_seed=EVALUATOR_TRAIN_SEED, augment=False, data="builtin"):
+    """Train a `ShapeClassifier` on `num_images` built-in images (`BUILTIN_DATA[data]`, set `data_seed`); -> the
+    model in eval mode. AdamW with a cosine decay; the images are drawn once and cycled; augment: `soften` each batch."""
+    data = BUILTIN_DATA[data](num_images, image_size, seed=data_seed)
     images = torch.stack([data[i][0] for i in range(num_images)])
     labels = torch.arange(num_images) % data.num_classes
     torch.manual_seed(seed)
@@ -2367,30 +2462,32 @@ class ToyEvaluator(nn.Module):
         return torch.stack([member(images) for member in self.members])
 
 
-def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS):
+def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS, data="builtin"):
     """-> a `ToyEvaluator` whose member i is train_shape_classifier(seed=, data_seed= members[i], augment=True)."""
     evaluator = ToyEvaluator(len(members))
     for member, (seed, data_seed) in zip(evaluator.members, members):
-        member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed, augment=True).state_dict())
+        member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed, augment=True,
+                                                      data=data).state_dict())
     return evaluator.eval()
 
 
-def save_toy_evaluator(path, image_size=32):
+def save_toy_evaluator(path, image_size=32, data="builtin"):
     """Train the toy evaluator and write it to `path`: its members in half precision, their seeds, the command."""
-    evaluator = train_toy_evaluator(image_size)
-    save_checkpoint({"kind": "evaluator", "image_size": image_size, "members": EVALUATOR_MEMBERS,
-                     "command": f"python -c \"import dar; dar.save_toy_evaluator('{path}', {image_size})\"",
+    evaluator = train_toy_evaluator(image_size, data=data)
+    save_checkpoint({"kind": "evaluator", "image_size": image_size, "members": EVALUATOR_MEMBERS, "data": data,
+                     "command": f"python -c \"import dar; dar.save_toy_evaluator('{path}', {image_size}, '{data}')\"",
                      "model": {key: value.half() for key, value in evaluator.state_dict().items()}}, path)
 
 
-def load_toy_evaluator(path, image_size):
-    """The toy evaluator of the built-in shapes, trained once (about 2 minutes on 2 CPU cores) and cached at `path`."""
+def load_toy_evaluator(path, image_size, data="builtin"):
+    """The toy evaluator of the built-in data, trained once (about 2 minutes on 2 CPU cores) and cached at `path`."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the toy evaluator once -> {path}")
-        save_toy_evaluator(path, image_size)
+        save_toy_evaluator(path, image_size, data)
     checkpoint = load_checkpoint_file(path)
-    if checkpoint.get("kind") != "evaluator" or checkpoint.get("image_size") != image_size or "members" not in checkpoint:
+    if checkpoint.get("kind") != "evaluator" or checkpoint.get("image_size") != image_size or "members" not in checkpoint \
+            or checkpoint.get("data", "builtin") != data:
         raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel images (kind "
                          f"{checkpoint.get('kind')!r}, image_size {checkpoint.get('image_size')}, members "
                          f"{len(checkpoint.get('members', ()))})")
@@ -2399,17 +2496,20 @@ def load_toy_evaluator(path, image_size):
     return evaluator.eval()
 
 
-def load_teacher(path, image_size, device):
+def load_teacher(path, image_size, device, data="builtin"):
     """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never the
     evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the code head's teacher once -> {path}")
-        classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED, data_seed=TEACHER_TRAIN_SEED)
-        save_checkpoint({"kind": "teacher", "image_size": image_size, "model": classifier.state_dict()}, path)
+        classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED, data_seed=TEACHER_TRAIN_SEED,
+                                            data=data)
+        save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
+                         "model": classifier.state_dict()}, path)
     checkpoint = load_checkpoint_file(path)
-    if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size:
-        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel images")
+    if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
+            or checkpoint.get("data", "builtin") != data:
+        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel --data {data} images")
     classifier = ShapeClassifier()
     classifier.load_state_dict(checkpoint["model"])
     return classifier.to(device).eval().requires_grad_(False).features
@@ -2431,9 +2531,9 @@ def spread(values):
     return {"mean": values.mean().item(), "low": values.min().item(), "high": values.max().item()}
 
 
-def builtin_images(num_images, image_size, seed):
+def builtin_images(num_images, image_size, seed, data="builtin"):
     """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3, H, W), (num_images,)."""
-    data = BuiltinShapes(num_images, image_size, seed=seed)
+    data = BUILTIN_DATA[data](num_images, image_size, seed=seed)
     return torch.stack([data[i][0] for i in range(num_images)]), torch.arange(num_images) % data.num_classes
 
 

@@ -784,6 +784,25 @@ def test_builtin_shapes_are_deterministic_balanced_and_varied():
     assert (same_class[1:] - same_class[:1]).abs().mean() > 0.2   # layout and colours vary within a class
 
 
+def test_builtin_textures_put_the_class_in_the_fine_detail_and_the_layout_apart():
+    data = dar.BuiltinTextures(40, 32, seed=0)
+    image, label = data[13]
+    assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1 and label == 3
+    assert torch.equal(image, dar.BuiltinTextures(40, 32, seed=0)[13][0])
+    assert not torch.equal(image, dar.BuiltinTextures(40, 32, seed=1)[13][0])
+    assert [data[i][1] for i in range(20)] == list(range(10)) * 2
+    assert dar.texture_tiles().float().mean((1, 2)).eq(0.5).all()              # every pattern covers half
+    for index in range(40):
+        layout = data.layout(index)
+        classes = torch.stack([data.draw(layout, c) for c in range(10)])
+        assert (classes - classes[:1]).abs().amax((1, 2, 3))[1:].min() > 0.5    # the classes differ sharply
+        blurred = dar.gaussian_blur(classes, torch.full((10,), 3.0))
+        assert (blurred - blurred[:1]).abs().max() <= 0.07                       # and not at all under a blur
+        # no channel changes sign: the layout reads by the nearest palette colour, whatever the class
+        _, background, colour = dar.shape_layout(classes)
+        assert (background == layout[3]).all() and (colour == layout[4]).all()
+
+
 def write_folder(root, corrupt=False):
     gen = torch.Generator().manual_seed(0)
     for name in ("cats", "dogs"):
@@ -1593,12 +1612,31 @@ def test_group_probes_read_the_shipped_tokenizers_first_group():
     tokenizer = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")
     images, labels = dar.builtin_images(700, 32, dar.PROBE_SEED)
     probes = dar.group_probes(tokenizer, images, labels, train=500)
-    assert set(probes) == {"first", "last"} and set(probes["first"]) == {"class", "background", "shape colour", "position"}
+    assert set(probes) == {0, 1, 3, 7} and set(probes[0]) == {"class", "background", "object colour", "position"}
     # the shipped codes carry the class in the first group already (the limit its model card names)
-    assert probes["first"]["class"] > 0.8 and probes["first"]["background"] > 0.8
+    assert probes[0]["class"] > 0.8 and probes[0]["background"] > 0.8
     shuffled = dar.group_probes(tokenizer, images, labels[torch.randperm(700, generator=torch.Generator().manual_seed(0))],
-                                train=500)
-    assert shuffled["first"]["class"] < 0.3                                          # chance, for labels it cannot read
+                                train=500, groups=[0])
+    assert set(shuffled) == {0} and shuffled[0]["class"] < 0.3                      # chance, for labels it cannot read
+
+
+def test_own_step_trains_only_the_group_of_the_step():
+    torch.manual_seed(0)
+    cfg = dar.TOKENIZER_PRESETS["tiny"]
+    tokenizer = dar.miniature_tokenizer(cfg)
+    path = dar.CodePath(tokenizer, dar.CodeHead(cfg), own_step=True)
+    images = dar.builtin_images(2, 32, 0, "textures")[0]
+    z_q = tokenizer.quantizer(tokenizer.encoder_features(images))[0].detach().requires_grad_()
+    group = torch.tensor([2, cfg.num_groups - 1])
+    cond = path.own_conditions(z_q, group)
+    dar.gather_group(cond, group, cfg.group_size).square().sum().backward()
+    G = cfg.group_size
+    touched = z_q.grad.abs().sum(-1) > 0                                              # (B, N)
+    assert touched[0, 2 * G:3 * G].all() and not touched[0, :2 * G].any() and not touched[0, 3 * G:].any()
+    assert touched[1, -G:].all() and not touched[1, :-G].any()
+    torch.testing.assert_close(cond, tokenizer.causal_decoder(z_q))                 # the values are Eq. (1)'s z'
+    loss = path(images, u=torch.tensor([0.3, 0.9]))["loss"]                         # and it trains end to end
+    assert torch.isfinite(loss)
 
 
 def test_freeze_and_teacher_without_a_code_path_stage_are_refused(tmp_path, capsys):

@@ -60,6 +60,8 @@ def parse_args(argv=None):
                       "sigma = S (1 - t) / t px (dar.time_blur), so each group learns what its step can see (default 0)")
     tiny.add_argument("--teacher-from", choices=["group", "last"], help="the teacher's features are predicted from "
                       "c(t) (default) or from the last group")
+    tiny.add_argument("--own-step", action=argparse.BooleanOptionalAction, help="in the code-path steps, c(t) of group "
+                      "k reads the earlier groups' tokens detached: each group learns what its own step adds")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     watch = parser.add_argument_group("watching it learn (built-in data)")
     watch.add_argument("--eval-every", type=dar.COUNT, default=None, help="every N steps and at the end, the EMA "
@@ -80,15 +82,15 @@ def parse_args(argv=None):
     if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
         parser.error("--freeze and --teacher-weight act on the code-path stage: give --code-path-steps N")
     if args.eval_every is None:
-        args.eval_every = 200 if args.config == "tiny" and args.data == "builtin" else 0
-    if args.eval_every and args.data != "builtin":
+        args.eval_every = 200 if args.config == "tiny" and args.data in dar.BUILTIN_DATA else 0
+    if args.eval_every and args.data not in dar.BUILTIN_DATA:
         parser.error("--eval-every measures the built-in shapes (--data builtin)")
     if args.probe_images == 1:
         parser.error("--probe-images: 0 (no probes) or at least 2 (to fit and to score)")
     return args
 
 
-MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from")  # dar.MiniatureRecipe's fields
+MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from", "own_step")  # dar.MiniatureRecipe's fields
 
 
 def miniature_recipe(args):
@@ -135,28 +137,32 @@ def loss_networks(args, cfg, device, rank):
     is 0), and --eval-every's held-out set (None when off, and on every rank but 0)."""
     perceptual = load_lpips(device) if args.lpips_weight > 0 else None
     repa_target = load_repa_target(device) if args.repa_weight > 0 else None
-    teacher = dar.load_teacher(args.out / "teacher.pt", cfg.image_size, device) if args.teacher_weight > 0 else None
+    teacher = dar.load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
+        if args.teacher_weight > 0 else None
     held_out = HeldOut(args, cfg.image_size, device) if args.eval_every and rank == 0 else None
     return perceptual, repa_target, teacher, held_out
 
 
-# linear probes of the first and the last group (dar.group_probes), logged with every evaluation
-PROBES = (("first", "class"), ("first", "background"), ("first", "shape colour"), ("first", "position"), ("last", "class"))
-PROBE_COLUMNS = tuple(f"{group}_{what.replace(' ', '_')}" for group, what in PROBES)
+# linear probes of groups 1, 2, 4 and K (dar.group_probes), logged with every evaluation
+PROBES = ((0, "class"), (0, "background"), (0, "object colour"), (0, "position"), (1, "class"), (3, "class"), (-1, "class"))
+PROBE_COLUMNS = tuple(f"g{group + 1 if group >= 0 else 'K'}_{what.replace(' ', '_')}" for group, what in PROBES)
 
 
 class HeldOut:
     """--eval-every: held-out built-in images, their noise x_0, the toy evaluator, the probes' images, the curve file."""
 
     def __init__(self, args, image_size, device):
-        self.images, self.labels = dar.builtin_images(args.eval_images, image_size, dar.EVALUATOR_REFERENCE_SEED)
+        self.data = args.data
+        self.images, self.labels = dar.builtin_images(args.eval_images, image_size, dar.EVALUATOR_REFERENCE_SEED,
+                                                      args.data)
         self.images = self.images.to(device)
         self.noise = torch.randn(len(self.images), 3, image_size, image_size,
                                  generator=torch.Generator().manual_seed(0)).to(device)
-        self.evaluator = dar.load_toy_evaluator(args.evaluator, image_size).to(device)
+        self.evaluator = dar.load_toy_evaluator(args.evaluator, image_size, args.data).to(device)
         self.probes = args.probe_images
         if self.probes:
-            self.probe_images, self.probe_labels = dar.builtin_images(self.probes, image_size, dar.PROBE_SEED)
+            self.probe_images, self.probe_labels = dar.builtin_images(self.probes, image_size, dar.PROBE_SEED,
+                                                                      args.data)
             self.probe_images, self.probe_train = self.probe_images.to(device), self.probes - min(500, self.probes // 4)
         self.out = args.out
         self.curve = args.out / "learning_curve.tsv"
@@ -183,7 +189,7 @@ class HeldOut:
         probed = [float("nan")] * len(PROBES)
         if self.probes:  # fitted on probe_train images, scored on the rest
             probes = dar.group_probes(tokenizer, self.probe_images, self.probe_labels, self.probe_train)
-            probed = [probes[group][what] for group, what in PROBES]
+            probed = [probes[group % tokenizer.cfg.num_groups][what] for group, what in PROBES]
         log(f"eval step {step} ({images_seen:,} images, {'the code head' if head is not None else 'D_FM'}): background "
             f"kept {figures['background_kept']:.1%}, both colours {figures['colours_kept']:.1%}, centroid off by "
             f"{figures['centroid_px']:.2f} px, toy accuracy "
@@ -193,7 +199,7 @@ class HeldOut:
             file.write("\t".join([str(step), str(images_seen), stage] + [f"{figures[c]:.4f}" for c in CURVE_COLUMNS[3:]]
                                  + [f"{v:.4f}" for v in probed]) + "\n")
         shown = slice(0, 10)  # one image of each class
-        names = [dar.SHAPE_CLASSES[label] for label in self.labels[shown].tolist()]
+        names = [dar.BUILTIN_DATA[self.data].class_names[label] for label in self.labels[shown].tolist()]
         rows = ["held out", "code head" if head is not None else "reconstructed"]
         dar.labelled_grid(torch.stack([self.images[shown], reconstructions[shown]]), rows, names).save(
             self.out / f"reconstructions_{step:07d}.png")
@@ -210,7 +216,8 @@ def build(args, cfg, device):
     model = (dar.miniature_tokenizer(cfg, recipe) if recipe else dar.Tokenizer(cfg)).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     head = dar.CodeHead(cfg, recipe.teacher_features).to(device) if args.code_path_steps else None
-    learner = dar.CodePath(model, head, recipe.target_blur, recipe.teacher_from) if head is not None else model
+    learner = dar.CodePath(model, head, recipe.target_blur, recipe.teacher_from, recipe.own_step) \
+        if head is not None else model
     learner_ema = copy.deepcopy(learner).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(learner.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay)
