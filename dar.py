@@ -1,30 +1,47 @@
 """D-AR: Diffusion via Autoregressive Models (Gao & Shou, ICLR 2026), in one readable file.
 
-The file follows the paper:
-  §3.1  the sequential diffusion tokenizer: Eq. (1) encoder + VQ, Eq. (2)-(4) flow matching,
-        Eq. (5) condition schedule, Eq. (7) training loss, Eq. (8) sampling schedule (from §4)
-  §3.2  the Llama AR model, Eq. (6), with a static KV cache and logit-space classifier-free guidance
-  §3.3  the D-AR sampler: each group of G generated tokens drives one diffusion step, with a preview
-  data and training utilities: pictures, the ADM sample files, datasets, the training stream and loop pieces
-  the CPU miniature (not part of the paper or the release): the tiny recipe's training aids and a toy
-        evaluator for the built-in shapes
+Contents: the paper's equations and the names that implement them, in file order.
+
+  §3.1  the sequential diffusion tokenizer
+    Eq. (1)  z = QUANT(E(I, [q_1..q_N]))                     `VectorQuantizer`
+    Eq. (2)  D_FM(x_t, t, c(t)), the velocity network        `PixelDiffusionTransformer`
+    Eq. (5)  c(t) = g_ceil(t' K), t' the unshifted time     `unshift_time`, `condition_group`
+    Eq. (3)  x_t = t x_1 + (1 - t) x_0, v_t = x_1 - x_0      `flow_interpolant`
+    jump     x_hat_1 = x_t + (1 - t) v_t (the previews)      `jump_estimate`
+    Eq. (8)  t_i = (i/K) / (i/K + beta (1 - i/K))            `sampling_times`
+    Eq. (1)  the encoder with N queries, then QUANT          `Tokenizer.encode`
+    Eq. (4)  x_0 ~ N(0, 1), x_1 = I                           `Tokenizer.initial_noise`
+    decode   S steps of Eq. (8), step i reads c(t_i)         `Tokenizer.decode`
+    Eq. (7)  l = l_fm (2) + l_VQ + l1 l_LPIPS + l2 l_repa    `Tokenizer.forward`
+  §3.2  the Llama AR model
+    Eq. (6)  p(z) = prod_i p(z_i | y, z_<i)                  `next_token_loss`, `LlamaAR.forward`
+  §3.3  the D-AR sampler
+    guidance the scale s of each token: fixed, or a schedule `guidance_scales`
+    the draw temperature, top-k, top-p                       `sample_token`
+    §3.3     each group of G tokens drives its steps         `sample`
+    guidance l = l_u + s (l_c - l_u), in logit space         `guide`
+
+Then, below the paper: data and training utilities (the checkpoint loaders `load_tokenizer` and
+`load_ar`, pictures, the ADM sample files, datasets, command lines, training pieces, timing), and
+last the CPU miniature (not part of the paper or the release: the tiny recipe's training aids and a
+toy evaluator of the built-in data). Nothing in §3.1-§3.3 uses a name defined below them.
 
 Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
-follow the release, so that its checkpoints load and give the same numbers; a comment marks each place.
+follow the release, so that its checkpoints load and give the same numbers; a comment marks each
+place.
 
-Shape legend, used by every shape comment:
-  B batch, N tokens per image (queries), K condition groups, G = N/K tokens per group,
-  L tokens of a 2D grid (patches), D width, nh heads, hd head width (64), C codebook vector width,
-  V codebook size (= the AR vocabulary), P pixel patch size, T positions of an AR sequence,
-  S diffusion steps of a decode (K unless set), H x W image height and width, n a prefix of tokens,
-  B' the AR batch (2B with guidance).
+Shape legend, used by every shape comment: B batch, N tokens per image (queries), K condition
+  groups, G = N/K tokens per group, L tokens of a 2D grid (patches), D width, nh heads, hd head
+  width (64), C codebook vector width, V codebook size (= the AR vocabulary), P pixel patch size, T
+  positions of an AR sequence, S diffusion steps of a decode (K unless set), H x W image height and
+  width, n a prefix of tokens, B' the AR batch (2B with guidance).
 """
 import argparse
 import atexit
 import contextlib
+import functools
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
@@ -34,6 +51,7 @@ import shlex
 import sys
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -57,18 +75,18 @@ class TokenizerConfig:
     encoder_dim: int = 768       # width of the encoder E of Eq. (1)
     encoder_depth: int = 8
     num_tokens: int = 256        # N: learnable queries = discrete tokens per image
-    num_groups: int = 8          # K: condition groups, one per diffusion step of a default decode (Eq. 5, 8)
-    num_denoising_steps: int | None = None  # S: steps of a decode (None: K, as released); a group may drive several
+    num_groups: int = 8          # K: condition groups, one per step of a default decode (Eq. 5, 8)
+    num_denoising_steps: int | None = None  # S: steps of a decode (None: K, as released)
     codebook_size: int = 16384   # V
     codebook_dim: int = 8        # C: width of a codebook vector
-    query_rank: int = 8          # released queries are low rank: a (table_size, 8) table -> Linear(8, D)
-    table_size: int = 1024       # rows of the query / position tables (the release has 1024; N are used)
+    query_rank: int = 8          # released queries are low rank: a (table_size, 8) table -> Linear
+    table_size: int = 1024       # rows of the query / position tables (release: 1024; N are used)
     decoder_dim: int = 768       # width of the post-quantisation causal layers, i.e. of z'
     decoder_depth: int = 8
     diffusion_dim: int = 768     # pixel diffusion transformer D_FM
     diffusion_depth: int = 12
     pixel_patch_size: int = 8    # P: D_FM works on P x P pixel patches
-    data_std: float = 0.6        # release: pixels are scaled by 0.6 before diffusion (not in the paper)
+    data_std: float = 0.6        # release: pixels scaled by 0.6 before diffusion (not in the paper)
     time_shift: float = 2.0      # beta of Eq. (5) and Eq. (8)
     repa_layer: int = 8          # REPA features are read before this diffusion block
     repa_dim: int = 768          # width of the REPA target features (DINOv2-B); 0 = no REPA head
@@ -79,7 +97,8 @@ class TokenizerConfig:
 
     def __post_init__(self):
         if self.num_tokens % self.num_groups:
-            raise ValueError(f"num_tokens ({self.num_tokens}) must be a multiple of num_groups ({self.num_groups})")
+            raise ValueError(f"num_tokens ({self.num_tokens}) must be a multiple of num_groups "
+                             f"({self.num_groups})")
         if self.num_denoising_steps is not None:
             check_steps(self.num_denoising_steps)
         for name in ("patch_size", "pixel_patch_size"):
@@ -91,10 +110,12 @@ class TokenizerConfig:
         if self.head_dim % 4:
             raise ValueError("head_dim must be a multiple of 4 (2D RoPE rotates pairs on two axes)")
         if self.num_tokens > self.table_size:
-            raise ValueError(f"num_tokens ({self.num_tokens}) exceeds table_size ({self.table_size})")
+            raise ValueError(f"num_tokens ({self.num_tokens}) exceeds table_size "
+                             f"({self.table_size})")
         pixel_grid = self.image_size // self.pixel_patch_size
         if self.uses_repa and pixel_grid % self.repa_grid:
-            raise ValueError(f"the pixel token grid ({pixel_grid}) must be a multiple of repa_grid ({self.repa_grid})")
+            raise ValueError(f"the pixel token grid ({pixel_grid}) must be a multiple of repa_grid "
+                             f"({self.repa_grid})")
 
     @property
     def uses_repa(self):  # the release builds the head but never reads it when repa_layer >= depth
@@ -105,34 +126,39 @@ class TokenizerConfig:
         return self.num_tokens // self.num_groups
 
     @property
-    def denoising_steps(self):  # S, the steps of a decode
+    def decode_steps(self):  # S: num_denoising_steps, or K when that is None
         return self.num_groups if self.num_denoising_steps is None else self.num_denoising_steps
 
     @classmethod
     def from_official(cls, model):
         """The `model:` section of an official tokenizer config (plain dict) -> TokenizerConfig."""
-        diff, steps = model["diff_decoder"], model.get("num_denoising_steps", model["num_query_groups"])
+        diff, steps = model["diff_decoder"], model.get("num_denoising_steps",
+                                                       model["num_query_groups"])
         unsupported = {
             "vq_enable": (model.get("vq_enable", True), True),
             "query_low_rank": (model.get("query_low_rank", True), True),
             "diff_decoder.mlp_head": (diff.get("mlp_head", False), False),
             "diff_decoder.share_time_encoding": (diff.get("share_time_encoding", False), False),
-            "queries_per_step": (model["queries_per_step"], model["num_all_queries"] // model["num_query_groups"]),
+            "queries_per_step": (model["queries_per_step"],
+                                 model["num_all_queries"] // model["num_query_groups"]),
             "diff_decoder.cond_dim": (diff["cond_dim"], model["decoder_dim"]),
         }
         for key, (value, supported) in unsupported.items():
             if value != supported:
-                raise ValueError(f"official tokenizer config {key}={value!r} is not supported (expected {supported!r})")
+                raise ValueError(f"official tokenizer config {key}={value!r} is not supported "
+                                 f"(expected {supported!r})")
         return cls(
-            image_size=model.get("sampling_resolution", 256), patch_size=model["encoder_patch_size"],
+            image_size=model.get("sampling_resolution", 256),
+            patch_size=model["encoder_patch_size"],
             encoder_dim=model["encoder_dim"], encoder_depth=model["num_encoder_layers"],
             num_tokens=model["num_all_queries"], num_groups=model["num_query_groups"],
             num_denoising_steps=None if steps == model["num_query_groups"] else steps,
             codebook_size=model["vq_codebook_size"], codebook_dim=model["vq_dim"],
             decoder_dim=model["decoder_dim"], decoder_depth=model["num_decoder_layers"],
-            diffusion_dim=diff["dim"], diffusion_depth=diff["depth"], pixel_patch_size=diff["patch_size"],
-            data_std=diff["data_std"], time_shift=diff["time_shift"], repa_layer=diff.get("repa_layer", 8),
-            rope_theta=model.get("rope_base_len", 10000.0),
+            diffusion_dim=diff["dim"], diffusion_depth=diff["depth"],
+            pixel_patch_size=diff["patch_size"],
+            data_std=diff["data_std"], time_shift=diff["time_shift"],
+            repa_layer=diff.get("repa_layer", 8), rope_theta=model.get("rope_base_len", 10000.0),
         )
 
 
@@ -140,19 +166,24 @@ TOKENIZER_PRESETS = {
     # the released D-AR-tokenizer_v1.pt: 307,444,672 params (300,099,776 without the REPA head;
     # D_FM alone 185,129,664, the paper's "185M")
     "v1": TokenizerConfig(),
-    # appendix A.4's lightweight ablation tokenizer: width 512, diffusion depth 8: 113,433,536 params
-    "ablation": TokenizerConfig(encoder_dim=512, decoder_dim=512, diffusion_dim=512, diffusion_depth=8),
-    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,677,360 params (2,562,096 without
-    # the REPA head; built by the CPU miniature's recipe, with its conv stem: 2,764,336 and 2,649,072)
+    # appendix A.4's lightweight ablation tokenizer: width 512, diffusion depth 8: 113,433,536
+    # params
+    "ablation": TokenizerConfig(encoder_dim=512, decoder_dim=512, diffusion_dim=512,
+                                diffusion_depth=8),
+    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,677,360 params
+    # (2,562,096 without the REPA head; built by the CPU miniature's recipe, with its conv stem:
+    # 2,764,336 and 2,649,072)
     "tiny": TokenizerConfig(
         image_size=32, patch_size=4, encoder_dim=128, encoder_depth=2, num_tokens=64, num_groups=8,
         codebook_size=256, table_size=64, decoder_dim=128, decoder_depth=2, diffusion_dim=128,
-        diffusion_depth=4, pixel_patch_size=4, repa_layer=2, repa_dim=64, repa_hidden=256, repa_grid=4),
+        diffusion_depth=4, pixel_patch_size=4, repa_layer=2, repa_dim=64, repa_hidden=256,
+        repa_grid=4),
 }
 
 
 def layer_norm(x):
-    """The parameter-free LayerNorm N(.) the release uses around attention and on outputs (eps 1e-6)."""
+    """The parameter-free LayerNorm N(.) the release uses around attention and on outputs (eps
+    1e-6)."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
@@ -166,19 +197,23 @@ def rope_2d(height, width, head_dim, theta):
     freqs = theta ** (-torch.arange(pairs_per_axis, dtype=torch.float64) / pairs_per_axis)
     rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64),
                                 torch.arange(width, dtype=torch.float64), indexing="ij")
-    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (L, hd/2)
-    return angles.cos().float(), angles.sin().float()  # release: angles in float64, tables in float32
+    # (L, hd/2)
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)
+    # release: angles in float64, tables in float32
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each adjacent feature pair (a, b) of x (B, nh, L, hd) by its angle: (a, b) -> e^{i phi}(a + ib)."""
+    """Rotate each adjacent feature pair (a, b) of x (B, nh, L, hd) by its angle: (a, b) -> e^{i
+    phi}(a + ib)."""
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)             # (B, nh, L, hd/2) each
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)                            # (B, nh, L, hd)
 
 
 class Attention(nn.Module):
-    """Tokenizer attention with QK-norm (appendix A.2); self-attention, or cross-attention with `context`.
+    """Tokenizer attention with QK-norm (appendix A.2); self-attention, or cross-attention with
+    `context`.
 
     QK-norm is a LayerNorm (with weight and bias) over each 64-wide head of q and k, shared across
     heads, applied before RoPE.
@@ -188,20 +223,23 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.q_norm, self.k_norm = nn.LayerNorm(head_dim, eps=1e-6), nn.LayerNorm(head_dim, eps=1e-6)
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, rope_q=None, rope_k=None, mask=None, causal=False):
         context = x if context is None else context
-        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, nh, L, hd)
+        # (B, L, D) -> (B, nh, L, hd)
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         q, k, v = heads(self.q(x)), heads(self.k(context)), heads(self.v(context))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope_q is not None:
             q = apply_rope(q, *rope_q)
         if rope_k is not None:
             k = apply_rope(k, *rope_k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, L, hd)
-        return self.proj(out.transpose(1, 2).flatten(2))                                  # (B, L, D)
+        # (B, nh, L, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, L, D)
 
 
 class MLP(nn.Module):
@@ -217,7 +255,8 @@ class GatedBlock(nn.Module):
     """Pre-LN transformer block of the encoder E (Eq. 1) and of the post-quantisation causal layers.
 
     x <- x + gate1 * Attn(LN(x));  x <- x + gate2 * MLP(LN(x)).
-    The release adds per-channel residual gates, initialised to 0 so each block starts as the identity.
+    The release adds per-channel residual gates, initialised to 0 so each block starts as the
+    identity.
     """
 
     def __init__(self, dim, head_dim=64):
@@ -228,22 +267,27 @@ class GatedBlock(nn.Module):
         self.gate1, self.gate2 = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, rope=None, mask=None, causal=False):
-        x = x + self.gate1 * self.attention(self.norm1(x), rope_q=rope, rope_k=rope, mask=mask, causal=causal)
+        x = x + self.gate1 * self.attention(self.norm1(x), rope_q=rope, rope_k=rope, mask=mask,
+                                            causal=causal)
         return x + self.gate2 * self.mlp(self.norm2(x))
 
 
 def run_blocks(blocks, x, checkpointed, **kwargs):
-    """Apply blocks in turn; with `checkpointed`, recompute activations in backward (saves memory)."""
+    """Apply blocks in turn; with `checkpointed`, recompute activations in backward (saves
+    memory)."""
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed else block(x, **kwargs)
+        x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed \
+            else block(x, **kwargs)
     return x
 
 
 def encoder_mask(num_patches, num_queries):
-    """Attention mask of the encoder (§4): every token sees all patches; query i also sees queries <= i.
+    """Attention mask of the encoder (§4): every token sees all patches; query i also sees queries
+    <= i.
 
-    Patches never see queries, so query i depends on the image and queries 1..i only: the causality that
-    lets a prefix of tokens mean the same thing whatever follows. True = may attend; (L+N, L+N).
+    Patches never see queries, so query i depends on the image and queries 1..i only: the causality
+    that lets a prefix of tokens mean the same thing whatever follows. True = may attend; (L+N,
+    L+N).
     """
     mask = torch.zeros(num_patches + num_queries, num_patches + num_queries, dtype=torch.bool)
     mask[:, :num_patches] = True
@@ -255,8 +299,9 @@ class VectorQuantizer(nn.Module):
     """Eq. (1) QUANT(.): nearest l2-normalised codebook entry, with the l_VQ loss of appendix A.2.
 
     Encoder outputs f and codebook rows are l2-normalised; the token is argmin_k ||f - e_k||^2; the
-    forward value f + sg[e - f] equals e while gradients pass straight through to f. Per token,
-    l_VQ = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25, no entropy term.
+    forward value f + sg[e - f] equals e while gradients pass straight through to f. Per token, l_VQ
+    = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25, no entropy
+    term.
     """
 
     beta = 0.25
@@ -276,15 +321,16 @@ class VectorQuantizer(nn.Module):
         distance = f.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * f @ e.t()  # (B, N, V)
         codes = distance.argmin(-1)                                                   # (B, N)
         e_codes = e[codes]                                                            # (B, N, C)
-        vq_loss = (e_codes - f.detach()).pow(2).mean(-1) + self.beta * (e_codes.detach() - f).pow(2).mean(-1)
+        codebook_term = (e_codes - f.detach()).pow(2).mean(-1)
+        vq_loss = codebook_term + self.beta * (e_codes.detach() - f).pow(2).mean(-1)  # + commitment
         return f + (e_codes - f).detach(), codes, vq_loss
 
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of the diffusion time t followed by an MLP (as in DiT).
 
-    Release details: t is multiplied by 1000, the cos half comes first, the frequency table is as wide
-    as the model.
+    Release details: t is multiplied by 1000, the cos half comes first, the frequency table is as
+    wide as the model.
     """
 
     def __init__(self, dim):
@@ -293,18 +339,20 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):                                                     # t (B,)
         half = self.mlp[0].in_features // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        positions = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(10000) * positions / half)
         angles = (1000 * t.float())[:, None] * freqs[None]                     # (B, D/2)
         embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)            # (B, D)
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))[:, None]     # (B, 1, D)
 
 
 class DiffusionBlock(nn.Module):
-    """One block of D_FM (§4): cross-attention to c(t) feeds a per-token adaLN, with its own time embedder.
+    """One block of D_FM (§4): cross-attention to c(t) feeds a per-token adaLN, with its own time
+    embedder.
 
-    s = CrossAttn(N(x), cond); (shift, scale, gate) x 2 = Linear(SiLU(tau(t) + s));
-    x <- x + gate_a * SelfAttn(N(x)(1 + scale_a) + shift_a); x <- x + gate_m * MLP(N(x)(1 + scale_m) + shift_m).
-    The modulation differs per pixel token because the cross-attention output does.
+    s = CrossAttn(N(x), cond); (shift, scale, gate) x 2 = Linear(SiLU(tau(t) + s)); x <- x + gate_a
+    * SelfAttn(N(x)(1 + scale_a) + shift_a); x <- x + gate_m * MLP(N(x)(1 + scale_m) + shift_m). The
+    modulation differs per pixel token because the cross-attention output does.
     """
 
     def __init__(self, dim, head_dim=64):
@@ -318,7 +366,8 @@ class DiffusionBlock(nn.Module):
 
     def forward(self, x, t, cond, rope):                     # x (B, L, D), t (B,), cond (B, G, D)
         cond = layer_norm(self.cond_embed(cond))
-        s = self.cross_attn(layer_norm(x), cond, rope_q=rope)  # pixel queries rotated, condition keys not
+        # pixel queries rotated, condition keys not
+        s = self.cross_attn(layer_norm(x), cond, rope_q=rope)
         modulation = self.adaLN_modulation(self.time_embed(t) + s)              # (B, L, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
         h = layer_norm(x) * (1 + scale_a) + shift_a
@@ -331,8 +380,8 @@ class PixelDiffusionTransformer(nn.Module):
     """Eq. (2): the velocity network D_FM(x_t, t, c(t)), a DiT on raw P x P pixel patches (no VAE).
 
     x_t (B, 3, H, W) in the scaled pixel space, t (B,) the diffusion time, cond (B, G, D) = c(t).
-    Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer` (None unless
-    `return_repa`).
+    Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer` (None
+    unless `return_repa`).
     """
 
     def __init__(self, cfg: TokenizerConfig):
@@ -341,18 +390,19 @@ class PixelDiffusionTransformer(nn.Module):
         self.patch_size, self.repa_layer = P, cfg.repa_layer
         self.cond_mlp = nn.Linear(cfg.decoder_dim, dim)
         self.pixel_in = nn.Linear(3 * P * P, dim)
-        self.blocks = nn.ModuleList(DiffusionBlock(dim, cfg.head_dim) for _ in range(cfg.diffusion_depth))
+        self.blocks = nn.ModuleList(DiffusionBlock(dim, cfg.head_dim)
+                                    for _ in range(cfg.diffusion_depth))
         self.pixel_out = nn.Linear(dim, 3 * P * P)
         grid = cfg.image_size // P
         self.repa_pool = grid // cfg.repa_grid
         self.repa_out = nn.Sequential(
-            nn.Linear(dim, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden), nn.SiLU(),
-            nn.Linear(cfg.repa_hidden, cfg.repa_dim)) if cfg.repa_dim else None
+            nn.Linear(dim, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden),
+            nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim)) if cfg.repa_dim else None
         cos, sin = rope_2d(grid, grid, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def repa_features(self, x):                              # x (B, L, D) -> (B, repa_grid^2, repa_dim)
+    def repa_features(self, x):  # x (B, L, D) -> (B, repa_grid^2, repa_dim)
         side = math.isqrt(x.shape[1])
         grid = x.transpose(1, 2).unflatten(2, (side, side))                  # (B, D, H/P, W/P)
         pooled = F.avg_pool2d(grid, self.repa_pool).flatten(2).transpose(1, 2)
@@ -362,7 +412,8 @@ class PixelDiffusionTransformer(nn.Module):
         B, _, height, width = x_t.shape
         rope = (self.rope_cos, self.rope_sin)
         cond = layer_norm(self.cond_mlp(cond))                                 # (B, G, D)
-        # pixel_unshuffle puts pixel (c, P*h + i, P*w + j) at channel c*P*P + i*P + j, as the release does
+        # pixel_unshuffle puts pixel (c, P*h + i, P*w + j) at channel c*P*P + i*P + j, as the
+        # release does
         x = F.pixel_unshuffle(x_t, self.patch_size).flatten(2).transpose(1, 2)  # (B, L, 3P^2)
         x = self.pixel_in(x)                                                   # (B, L, D)
         repa = None
@@ -386,11 +437,13 @@ def unshift_time(t, beta):
 
 
 def condition_group(t, num_groups, beta, form="release"):
-    """Eq. (5): condition schedule c(t) = g_{ceil(t' K)}; returns the 0-based group index for times t.
+    """Eq. (5): condition schedule c(t) = g_{ceil(t' K)}; returns the 0-based group index for times
+    t.
 
-    form="paper":   ceil(t' K) - 1 (1-based g_1..g_K as written in Eq. (5); t' = 0 is clamped to group 0).
-    form="release": round(t' K) clamped to K - 1. The released model is trained and sampled this way
-    (grid point i/K sits in the middle of group i's training interval), so its tokens mean this.
+    form="paper":   ceil(t' K) - 1 (1-based g_1..g_K as written in Eq. (5); t' = 0 is clamped to
+    group 0). form="release": round(t' K) clamped to K - 1. The released model is trained and
+    sampled this way (grid point i/K sits in the middle of group i's training interval), so its
+    tokens mean this.
     """
     u = unshift_time(t, beta)
     if form == "paper":
@@ -401,27 +454,32 @@ def condition_group(t, num_groups, beta, form="release"):
 
 
 def flow_interpolant(x0, x1, t):
-    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0 (t broadcast per sample)."""
+    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0 (t broadcast per
+    sample)."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return t * x1 + (1 - t) * x0, x1 - x0
 
 
 def jump_estimate(x_t, t, v):
-    """The jump estimate x_hat_1 = x_t + (1 - t) v: where the flow lands if v stayed constant (§3.3)."""
+    """The jump estimate x_hat_1 = x_t + (1 - t) v: where the flow lands if v stayed constant
+    (§3.3)."""
     return x_t + (1 - t.view(-1, *([1] * (x_t.dim() - 1)))) * v
 
 
 def sampling_times(num_steps, beta):
-    """Eq. (8): t_i = (i/S) / (i/S + beta (1 - i/S)), i = 0..S-1, followed by t_S = 1; float32, (S + 1,).
+    """Eq. (8): t_i = (i/S) / (i/S + beta (1 - i/S)), i = 0..S-1, followed by t_S = 1; float32, (S +
+    1,).
     The paper decodes with S = K steps; the release's `num_denoising_steps` may set another S."""
     return shift_time(torch.arange(num_steps + 1, dtype=torch.float32) / num_steps, beta)
 
 
 def step_groups(num_steps, num_groups):
-    """Eq. (5) on a decode of S steps, release form: step i (at u_i = i/S, before the time shift) reads group
-    round(u_i K) (halves up, as `condition_group`), at most K - 1. S = K: step i reads group i; otherwise a
-    group drives several steps or none (S = 6, K = 4: groups 0, 1, 1, 2, 3, 3). -> (S,) int64, non-decreasing."""
-    u = torch.arange(num_steps, dtype=torch.float64) / num_steps  # from u directly, as released: no shift round trip
+    """Eq. (5) on a decode of S steps, release form: step i (at u_i = i/S, before the time shift)
+    reads group round(u_i K) (halves up, as `condition_group`), at most K - 1. S = K: step i reads
+    group i; otherwise a group drives several steps or none (S = 6, K = 4: groups 0, 1, 1, 2, 3, 3).
+    -> (S,) int64, non-decreasing."""
+    # from u directly, as released: no shift round trip
+    u = torch.arange(num_steps, dtype=torch.float64) / num_steps
     return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)
 
 
@@ -433,15 +491,18 @@ def check_steps(steps):
 
 
 def compiled(step):
-    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) under torch.compile, as one
-    graph: on CUDA in mode "reduce-overhead" (CUDA graphs, as the release compiles its sampler), on the CPU
-    in the default mode. The same function, traced: nothing is written twice. torch keeps the compiled code
-    on the function's code object, so later calls reuse it; the no_grad decorator is unwrapped first, else
-    both steps would share its wrapper's code object and its recompile limit."""
+    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) under torch.compile, as
+    one graph: on CUDA in mode "reduce-overhead" (CUDA graphs, as the release compiles its sampler),
+    on the CPU in the default mode. The same function, traced: nothing is written twice. torch keeps
+    the compiled code on the function's code object, so later calls reuse it; the no_grad decorator
+    is unwrapped first, else both steps would share its wrapper's code object and its recompile
+    limit."""
     model = step.__self__
     on_cuda = next(model.parameters()).is_cuda
-    plain = inspect.unwrap(step.__func__).__get__(model)   # the caller runs under no_grad (sample, decode)
-    # shapes stay static per batch size; a second batch size recompiles once with a symbolic batch (torch's default)
+    # the caller runs under no_grad (sample, decode)
+    plain = inspect.unwrap(step.__func__).__get__(model)
+    # shapes stay static per batch size; a second batch size recompiles once with a symbolic batch
+    # (torch's default)
     return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
 
 
@@ -449,7 +510,8 @@ SOLVERS = ("adams2", "euler")
 
 
 def solver_step(x, v, v_prev, dt, solver):
-    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth ("adams2", the default).
+    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth ("adams2", the
+    default).
 
     The release uses the constant-step weights 1.5 / -0.5 although the steps of Eq. (8) are uneven;
     we keep them to reproduce its numbers. Step 0 has no previous velocity and is an Euler step.
@@ -473,38 +535,48 @@ class Tokenizer(nn.Module):
     decode:     K steps of the Eq. (8) schedule; step k runs D_FM on group k of z' (Eq. 5)
     forward:    the training loss of Eq. (7)
 
-    `patchify` replaces the release's patch embedding (one strided convolution), any module mapping images
-    (B, 3, H, W) to (B, D, H/patch_size, W/patch_size); `init_std` and `gate_init` the release's initialisation (0.02 and 0).
+    `patchify` replaces the release's patch embedding (one strided convolution), any module mapping
+    images (B, 3, H, W) to (B, D, H/patch_size, W/patch_size); `init_std` and `gate_init` the
+    release's initialisation (0.02 and 0).
     """
 
     def __init__(self, cfg: TokenizerConfig, patchify=None, init_std=0.02, gate_init=0.0):
         super().__init__()
         self.cfg = cfg
         grid = cfg.image_size // cfg.patch_size
-        self.patchify = patchify or nn.Conv2d(3, cfg.encoder_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.patchify = patchify or nn.Conv2d(3, cfg.encoder_dim, cfg.patch_size,
+                                              stride=cfg.patch_size)
         self.query_embedding = nn.Embedding(cfg.table_size, cfg.query_rank)
         self.query_linear = nn.Linear(cfg.query_rank, cfg.encoder_dim)
-        self.encoder_layers = nn.ModuleList(GatedBlock(cfg.encoder_dim, cfg.head_dim) for _ in range(cfg.encoder_depth))
+        self.encoder_layers = nn.ModuleList(GatedBlock(cfg.encoder_dim, cfg.head_dim)
+                                            for _ in range(cfg.encoder_depth))
         self.quant_in = nn.Linear(cfg.encoder_dim, cfg.codebook_dim, bias=False)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim)
         self.quant_out = nn.Linear(cfg.codebook_dim, cfg.decoder_dim, bias=False)
         self.decoder_embedding = nn.Embedding(cfg.table_size, cfg.decoder_dim)
-        self.decoder_layers = nn.ModuleList(GatedBlock(cfg.decoder_dim, cfg.head_dim) for _ in range(cfg.decoder_depth))
+        self.decoder_layers = nn.ModuleList(GatedBlock(cfg.decoder_dim, cfg.head_dim)
+                                            for _ in range(cfg.decoder_depth))
         self.diffusion = PixelDiffusionTransformer(cfg)
         # patches are rotated by their 2D position; the 1D queries get the identity rotation (A.2)
         cos, sin = rope_2d(grid, grid, cfg.head_dim, cfg.rope_theta)
-        identity = (torch.ones(cfg.num_tokens, cfg.head_dim // 2), torch.zeros(cfg.num_tokens, cfg.head_dim // 2))
+        identity = (torch.ones(cfg.num_tokens, cfg.head_dim // 2),
+                    torch.zeros(cfg.num_tokens, cfg.head_dim // 2))
         self.register_buffer("encoder_rope_cos", torch.cat([cos, identity[0]]), persistent=False)
         self.register_buffer("encoder_rope_sin", torch.cat([sin, identity[1]]), persistent=False)
-        self.register_buffer("encoder_mask", encoder_mask(grid * grid, cfg.num_tokens), persistent=False)
-        self.register_buffer("sampling_times", sampling_times(cfg.denoising_steps, cfg.time_shift), persistent=False)
-        self.register_buffer("step_groups", step_groups(cfg.denoising_steps, cfg.num_groups), persistent=False)
-        self.grad_checkpointing = False  # a training option: recompute block activations in backward
+        self.register_buffer("encoder_mask", encoder_mask(grid * grid, cfg.num_tokens),
+                             persistent=False)
+        self.register_buffer("sampling_times", sampling_times(cfg.decode_steps, cfg.time_shift),
+                             persistent=False)
+        self.register_buffer("step_groups", step_groups(cfg.decode_steps, cfg.num_groups),
+                             persistent=False)
+        # a training option: recompute block activations in backward
+        self.grad_checkpointing = False
         self.initialize_weights(init_std, gate_init)
 
     @torch.no_grad()
     def initialize_weights(self, init_std, gate_init):
-        """The release's initialisation, for training from scratch (layers not named keep PyTorch's default):
+        """The release's initialisation, for training from scratch (layers not named keep PyTorch's
+        default):
         the blocks' Linear weights ~ N(0, init_std) truncated, their residual gates = gate_init."""
         for layer in [*self.encoder_layers, *self.decoder_layers, *self.diffusion.blocks]:
             for module in layer.modules():
@@ -514,7 +586,8 @@ class Tokenizer(nn.Module):
         for layer in [*self.encoder_layers, *self.decoder_layers]:
             nn.init.constant_(layer.gate1, gate_init)
             nn.init.constant_(layer.gate2, gate_init)
-        for block in self.diffusion.blocks:  # adaLN-Zero: every diffusion block starts as the identity
+        # adaLN-Zero: every diffusion block starts as the identity
+        for block in self.diffusion.blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)
             nn.init.zeros_(block.adaLN_modulation[1].bias)
         nn.init.zeros_(self.diffusion.pixel_out.weight)
@@ -526,14 +599,20 @@ class Tokenizer(nn.Module):
         codebook.copy_(F.normalize(codebook, dim=-1))
 
     # ---- input checks: a wrong input gets a sentence, not a shape error deep inside -------------
-    def check_images(self, images):
+    def check_images(self, images, values=True):
+        """Shapes and dtype always; the value range (a host sync) only with `values`: not in a
+        training step."""
         size = self.cfg.image_size
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
         if images.shape[2:] != (size, size):
-            raise ValueError(f"this tokenizer takes {size}x{size} images, got {images.shape[2]}x{images.shape[3]}")
+            raise ValueError(f"this tokenizer takes {size}x{size} images, got "
+                             f"{images.shape[2]}x{images.shape[3]}")
         if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [-1, 1], got dtype {images.dtype} (0-255 pixels?)")
+            raise ValueError(f"images must be floats in [-1, 1], got dtype {images.dtype} (0-255 "
+                             "pixels?)")
+        if not values:
+            return
         low, high = images.min().item(), images.max().item()
         if low < -1.1 or high > 1.1:
             raise ValueError(f"images must have values in [-1, 1], got [{low:.3g}, {high:.3g}] "
@@ -542,17 +621,19 @@ class Tokenizer(nn.Module):
     def check_codes(self, codes, full_length=True):
         N, V = self.cfg.num_tokens, self.cfg.codebook_size
         if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
-            raise ValueError(f"codes must be integer token ids of shape (B, N), got {codes.dtype} {tuple(codes.shape)}")
+            raise ValueError(f"codes must be integer token ids of shape (B, N), got {codes.dtype} "
+                             f"{tuple(codes.shape)}")
         if codes.shape[1] != N if full_length else not 0 < codes.shape[1] <= N:
-            raise ValueError(f"codes must hold {'exactly' if full_length else '1 to'} {N} tokens per image, "
-                             f"got {codes.shape[1]}")
+            raise ValueError(f"codes must hold {'exactly' if full_length else '1 to'} {N} tokens "
+                             f"per image, got {codes.shape[1]}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= V):
             raise ValueError(f"codes must lie in the codebook [0, {V}), got values in "
                              f"[{codes.min().item()}, {codes.max().item()}]")
 
     # ---- Eq. (1): encoder and quantiser --------------------------------------------------------
     def encoder_features(self, images):
-        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N, C), before quantisation."""
+        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N, C), before
+        quantisation."""
         B, N = images.shape[0], self.cfg.num_tokens
         patches = layer_norm(self.patchify(images).flatten(2).transpose(1, 2))     # (B, L, D)
         queries = self.query_linear(self.query_embedding.weight[:N]).expand(B, -1, -1)  # (B, N, D)
@@ -563,53 +644,61 @@ class Tokenizer(nn.Module):
         return self.quant_in(layer_norm(x[:, -N:]))                                  # (B, N, C)
 
     @torch.no_grad()
-    def encode(self, images):
-        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine order."""
-        self.check_images(images)
+    def encode(self, images, values=True):
+        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine
+        order. values=False: no range check (a host sync), for a training loop that checked its data
+        once."""
+        self.check_images(images, values)
         return self.quantizer(self.encoder_features(images))[1]
 
     # ---- post-quantisation causal layers: z -> z' ----------------------------------------------
     def causal_decoder(self, z_q):
         """z_q (B, n, C) -> z' (B, n, D). Causal layers (§4): z'_i depends on z_1..z_i only."""
         x = self.quant_out(z_q) + self.decoder_embedding.weight[:z_q.shape[1]]      # (B, n, D)
-        x = run_blocks(self.decoder_layers, x, self.grad_checkpointing and self.training, causal=True)
+        x = run_blocks(self.decoder_layers, x, self.grad_checkpointing and self.training,
+                       causal=True)
         return layer_norm(x)
 
     @torch.no_grad()
     def conditions(self, codes):
-        """Tokens -> conditions z' (B, n, D) for every position. The layers are causal, so the first n
-        tokens of a sequence (n <= N) give the same z'[:, :n] as the whole sequence."""
+        """Tokens -> conditions z' (B, n, D) for every position. The layers are causal, so the first
+        n tokens of a sequence (n <= N) give the same z'[:, :n] as the whole sequence."""
         self.check_codes(codes, full_length=False)
         return self.causal_decoder(self.quantizer.normalized_codebook()[codes])
 
     # ---- Eq. (2)-(4), (8): decoding with D_FM, the pixel diffusion transformer -------------------
     @torch.no_grad()
     def velocity(self, x_t, t, cond):
-        """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the network
-        sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B, 3, H, W)."""
+        """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the
+        network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B, 3,
+        H, W)."""
         size, G, D = self.cfg.image_size, self.cfg.group_size, self.cfg.decoder_dim
         if x_t.dim() != 4 or x_t.shape[1:] != (3, size, size):
             raise ValueError(f"x_t must be (B, 3, {size}, {size}), got {tuple(x_t.shape)}")
         if cond.shape != (x_t.shape[0], G, D):
-            raise ValueError(f"cond must be one group of conditions ({x_t.shape[0]}, {G}, {D}), got {tuple(cond.shape)}")
+            raise ValueError(f"cond must be one group of conditions ({x_t.shape[0]}, {G}, {D}), "
+                             f"got {tuple(cond.shape)}")
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         return self.diffusion(x_t, t, cond)[0]
 
     def initial_noise(self, batch, noise=None, generator=None, device=None):
-        """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise` checked, or drawn with `generator`."""
+        """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise` checked, or drawn with
+        `generator`."""
         size = self.cfg.image_size
         if noise is None and isinstance(generator, (list, tuple)):  # one generator per sample
-            return torch.cat([torch.randn(1, 3, size, size, generator=g, device=device) for g in generator])
+            return torch.cat([torch.randn(1, 3, size, size, generator=g, device=device)
+                              for g in generator])
         if noise is None:
             return torch.randn(batch, 3, size, size, generator=generator, device=device)
         if noise.shape != (batch, 3, size, size):
-            raise ValueError(f"noise must be ({batch}, 3, {size}, {size}) = x_0, got {tuple(noise.shape)}")
+            raise ValueError(f"noise must be ({batch}, 3, {size}, {size}) = x_0, got "
+                             f"{tuple(noise.shape)}")
         return noise.to(device)  # the release draws x_0 on the CPU
 
     def schedule(self, steps=None):
-        """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads (Eq. 5) (S,).
-        steps=None: the config's S (K unless the file says otherwise)."""
-        if steps is None or steps == self.cfg.denoising_steps:
+        """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads (Eq.
+        5) (S,). steps=None: the config's S (K unless the file says otherwise)."""
+        if steps is None or steps == self.cfg.decode_steps:
             return self.sampling_times, self.step_groups
         check_steps(steps)
         device = self.sampling_times.device
@@ -618,71 +707,84 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def denoise_step(self, x, t, t_next, cond, v_prev, solver):
-        """One step of a decode, from time t to t_next, conditioned on the group cond (B, G, D) = c(t) of
-        Eq. (5). Returns x at t_next and the velocity v at t (the next step's v_prev)."""
+        """One step of a decode, from time t to t_next, conditioned on the group cond (B, G, D) =
+        c(t) of Eq. (5). Returns x at t_next and the velocity v at t (the next step's v_prev)."""
         v, _ = self.diffusion(x, t.expand(x.shape[0]), cond)
         return solver_step(x, v, v_prev, t_next - t, solver), v
 
     @torch.no_grad()
     def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None, compile=False):
-        """Tokens (B, N) -> images (B, 3, H, W) by S steps of the Eq. (8) schedule (S = `steps`, default the
-        config's, K as released), step i conditioned on group `step_groups`[i] of z' (Eq. 5). `noise` is x_0
-        in the scaled pixel space (drawn with `generator` if None); compile=True compiles the step (`compiled`)."""
+        """Tokens (B, N) -> images (B, 3, H, W) by S steps of the Eq. (8) schedule (S = `steps`,
+        default the config's, K as released), step i conditioned on group `step_groups`[i] of z'
+        (Eq. 5). `noise` is x_0 in the scaled pixel space (drawn with `generator` if None);
+        compile=True compiles the step (`compiled`)."""
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
         self.check_codes(codes)
-        times, groups = self.schedule(steps)
+        times, step_group = self.schedule(steps)
         cond = self.conditions(codes)                                                # (B, N, D)
         G = self.cfg.group_size
         x, v = self.initial_noise(codes.shape[0], noise, generator, codes.device).to(cond), None
         denoise_step = compiled(self.denoise_step) if compile else self.denoise_step
-        for i, group in enumerate(groups.tolist()):
-            # a fresh (B, G, D) tensor, as the sampler's: a compiled step sees the same strides every time
-            group_cond = cond[:, group * G:(group + 1) * G].clone(memory_format=torch.contiguous_format)
+        for i, group in enumerate(step_group.tolist()):
+            # a fresh (B, G, D) tensor, as the sampler's: a compiled step sees the same strides
+            # every time
+            group_cond = cond[:, group * G:(group + 1) * G]
+            group_cond = group_cond.clone(memory_format=torch.contiguous_format)
             x, v = denoise_step(x, times[i], times[i + 1], group_cond, v, solver)
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
     def training_conditions(self, images, u=None):
-        """Eq. (1) and (5) for one training step: tokens of the images, their conditions z', a time per image
-        and the group c(t) it reads. u: Eq. (5)'s t' per image (U[0, 1) when None); the network sees t = shift(u).
-        -> t (B,), the quantised tokens z_q (B, N, C), all conditions z' (B, N, D), c(t) (B, G, D), l_VQ over the
-        tokens up to each image's group, the codebook fraction in use."""
+        """Eq. (1) and (5) for one training step: tokens of the images, their conditions z', a time
+        per image and the group c(t) it reads. u: Eq. (5)'s t' per image (U[0, 1) when None); the
+        network sees t = shift(u). -> t (B,), the quantised tokens z_q (B, N, C), all conditions z'
+        (B, N, D), c(t) (B, G, D), l_VQ over the tokens up to each image's group, the codebook
+        fraction in use."""
         cfg = self.cfg
-        z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))       # (B, N, C), (B, N), (B, N)
+        # (B, N, C), (B, N), (B, N)
+        z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))
         cond = self.causal_decoder(z_q)                                                # (B, N, D)
         if u is None:
             u = torch.rand(images.shape[0], device=images.device)
         t = shift_time(u, cfg.time_shift)
         group = condition_group(t, cfg.num_groups, cfg.time_shift)                   # (B,)
-        cond_t = gather_group(cond, group, cfg.group_size)                             # c(t): (B, G, D)
-        # l_VQ counts only the tokens up to the selected group: later ones got no D_FM signal this step
-        seen = (torch.arange(cfg.num_tokens, device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
+        cond_t = gather_group(cond, group, cfg.group_size)  # c(t): (B, G, D)
+        # l_VQ counts only the tokens up to the selected group: later ones got no D_FM signal this
+        # step
+        seen = (torch.arange(cfg.num_tokens,
+                             device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
         vq = (vq_per_token * seen).sum() / seen.sum()
-        return t, z_q, cond, cond_t, vq, codes.unique().numel() / cfg.codebook_size
+        in_use = torch.zeros(cfg.codebook_size, device=codes.device)
+        in_use = in_use.index_fill_(0, codes.flatten(), 1.0)
+        return t, z_q, cond, cond_t, vq, in_use.mean()
 
-    def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5, u=None):
-        """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5 in the paper).
+    def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5,
+                u=None):
+        """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5
+        in the paper).
 
-        perceptual(images, fakes) -> per-image distances, e.g. lpips.LPIPS(net="vgg"); the LPIPS term is
-            computed on the jump estimate x_hat_1 (as released) and only when this is given.
-        repa_target(images) -> (B, repa_grid^2, repa_dim) target features, e.g. DINOv2-B patch tokens; the
-            REPA term (1 - cosine similarity) is computed only when this is given.
+        perceptual(images, fakes) -> per-image distances, e.g. lpips.LPIPS(net="vgg"); the LPIPS
+            term is computed on the jump estimate x_hat_1 (as released) and only when this is given.
+        repa_target(images) -> (B, repa_grid^2, repa_dim) target features, e.g. DINOv2-B patch
+            tokens; the REPA term (1 - cosine similarity) is computed only when this is given.
         u: Eq. (5)'s t' per image (U[0, 1) when None).
-        Returns a dict: "loss" (the total, to backpropagate) and detached "fm", "vq", "lpips", "repa", and
-        "usage" (the fraction of the codebook used in this batch).
+        Returns a dict: "loss" (the total, to backpropagate) and detached "fm", "vq", "lpips",
+        "repa", and "usage" (the fraction of the codebook used in this batch).
         """
         cfg = self.cfg
-        self.check_images(images)
+        # the scripts check their data once per run
+        self.check_images(images, values=not self.training)
         if repa_target is not None and not cfg.uses_repa:
-            raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer >= "
-                             "diffusion_depth); pass repa_target=None")
+            raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
+                             ">= diffusion_depth); pass repa_target=None")
         t, _, _, cond_t, vq, usage = self.training_conditions(images, u)
-        x1 = cfg.data_std * images  # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
+        # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
+        x1 = cfg.data_std * images
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
         v, repa = self.diffusion(x_t, t, cond_t, return_repa=repa_target is not None,
                                  checkpointed=self.grad_checkpointing and self.training)
-        fm = F.mse_loss(v, v_target) / cfg.data_std ** 2                               # Eq. (2), in image units
+        fm = F.mse_loss(v, v_target) / cfg.data_std ** 2  # Eq. (2), in image units
 
         loss, terms = fm + vq, {"fm": fm, "vq": vq}
         if perceptual is not None:
@@ -694,39 +796,18 @@ class Tokenizer(nn.Module):
                 target = repa_target(images)
             terms["repa"] = (1 - F.cosine_similarity(repa, target, dim=-1)).mean()
             loss = loss + repa_weight * terms["repa"]
-        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}, "usage": usage}
+        return {"loss": loss, **{name: value.detach() for name, value in terms.items()},
+                "usage": usage}
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
+# ---- the release's tokenizer files (loaded by `load_tokenizer`) ----------------------------------
 
-class _ForeignObject:
-    """Stand-in for classes that official files pickle but we do not have (config_util.Config): it only
-    receives the pickled attributes; no code of the file runs."""
-
-
-def load_checkpoint_file(path, mmap=True):
-    """torch.load with weights_only=True, allowing only plain data plus the two foreign objects the
-    official files contain: an argparse.Namespace and a config_util.Config (read as plain attributes)."""
-    allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except OSError:
-        raise
-    except Exception as error:  # on arbitrary bytes torch's unpickler raises anything (IndexError, KeyError, ...)
-        found = re.search(r"GLOBAL (\S+)", str(error))  # a real checkpoint that pickles an object we do not allow
-        if found:
-            raise ValueError(f"{path} holds {found[1]}, an object other than tensors and plain values; refused") from None
-        raise ValueError(f"{path} is not a PyTorch checkpoint (truncated, or another kind of file)") from None
-
-
-# official tokenizer key prefix -> ours (the release's 1x1 convolutions are per-token linear maps here)
+# official tokenizer key prefix -> ours (the release's 1x1 convolutions are per-token linear maps
+# here)
 OFFICIAL_TOKENIZER_KEYS = {
     "diff_decoder.net.conv_in.": "diffusion.pixel_in.",
-    "diff_decoder.net.conv_out.": "diffusion.pixel_out.",
-    "diff_decoder.net.": "diffusion.",
-    "quant_in_conv.": "quant_in.",
-    "quant_out_conv.": "quant_out.",
+    "diff_decoder.net.conv_out.": "diffusion.pixel_out.", "diff_decoder.net.": "diffusion.",
+    "quant_in_conv.": "quant_in.", "quant_out_conv.": "quant_out.",
     "quantize.embedding.": "quantizer.codebook.",
 }
 # training statistics of the release (a FIFO of recently used codes); no effect on any output
@@ -734,7 +815,8 @@ OFFICIAL_TOKENIZER_IGNORED = {"quantize.codebook_used"}
 
 
 def convert_official_tokenizer_state(state):
-    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become Linear (out, in)."""
+    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become Linear (out,
+    in)."""
     converted = {}
     for key, tensor in state.items():
         key = key.removeprefix("_orig_mod.").removeprefix("module.")
@@ -744,64 +826,9 @@ def convert_official_tokenizer_state(state):
             if key.startswith(official):
                 key = ours + key[len(official):]
                 break
-        converted[key] = tensor.flatten(1) if tensor.dim() == 4 and tensor.shape[2:] == (1, 1) else tensor
+        one_by_one = tensor.dim() == 4 and tensor.shape[2:] == (1, 1)
+        converted[key] = tensor.flatten(1) if one_by_one else tensor
     return converted
-
-
-def load_state_strict(model, state, what):
-    """load_state_dict that names the first missing key, unexpected key or shape mismatch."""
-    expected = model.state_dict()
-    for key in expected:
-        if key not in state:
-            raise ValueError(f"{what}: missing key {key!r}")
-    for key, tensor in state.items():
-        if key not in expected:
-            raise ValueError(f"{what}: unexpected key {key!r}")
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{what}: key {key!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(expected[key].shape)}")
-    model.load_state_dict(state)
-
-
-# How a checkpoint of ours that names a "builder" makes its untrained model: builder(cfg, recipe) -> Tokenizer.
-# The release's architecture needs none; the CPU miniature at the end of this file registers its own.
-TOKENIZER_BUILDERS = {}
-
-
-def load_tokenizer(path, device="cpu"):
-    """Load a tokenizer checkpoint -- ours or an official release file (detected) -- in eval mode.
-
-    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state, optional "builder"
-    (a name in TOKENIZER_BUILDERS) and "recipe" (a plain dict it reads)}.
-    Official (`D-AR-tokenizer_v1.pt`): {"model", "ema", "config": config_util.Config, "args", ...}; the
-    configuration is read from the file. Both use the EMA weights when present, as the official sampler does.
-    """
-    ckpt = load_checkpoint_file(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path} is not a tokenizer checkpoint (no 'model' and 'config' entries)")
-    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-    if isinstance(ckpt["config"], _ForeignObject):                     # an official release file
-        model_config = getattr(ckpt["config"], "_data", {}).get("model")
-        if not isinstance(model_config, dict) or "diff_decoder" not in model_config:
-            raise ValueError(f"{path}: its config has no tokenizer 'model' section; not a tokenizer checkpoint")
-        cfg = TokenizerConfig.from_official(model_config)
-        weights = convert_official_tokenizer_state(weights)
-    elif ckpt.get("kind") == "tokenizer" and isinstance(ckpt["config"], dict):
-        unknown = set(ckpt["config"]) - {f.name for f in fields(TokenizerConfig)}
-        if unknown:
-            raise ValueError(f"{path}: unknown tokenizer config keys {sorted(unknown)}")
-        cfg = TokenizerConfig(**ckpt["config"])
-    else:
-        raise ValueError(f"{path} is not a tokenizer checkpoint (kind={ckpt.get('kind')!r})")
-    if not any(key.startswith("diffusion.repa_out.") for key in weights):
-        cfg = replace(cfg, repa_dim=0)  # the REPA head is a training aid; files may omit it
-    builder = ckpt.get("builder")
-    if builder is not None and builder not in TOKENIZER_BUILDERS:
-        raise ValueError(f"{path}: unknown tokenizer builder {builder!r}; known: {sorted(TOKENIZER_BUILDERS)}")
-    tokenizer = TOKENIZER_BUILDERS[builder](cfg, ckpt.get("recipe", {})) if builder else Tokenizer(cfg)
-    load_state_strict(tokenizer, weights, f"tokenizer checkpoint {path}")
-    tokenizer.file = Path(path)  # what `check_pair` compares with an AR model's record
-    return tokenizer.to(device).eval()
 
 
 # ================================================================================================
@@ -818,15 +845,18 @@ class ARConfig:
     num_tokens: int = 256        # N: tokens per image (the class token is one more position)
     num_classes: int = 1000      # the class embedding has one more row: the null class for CFG
     rope_theta: float = 10000.0
-    token_dropout: float = 0.1   # release: dropout on the input sequence, after each attention and FFN,
-    residual_dropout: float = 0.1    # and class-label dropout (which also trains the null class for CFG)
+    # release: dropout on the input sequence, after each attention and FFN,
+    token_dropout: float = 0.1
+    # and class-label dropout (which also trains the null class for CFG)
+    residual_dropout: float = 0.1
     ffn_dropout: float = 0.1
     label_dropout: float = 0.1
-    reverse: bool = False        # trained on the reversed, fine-to-coarse order (Table 7's ablation)
+    reverse: bool = False  # trained on the reversed, fine-to-coarse order (Table 7's ablation)
 
     def __post_init__(self):
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise ValueError(f"dim ({self.dim}) must split into num_heads ({self.num_heads}) heads of even width")
+            raise ValueError(f"dim ({self.dim}) must split into num_heads ({self.num_heads}) heads "
+                             "of even width")
 
     @property
     def head_dim(self):
@@ -850,7 +880,8 @@ AR_PRESETS = {  # the paper's D-AR-B/L/XL/XXL (LlamaGen's GPT-B/L/XL/XXL sizes)
 def rope_1d(length, head_dim, theta):
     """1D RoPE angles for positions 0..length-1: pair k of a head rotates by pos * theta^(-2k/hd).
 
-    Returns cos, sin: (length, hd/2). Release: computed in float32 (the tokenizer's 2D tables use float64).
+    Returns cos, sin: (length, hd/2). Release: computed in float32 (the tokenizer's 2D tables use
+    float64).
     """
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)   # (length, hd/2)
@@ -869,9 +900,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """A static key/value cache for one attention layer (as in gpt-fast): allocated once per generation,
-    (B, nh, N + 1, hd): a slot per position (the class token and N tokens), written at explicit positions;
-    keys are stored after RoPE."""
+    """A static key/value cache for one attention layer (as in gpt-fast): allocated once per
+    generation, (B, nh, N + 1, hd): a slot per position (the class token and N tokens), written at
+    explicit positions; keys are stored after RoPE."""
 
     def __init__(self, batch, heads, length, head_dim, dtype, device):
         self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
@@ -880,7 +911,7 @@ class KVCache:
     def update(self, positions, k, v):           # k, v (B, nh, n, hd) at positions (n,)
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
-        return self.k, self.v                     # (B, nh, N + 1, hd); slots after the position are masked
+        return self.k, self.v  # (B, nh, N + 1, hd); slots after the position are masked
 
 
 class LlamaAttention(nn.Module):
@@ -889,17 +920,19 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ARConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)   # rows: [q | k | v], heads of hd inside each
+        # rows: [q | k | v], heads of hd inside each
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(self, x, rope, cache=None, positions=None, mask=None):
-        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, T, D) -> (B, nh, T, hd)
+        # (B, T, D) -> (B, nh, T, hd)
+        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         q, k, v = map(heads, self.wqkv(x).chunk(3, dim=-1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is None:                                      # the whole sequence: plain causal attention
+        if cache is None:  # the whole sequence: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:                                                  # new positions attend to every cached slot <= them
+        else:  # new positions attend to every cached slot <= them
             k, v = cache.update(positions, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dropout(self.wo(out.transpose(1, 2).flatten(2)))          # (B, T, D)
@@ -931,13 +964,14 @@ class LlamaBlock(nn.Module):
 
 
 def next_token_loss(logits, tokens):
-    """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i) over the batch and the positions;
-    logits (B, T, V) from `LlamaAR`, tokens (B, T)."""
+    """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i) over the batch and the
+    positions; logits (B, T, V) from `LlamaAR`, tokens (B, T)."""
     return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
 
 class LlamaAR(nn.Module):
-    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the tokens (no changes).
+    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the tokens (no
+    changes).
 
     Input sequence [y; z_1 .. z_{N-1}]: the class label y is one prefix token at position 0, so the
     output at position i predicts z_{i+1} (0-based: logits[:, i] predicts tokens[:, i]). Row
@@ -953,42 +987,53 @@ class LlamaAR(nn.Module):
         self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.dim)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_1d(cfg.num_tokens + 1, cfg.head_dim, cfg.rope_theta)  # position 0 = the class token
+        # position 0 = the class token
+        cos, sin = rope_1d(cfg.num_tokens + 1, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("positions", torch.arange(cfg.num_tokens + 1), persistent=False)
         slots = cfg.num_tokens + 1
-        self.register_buffer("cache_mask", torch.ones(slots, slots, dtype=torch.bool).tril(), persistent=False)
+        self.register_buffer("cache_mask", torch.ones(slots, slots, dtype=torch.bool).tril(),
+                             persistent=False)
         self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self):
-        """The release's initialisation: every Linear and Embedding ~ N(0, 0.02); the output head zero."""
+        """The release's initialisation: every Linear and Embedding ~ N(0, 0.02); the output head
+        zero."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.output.weight)
 
-    def check_tokens(self, tokens, labels):
+    def check_tokens(self, tokens, labels, values=True):
+        """Shapes and dtypes always; the value ranges (a host sync) only with `values`: not in a
+        training step."""
         V, N, classes = self.cfg.vocab_size, self.cfg.num_tokens, self.cfg.num_classes
         if tokens.dim() != 2 or tokens.is_floating_point() or not 0 < tokens.shape[1] <= N:
-            raise ValueError(f"tokens must be integer ids (B, T) with 1 <= T <= {N}, got {tokens.dtype} "
-                             f"{tuple(tokens.shape)}")
-        if tokens.min() < 0 or tokens.max() >= V:
-            raise ValueError(f"tokens must lie in [0, {V}), got [{tokens.min().item()}, {tokens.max().item()}]")
+            raise ValueError(f"tokens must be integer ids (B, T) with 1 <= T <= {N}, got "
+                             f"{tokens.dtype} {tuple(tokens.shape)}")
         if labels.shape != tokens.shape[:1] or labels.is_floating_point():
-            raise ValueError(f"labels must be integer class ids of shape ({tokens.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must be integer class ids of shape ({tokens.shape[0]},), got "
+                             f"{tuple(labels.shape)}")
+        if not values:
+            return
+        if tokens.min() < 0 or tokens.max() >= V:
+            raise ValueError(f"tokens must lie in [0, {V}), got [{tokens.min().item()}, "
+                             f"{tokens.max().item()}]")
         if labels.min() < 0 or labels.max() > classes:
             raise ValueError(f"labels must lie in [0, {classes}] ({classes} = the null class), got "
                              f"[{labels.min().item()}, {labels.max().item()}]")
 
     def embed(self, labels, tokens):
         """[class token; token embeddings]: labels (B,), tokens (B, T) -> (B, 1 + T, D)."""
-        return torch.cat([self.class_embedding(labels)[:, None], self.tok_embeddings(tokens)], dim=1)
+        return torch.cat([self.class_embedding(labels)[:, None], self.tok_embeddings(tokens)],
+                         dim=1)
 
     def transformer(self, h, positions, caches=None):
-        """h (B, T, D) at `positions` (T,) -> logits (B, T, V) in float32. Without caches the positions are
-        0..T-1 and attention is causal; with caches, keys and values are written to them and reused."""
+        """h (B, T, D) at `positions` (T,) -> logits (B, T, V) in float32. Without caches the
+        positions are 0..T-1 and attention is causal; with caches, keys and values are written to
+        them and reused."""
         rope = (self.rope_cos[positions], self.rope_sin[positions])              # (T, hd/2) each
         mask = None if caches is None else self.cache_mask[positions]            # (T, N + 1)
         for i, layer in enumerate(self.layers):
@@ -996,32 +1041,35 @@ class LlamaAR(nn.Module):
         return self.output(self.norm(h)).float()
 
     def forward(self, tokens, labels):
-        """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i] predicts tokens[:, i]."""
-        self.check_tokens(tokens, labels)
+        """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i] predicts
+        tokens[:, i]."""
+        # the scripts check their data once per run
+        self.check_tokens(tokens, labels, values=not self.training)
         if self.training and self.cfg.label_dropout > 0:  # trains the null class used by CFG
             dropped = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
             labels = labels.masked_fill(dropped, self.cfg.num_classes)
         h = self.token_dropout(self.embed(labels, tokens[:, :-1]))                # (B, T, D)
         return self.transformer(h, self.positions[:tokens.shape[1]])
 
-    # ---- generation with a static KV cache --------------------------------------------------------
+    # ---- generation with a static KV cache -------------------------------------------------------
     def new_cache(self, batch):
         """One KVCache per layer for `batch` sequences, in the model's dtype and device."""
         weight = self.tok_embeddings.weight
-        return [KVCache(batch, self.cfg.num_heads, self.cfg.num_tokens + 1, self.cfg.head_dim, weight.dtype,
-                        weight.device) for _ in self.layers]
+        return [KVCache(batch, self.cfg.num_heads, self.cfg.num_tokens + 1, self.cfg.head_dim,
+                        weight.dtype, weight.device) for _ in self.layers]
 
     @torch.no_grad()
     def next_logits(self, h, positions, caches):
-        """Cached forward of embeddings h (B, T, D) at `positions` (T,) -> logits of the last position,
-        i.e. for the next token (B, V). The sampler prefills the class token (and a prefix) with it."""
+        """Cached forward of embeddings h (B, T, D) at `positions` (T,) -> logits of the last
+        position, i.e. for the next token (B, V). The sampler prefills the class token (and a
+        prefix) with it."""
         return self.transformer(h, positions, caches)[:, -1]
 
     @torch.no_grad()
     def one_token_logits(self, token, position, caches):
-        """The sampler's hot step: the last token (B, 1) at `position` (1,) -> logits for the next (B, V).
-        One forward of one position; static shapes (the position is a tensor), so a compiled step
-        (`compiled`) runs every position without recompiling."""
+        """The sampler's hot step: the last token (B, 1) at `position` (1,) -> logits for the next
+        (B, V). One forward of one position; static shapes (the position is a tensor), so a compiled
+        step (`compiled`) runs every position without recompiling."""
         return self.next_logits(self.tok_embeddings(token), position, caches)
 
 
@@ -1031,12 +1079,15 @@ OFFICIAL_AR_KEYS = {"cls_embedding.embedding_table.": "class_embedding."}
 
 def official_ar_state(ckpt):
     """The state dict inside an official AR file, read as the official sampler does (`model`, then
-    `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped and keys renamed."""
-    state = next((ckpt[key] for key in ("model", "module", "state_dict") if isinstance(ckpt.get(key), dict)), ckpt)
+    `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped and keys
+    renamed."""
+    state = next((ckpt[key] for key in ("model", "module", "state_dict")
+                  if isinstance(ckpt.get(key), dict)), ckpt)
     converted = {}
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"not an AR state dict: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+            raise ValueError(f"not an AR state dict: entry {key!r} is a {type(tensor).__name__}, "
+                             "not a tensor")
         key = key.removeprefix("_orig_mod.").removeprefix("module.")
         for official, ours in OFFICIAL_AR_KEYS.items():
             if key.startswith(official):
@@ -1046,8 +1097,8 @@ def official_ar_state(ckpt):
 
 
 def infer_ar_config(state, head_dim=64, num_tokens=256):
-    """An ARConfig from the weight shapes, assuming `head_dim`-wide heads and N = `num_tokens` (neither is
-    stored in the weights; both hold for every released model)."""
+    """An ARConfig from the weight shapes, assuming `head_dim`-wide heads and N = `num_tokens`
+    (neither is stored in the weights; both hold for every released model)."""
     if "tok_embeddings.weight" not in state or "class_embedding.weight" not in state:
         raise ValueError("not an AR state dict: no token or class embedding")
     vocab_size, dim = state["tok_embeddings.weight"].shape
@@ -1056,232 +1107,227 @@ def infer_ar_config(state, head_dim=64, num_tokens=256):
                     num_tokens=num_tokens, num_classes=state["class_embedding.weight"].shape[0] - 1)
 
 
-def load_ar(path, config=None, device="cpu"):
-    """Load an AR checkpoint -- ours or an official release file (detected) -- in eval mode.
-
-    Ours: {"kind": "ar", "config": dict, "model": state, optional "ema": state}; uses "ema" when present.
-    Official (`D-AR-L-360K.pt`, ...): the configuration is not stored; `config` (an ARConfig or a preset
-    name) gives it, else it is inferred from the shapes with 64-wide heads and N = 256.
-    """
-    ckpt = load_checkpoint_file(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not an AR checkpoint (a {type(ckpt).__name__}, not a dict)")
-    if ckpt.get("kind") == "ar":
-        if config is not None:
-            raise ValueError(f"{path} stores its own configuration; do not pass `config`")
-        cfg = ARConfig(**ckpt["config"])
-        weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-    elif "kind" in ckpt or isinstance(ckpt.get("config"), _ForeignObject):
-        raise ValueError(f"{path} is not an AR checkpoint (it is a {ckpt.get('kind', 'tokenizer')} checkpoint)")
-    else:
-        weights = official_ar_state(ckpt)
-        if isinstance(config, str):
-            if config not in AR_PRESETS:
-                raise ValueError(f"unknown AR preset {config!r}; choose one of {sorted(AR_PRESETS)}")
-            config = AR_PRESETS[config]
-        cfg = config or infer_ar_config(weights)
-    model = LlamaAR(cfg)
-    load_state_strict(model, weights, f"AR checkpoint {path}")
-    model.codes_of = read_tokenizer_record(ckpt.get("tokenizer"), path)  # ours: the tokenizer it learned; release: None
-    return model.to(device).eval()
-
-
 # ================================================================================================
 #  §3.3  The D-AR sampler: every group of generated tokens drives one diffusion step
 # ================================================================================================
 
 
 def guidance_scales(guidance, num_tokens):
-    """Classifier-free guidance scale per token: a number, or the release's linear schedule (start, end)
-    over the N tokens (token 0 uses start, token N-1 end; the paper uses (1.1, 8.0) for L, (1.1, 10.0) for XL)."""
+    """Classifier-free guidance scale per token: a number, or the release's linear schedule (start,
+    end) over the N tokens (token 0 uses start, token N-1 end; the paper uses (1.1, 8.0) for L,
+    (1.1, 10.0) for XL)."""
     start, end = guidance if isinstance(guidance, (tuple, list)) else (guidance, guidance)
-    start, end = (check_number(scale, "guidance", 0) for scale in (start, end))
-    # release: a schedule starting at exactly 1.0 is nudged to 1.001 to switch guidance on; we need no nudge
+    # release: a schedule starting at exactly 1.0 is nudged to 1.001 to switch guidance on; we need
+    # no nudge
     return torch.linspace(start, end, num_tokens).tolist()
 
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
-    """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus (top-p)
-    filtering, then one draw from what is left. top_k = 1 is greedy.
+    """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus
+    (top-p) filtering, then one draw from what is left. top_k = 1 is greedy.
 
-    The draw inverts the cumulative distribution at one uniform number per row: `uniform` (B,) when given
-    (`sample` draws them per sample, so that a sample does not depend on its batch), else from `generator`."""
+    The draw inverts the cumulative distribution at one uniform number per row: `uniform` (B,) when
+    given (`sample` draws them per sample, so that a sample does not depend on its batch), else from
+    `generator`."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, -math.inf)
-    if top_p < 1.0:  # drop the tail whose cumulative mass exceeds top_p; the most likely token always stays
+    # drop the tail whose cumulative mass exceeds top_p; the most likely token always stays
+    if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         beyond = sorted_logits.softmax(-1).cumsum(-1) > top_p
-        beyond = torch.cat([torch.zeros_like(beyond[:, :1]), beyond[:, :-1]], dim=-1)  # keep the boundary token
+        # keep the boundary token
+        beyond = torch.cat([torch.zeros_like(beyond[:, :1]), beyond[:, :-1]], dim=-1)
         logits = logits.masked_fill(beyond.scatter(-1, order, beyond), -math.inf)
     if uniform is None:
         uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     cdf = logits.float().softmax(-1).cumsum(-1)                                         # (B, V)
-    # side="right": the first token whose cumulative mass exceeds u, so a token of zero mass is never drawn
+    # side="right": the first token whose cumulative mass exceeds u, so a token of zero mass is
+    # never drawn
     drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), side="right")[:, 0]
     return drawn.clamp(max=logits.shape[-1] - 1)                                        # (B,)
 
 
 @dataclass
 class SampledGroup:
-    """What `sample` yields once group `group` of the tokens is written and has driven its diffusion steps."""
+    """What `sample` yields once group `group` of the tokens is written and has driven its diffusion
+    steps."""
     group: int               # its index, 0..K-1 (Eq. 5's g_{group + 1})
-    tokens: torch.Tensor     # (B, (group + 1) G) the tokens so far, in the tokenizer's coarse-to-fine order
+    # (B, (group + 1) G) the tokens so far, in the tokenizer's coarse-to-fine order
+    tokens: torch.Tensor
     t: float                 # the diffusion time reached (1 after the last group)
-    preview: torch.Tensor    # (B, 3, H, W) the preview: the solver's last step extended to t = 1, in image space
+    # (B, 3, H, W) the preview: the solver's last step extended to t = 1, in image space
+    preview: torch.Tensor
     image: torch.Tensor = None  # (B, 3, H, W) the final image, after the last group only
 
 
 def check_pair(ar, tokenizer):
-    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's V and N, and
-    (where both were loaded from our files) only the codes of the tokenizer file it learned."""
-    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size, tokenizer.cfg.num_tokens):
-        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the "
-                         f"tokenizer ({tokenizer.cfg.codebook_size} ids, {tokenizer.cfg.num_tokens} tokens)")
-    learned, file = getattr(ar, "codes_of", None), getattr(tokenizer, "file", None)
-    if learned and file and cached_digest(file) != learned["sha256"]:
-        raise ValueError(f"the AR model learned the codes of {learned['path']} (sha256 {learned['sha256'][:12]}), "
-                         f"not of {file} ({cached_digest(file)[:12]}): pass the tokenizer it learned")
-
-
-def tokenizer_record(tokenizer_path, holder_path):
-    """What an AR checkpoint at `holder_path` records of the tokenizer whose codes it learns: the file's SHA-256 and
-    its path relative to the checkpoint's folder (so the pair stays a pair when both move together)."""
-    return {"path": os.path.relpath(Path(tokenizer_path).resolve(), Path(holder_path).resolve().parent),
-            "sha256": cached_digest(tokenizer_path)}
-
-
-def read_tokenizer_record(record, holder_path):
-    """A `tokenizer_record` read from the checkpoint at `holder_path` -> {"path": where it points, "sha256"}, or None."""
-    if record is None:
-        return None
-    return {"path": Path(os.path.normpath(Path(holder_path).parent / record["path"])), "sha256": record["sha256"]}
-
-
-_DIGESTS = {}
-
-
-def cached_digest(path):
-    """`file_digest`, computed once per version of the file (its path, inode, size and change times)."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = file_digest(path)
-    return _DIGESTS[key]
+    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's
+    V and N, and (where both were loaded from our files) only the codes of the tokenizer file it
+    learned: the loaders give the AR model `codes_of` (its record of that file) and the tokenizer
+    `digest()` (its file's SHA-256)."""
+    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size,
+                                                  tokenizer.cfg.num_tokens):
+        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does "
+                         f"not match the tokenizer ({tokenizer.cfg.codebook_size} ids, "
+                         f"{tokenizer.cfg.num_tokens} tokens)")
+    learned, digest = getattr(ar, "codes_of", None), getattr(tokenizer, "digest", None)
+    if learned and digest and digest() != learned["sha256"]:
+        raise ValueError(f"the AR model learned the codes of {learned['path']} (sha256 "
+                         f"{learned['sha256'][:12]}), not of {tokenizer.file} ({digest()[:12]}): "
+                         "pass the tokenizer it learned")
 
 
 @torch.no_grad()
 def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
            solver="adams2", noise=None, generator=None, steps=None, compile=False):
-    """§3.3: D-AR sampling, a generator of one `SampledGroup` per group (the last one carries `.image`).
+    """§3.3: D-AR sampling, a generator of one `SampledGroup` per group (the last has `.image`).
 
-    The AR model writes the tokens one by one (Eq. 6); as soon as group k is complete, D_FM takes the
-    diffusion steps it drives (Eq. 5, 8) and a preview of the image is yielded. The image equals
-    `tokenizer.decode(tokens, noise, solver, steps=steps)`. Options: `check_sample_inputs`.
+    The AR model writes the tokens one by one (Eq. 6); once group k is complete, D_FM takes the
+    steps it drives (Eq. 5, 8) and yields a preview, the solver's last step extended to t = 1
+    (Euler: the jump estimate; AB2: the release's, Table 5). The image is `tokenizer.decode`'s.
+
+    labels (B,): class ids. guidance: a scale, or a (start, end) schedule over the tokens
+        (`guidance_scales`). temperature, top_k, top_p: as `sample_token`.
+    prefix (B, n): tokens kept fixed (layout control, Fig. 5); their groups' steps run first. A
+        reversed-order AR model writes the fine tokens first: it takes none, and every step waits.
+    noise: x_0 (B, 3, H, W), scaled by data_std. generator (on the models' device): one, or a list
+        of B, one per sample, so that a sample does not depend on its batch.
+    steps: S diffusion steps (default: the tokenizer's, K as released); a group drives 0 or more.
+    compile: the one-token AR step and the denoising step compiled (`compiled`), same numbers.
     """
     N, K, G = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size
-    labels, prefix, per_sample, device = check_sample_inputs(ar, tokenizer, labels, temperature, top_k, top_p,
-                                                             prefix, solver, generator)
+    labels, prefix, device = check_sample_inputs(ar, tokenizer, labels, guidance, temperature,
+                                                 top_k, top_p, prefix, solver, generator)
     scales = guidance_scales(guidance, N)
     guided = any(scale != 1.0 for scale in scales)
     B, n = labels.shape[0], prefix.shape[1]
 
-    # the AR side: prefill the class token and the prefix; guidance doubles the batch (labels ; null labels)
+    # the AR side: prefill the class token and the prefix; guidance doubles the batch (y ; null)
     double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
-    batch_labels = torch.cat([labels, torch.full_like(labels, ar.cfg.num_classes)]) if guided else labels
+    batch_labels = torch.cat([labels, torch.full_like(labels, ar.cfg.num_classes)]) if guided \
+        else labels
     caches = ar.new_cache(batch_labels.shape[0])
-    logits = ar.next_logits(ar.embed(batch_labels, double(prefix)), ar.positions[:1 + n], caches)   # (B', V)
-    ar_step, denoise_step = ((compiled(ar.one_token_logits), compiled(tokenizer.denoise_step)) if compile
-                             else (ar.one_token_logits, tokenizer.denoise_step))
-    tokens = torch.empty(B, N, dtype=torch.long, device=device)                     # in the AR's order
+    h = ar.embed(batch_labels, double(prefix))                                 # (B', 1 + n, D)
+    logits = ar.next_logits(h, ar.positions[:1 + n], caches)                   # (B', V)
+    eager = (ar.one_token_logits, tokenizer.denoise_step)
+    ar_step, denoise_step = (compiled(f) for f in eager) if compile else eager
+    tokens = torch.empty(B, N, dtype=torch.long, device=device)                # in the AR's order
     tokens[:, :n] = prefix
 
     # the diffusion side: x_0, and the S steps of Eq. (8) with the group each reads (Eq. 5)
     times, step_group = tokenizer.schedule(steps)
-    step_group = step_group.tolist()                           # step 0 always reads group 0 (u_0 = 0)
+    step_group = step_group.tolist()                         # step 0 always reads group 0 (u_0 = 0)
     x, v, step, written = tokenizer.initial_noise(B, noise, generator, device), None, 0, n
-    # every token draw's uniform number, up front: (B, N), row b from sample b's generator when given a list
-    uniforms = (torch.stack([torch.rand(N, generator=g, device=device) for g in generator]) if per_sample
-                else torch.rand(B, N, generator=generator, device=device))
+    uniforms = token_uniforms(B, N, generator, device)      # (B, N), every token draw's, up front
     for k in range(K):
         needed = N if ar.cfg.reverse else (k + 1) * G
-        for i in range(written, needed):                        # (a) the AR tokens that group k waits for
+        for i in range(written, needed):                     # (a) the AR tokens group k waits for
             if i > n:
-                logits = ar_step(double(tokens[:, i - 1:i]), ar.positions[i:i + 1], caches)   # (B', V)
-            if guided:
-                conditional, unconditional = logits.chunk(2)
-                logits_i = unconditional + scales[i] * (conditional - unconditional)
-            else:
-                logits_i = logits
+                logits = ar_step(double(tokens[:, i - 1:i]), ar.positions[i:i + 1], caches)
+            logits_i = guide(logits, scales[i]) if guided else logits
             tokens[:, i] = sample_token(logits_i, temperature, top_k, top_p, uniform=uniforms[:, i])
         written = max(written, needed)
         coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
-        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]                          # (b) z' of group k
-        cond = cond.clone(memory_format=torch.contiguous_format)  # the same strides for every k: one compiled graph
-        while step < len(step_group) and step_group[step] == k:                        # (c) the steps it drives
+        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]            # (b) z' of group k
+        cond = cond.clone(memory_format=torch.contiguous_format)  # same strides: one compiled graph
+        while step < len(step_group) and step_group[step] == k:  # (c) the steps it drives
             x_prev, v_prev = x.to(cond), v
             x, v = denoise_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
-            # the preview: this step's solver update taken all the way to t = 1 (with Euler, the jump estimate)
-            preview = solver_step(x_prev, v, v_prev, times[-1] - times[step], solver) / tokenizer.cfg.data_std
+            dt = times[-1] - times[step]                # the preview: this update taken to t = 1
+            preview = solver_step(x_prev, v, v_prev, dt, solver) / tokenizer.cfg.data_std
             step += 1
-        yield SampledGroup(group=k, tokens=coarse_to_fine.clone(), t=times[step].item(), preview=preview,
-                           image=x / tokenizer.cfg.data_std if k == K - 1 else None)    # (d)
+        image = x / tokenizer.cfg.data_std if k == K - 1 else None
+        yield SampledGroup(k, coarse_to_fine.clone(), times[step].item(), preview, image)  # (d)
 
 
-def check_sample_inputs(ar, tokenizer, labels, temperature, top_k, top_p, prefix, solver, generator):
-    """The options of `sample`, checked; -> labels (B,) and prefix (B, n) as tensors on the models' device,
-    whether `generator` is a list (one per sample), the device.
+def guide(logits, scale):
+    """Classifier-free guidance in logit space, as released: logits (2B, V) of the labels, then of
+    the null class -> l = l_u + s (l_c - l_u), (B, V)."""
+    conditional, unconditional = logits.chunk(2)
+    return unconditional + scale * (conditional - unconditional)
 
-    labels: class ids. guidance: a scale, or a (start, end) schedule (`guidance_scales`), in logit space
-        l = l_u + s (l_c - l_u). temperature / top_k / top_p: as `sample_token`.
-    prefix: (B, n) tokens kept fixed (zero-shot layout control, Fig. 5): the steps their groups drive run before
-        any token is generated. An AR model trained on the reversed order (`ar.cfg.reverse`) writes the fine
-        tokens first, so it takes no prefix and every diffusion step waits for the last token.
-    noise: x_0 (B, 3, H, W) in the scaled pixel space. generator (on the models' device): draws the tokens
-        and the noise; one for the batch, or a list of B, one per sample, so that each sample does not depend
-        on the batch it is drawn in.
-    steps: S diffusion steps (default: the tokenizer's, K as released), each run as soon as the group it reads
-        (`Tokenizer.schedule`) is written; with S > K a group drives several steps, with S < K some none.
-    compile: run the one-token AR step and the denoising step compiled (`compiled`), with the same numbers.
-    The preview after group k is the solver's own last step extended to t = 1: with Euler exactly the paper's
-    jump estimate x_hat_1 = x_t + (1 - t) v_t; with AB2 the release's truncated-schedule output (`clip_steps`,
-    the paper's Table 5), whose last preview is the final image.
-    """
+
+def token_uniforms(batch, num_tokens, generator, device):
+    """The uniform number of every token draw (`sample_token`), (B, N), drawn up front: row b from
+    sample b's generator when given a list of them, else all from one."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.rand(num_tokens, generator=g, device=device) for g in generator])
+    return torch.rand(batch, num_tokens, generator=generator, device=device)
+
+
+def check_number(value, name, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """value (a number or its text) as a finite number in [low, high] (an end open where said), else
+    a ValueError that names `name` and the range."""
+    kind = "an integer" if integer else "a finite number"
+    try:
+        if integer and not isinstance(value, int) and not str(value).strip().lstrip("+-").isdigit():
+            raise ValueError
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+    below = low is not None and (number < low or (low_open and number == low))
+    above = high is not None and (number > high or (high_open and number == high))
+    if not math.isfinite(number) or below or above:
+        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
+                 ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
+        raise ValueError(f"{name} must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got "
+                         f"{value!r}")
+    return number
+
+
+def check_sample_inputs(ar, tokenizer, labels, guidance, temperature, top_k, top_p, prefix, solver,
+                        generator):
+    """`sample`'s options checked, each bad one a ValueError that names it; -> labels (B,) and
+    prefix (B, n) as tensors on the models' device, and the device."""
     N, V, device = tokenizer.cfg.num_tokens, ar.cfg.vocab_size, tokenizer.sampling_times.device
     check_pair(ar, tokenizer)
     if ar.training:
-        raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before sampling")
+        raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before "
+                         "sampling")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    if isinstance(guidance, (tuple, list)) and len(guidance) != 2:
+        raise ValueError(f"guidance must be a scale or a (start, end) schedule, got {guidance!r}")
+    for scale in guidance if isinstance(guidance, (tuple, list)) else [guidance]:
+        check_number(scale, "guidance", 0)
     check_number(top_p, "top_p", 0, 1, low_open=True)
     check_number(temperature, "temperature", 0)
     check_number(top_k, "top_k", 0, integer=True)
     labels = torch.as_tensor(labels, device=device)
     B = labels.shape[0] if labels.dim() == 1 else -1
-    if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 or labels.max() >= ar.cfg.num_classes:
-        raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got {labels.tolist()}")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 \
+            or labels.max() >= ar.cfg.num_classes:
+        raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got "
+                         f"{labels.tolist()}")
     per_sample = isinstance(generator, (list, tuple))
     if per_sample and len(generator) != B:
-        raise ValueError(f"generator: give one, or one per sample ({B}), got a list of {len(generator)}")
+        raise ValueError(f"generator: give one, or one per sample ({B}), got a list of "
+                         f"{len(generator)}")
     for g in generator if per_sample else [generator]:
         if g is not None and g.device.type != torch.device(device).type:
-            raise ValueError(f"the generator is on {g.device}, the models on {device}; they must match")
-    prefix = torch.as_tensor([[]] * B if prefix is None else prefix, dtype=torch.long, device=device)  # (B, n)
+            raise ValueError(f"the generator is on {g.device}, the models on {device}; they must "
+                             "match")
+    prefix = [[]] * B if prefix is None else prefix
+    prefix = torch.as_tensor(prefix, dtype=torch.long, device=device)                # (B, n)
     if prefix.dim() != 2 or prefix.shape[0] != B or prefix.shape[1] > N:
-        raise ValueError(f"prefix must be ({B}, n) tokens with n <= {N}, got shape {tuple(prefix.shape)}")
+        raise ValueError(f"prefix must be ({B}, n) tokens with n <= {N}, got shape "
+                         f"{tuple(prefix.shape)}")
     if prefix.numel() and (prefix.min() < 0 or prefix.max() >= V):
-        raise ValueError(f"prefix tokens must lie in [0, {V}), got [{prefix.min().item()}, {prefix.max().item()}]")
+        raise ValueError(f"prefix tokens must lie in [0, {V}), got [{prefix.min().item()}, "
+                         f"{prefix.max().item()}]")
     if prefix.numel() and ar.cfg.reverse:
-        raise ValueError("a prefix fixes the coarse tokens, which a reversed-order AR model writes last")
-    return labels, prefix, per_sample, device
+        raise ValueError("a prefix fixes the coarse tokens, which a reversed-order AR model writes "
+                         "last")
+    return labels, prefix, device
 
 
 # ================================================================================================
 #  Data and training utilities (used by the scripts and the notebooks)
 # ================================================================================================
 
-# ---- pictures ---------------------------------------------------------------------------------------
+# ---- pictures ------------------------------------------------------------------------------------
 
 def pil_to_tensor(image):
     """A PIL RGB image -> (3, H, W) float32 in [-1, 1]."""
@@ -1289,75 +1335,59 @@ def pil_to_tensor(image):
 
 
 def to_uint8(images):
-    """Images in [-1, 1] -> uint8 as the release converts them: clamp(127.5 x + 128, 0, 255), truncated."""
+    """Images in [-1, 1] -> uint8 as the release converts them: clamp(127.5 x + 128, 0, 255),
+    truncated."""
     return (127.5 * images + 128).clamp(0, 255).to(torch.uint8)
 
 
 def image_grid(cells):
     """Images (rows, columns, 3, H, W) in [-1, 1] -> one uint8 array (rows H, columns W, 3)."""
     rows, columns, _, H, W = cells.shape
-    return to_uint8(cells.detach().float().cpu()).permute(0, 3, 1, 4, 2).reshape(rows * H, columns * W, 3).numpy()
-
-
-def save_grid(cells, path):
-    """Write images (rows, columns, 3, H, W) in [-1, 1] as one PNG, unlabelled and at their own size."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(cells)).save(path)
+    pixels = to_uint8(cells.detach().float().cpu())                  # (rows, columns, H, W, 3)
+    return pixels.permute(0, 3, 1, 4, 2).reshape(rows * H, columns * W, 3).numpy()
 
 
 def labelled_grid(cells, row_names, column_names, header=24, pad=6):
-    """Images (rows, columns, 3, H, W) in [-1, 1] -> a PIL image with a name left of each row and above each
-    column. Small images are enlarged (nearest neighbour) to about 96 pixels so that they can be seen."""
+    """Images (rows, columns, 3, H, W) in [-1, 1] -> a PIL image with a name left of each row and
+    above each column. Small images are enlarged (nearest neighbour) to about 96 pixels so that they
+    can be seen."""
     rows, columns, _, H, W = cells.shape
     scale = max(1, 96 // H)
-    picture = Image.fromarray(image_grid(cells)).resize((columns * W * scale, rows * H * scale), Image.NEAREST)
+    size = (columns * W * scale, rows * H * scale)
+    picture = Image.fromarray(image_grid(cells)).resize(size, Image.NEAREST)
     font = ImageFont.load_default()
-    left = int(max(ImageDraw.Draw(picture).textlength(name, font=font) for name in row_names)) + 2 * pad
+    left = int(max(ImageDraw.Draw(picture).textlength(name, font=font)
+                   for name in row_names)) + 2 * pad
     canvas = Image.new("RGB", (left + picture.width, header + picture.height), "white")
     canvas.paste(picture, (left, header))
     draw, cell_w, cell_h = ImageDraw.Draw(canvas), W * scale, H * scale
     for r, name in enumerate(row_names):
-        draw.text((pad, header + r * cell_h + cell_h // 2), name, fill="black", font=font, anchor="lm")
+        draw.text((pad, header + r * cell_h + cell_h // 2), name, fill="black", font=font,
+                  anchor="lm")
     for c, name in enumerate(column_names):
-        draw.text((left + c * cell_w + cell_w // 2, header // 2), name, fill="black", font=font, anchor="mm")
+        draw.text((left + c * cell_w + cell_w // 2, header // 2), name, fill="black", font=font,
+                  anchor="mm")
     return canvas
-
-
-def compact_notebook_pictures():
-    """In Jupyter, store every PIL picture a cell shows once, as a 256-colour PNG (PIL would also add a JPEG copy),
-    so that notebooks committed with their outputs stay small. Outside Jupyter: nothing."""
-    try:
-        from IPython import get_ipython  # present wherever Jupyter runs; not a requirement of this package
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None:
-        return
-    formatters = shell.display_formatter.formatters
-    formatters["image/jpeg"].enabled = False
-
-    def png(image):
-        buffer = io.BytesIO()
-        image.quantize(256).save(buffer, format="PNG", optimize=True)
-        return buffer.getvalue()
-    formatters["image/png"].for_type(Image.Image, png)
 
 
 def preview_names(num_groups, group_size):
     """What the preview after each group shows: "8 tokens", "16 tokens", ..., "image (64)"."""
-    return [f"{k * group_size} tokens" for k in range(1, num_groups)] + [f"image ({num_groups * group_size})"]
+    partial = [f"{k * group_size} tokens" for k in range(1, num_groups)]
+    return partial + [f"image ({num_groups * group_size})"]
 
 
 def save_forming_gif(previews, names, group_size, path):
-    """previews (B, K, 3, H, W) -> an animated GIF: frame k shows every sample's preview after k + 1 groups, the
-    last frame (the images) held longest."""
+    """previews (B, K, 3, H, W) -> an animated GIF: frame k shows every sample's preview after k + 1
+    groups, the last frame (the images) held longest."""
     K = previews.shape[1]
-    frames = [labelled_grid(previews[:, k][None], [step], names) for k, step in enumerate(preview_names(K, group_size))]
+    frames = [labelled_grid(previews[:, k][None], [step], names) for k,
+              step in enumerate(preview_names(K, group_size))]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000], loop=0)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000],
+                   loop=0)
 
 
-# ---- sample files for the ADM evaluator (FID, rFID) --------------------------------------------------
+# ---- sample files for the ADM evaluator (FID, rFID) ----------------------------------------------
 
 def generators(seeds, device):
     """One generator per sample, so that a sample depends on its seed only, not on its batch."""
@@ -1365,48 +1395,55 @@ def generators(seeds, device):
 
 
 def class_balanced_samples(ar, tokenizer, seed=0, preview_groups=None, **options):
-    """-> make(indices) = (images, asked-for labels), as the FID files are drawn: sample i asks for class i mod C
-    and draws from its own generator seeded seed + i, so the set does not depend on batches or processes.
-    preview_groups = k: the previews after k groups instead (Table 5); the AR model stops there. options: `sample`'s."""
+    """-> make(indices) = (images, asked-for labels), as the FID files are drawn: sample i asks for
+    class i mod C and draws from its own generator seeded seed + i, so the set does not depend on
+    batches or processes.
+    preview_groups = k: the previews after k groups instead (Table 5); the AR model stops there.
+    options: `sample`'s."""
     device, K = tokenizer.sampling_times.device, tokenizer.cfg.num_groups
-    groups = preview_groups or K
-    if not 1 <= groups <= K:
+    stop = preview_groups or K
+    if not 1 <= stop <= K:
         raise ValueError(f"preview_groups must lie in [1, {K}], got {preview_groups}")
 
     def make(indices):
         labels = torch.tensor(indices, device=device) % ar.cfg.num_classes
-        for sampled in sample(ar, tokenizer, labels, generator=generators([seed + i for i in indices], device), **options):
-            if sampled.group + 1 == groups:  # later tokens are never written
+        generator = generators([seed + i for i in indices], device)
+        for sampled in sample(ar, tokenizer, labels, generator=generator, **options):
+            if sampled.group + 1 == stop:  # later tokens are never written
                 return sampled.preview, labels
     return make
 
 
 def reconstructions(tokenizer, dataset, seed=0, **options):
-    """-> make(indices) = (the tokenizer's decodes of those dataset images, their labels); image i is decoded
-    from noise of its own generator, seeded seed + i. options: `Tokenizer.decode`'s."""
+    """-> make(indices) = (the tokenizer's decodes of those dataset images, their labels); image i
+    is decoded from noise of its own generator, seeded seed + i. options: `Tokenizer.decode`'s."""
     device = tokenizer.sampling_times.device
 
     def make(indices):
         images, labels = zip(*(dataset[index] for index in indices))
         codes = tokenizer.encode(torch.stack(images).to(device))
-        return tokenizer.decode(codes, generator=generators([seed + i for i in indices], device), **options), \
+        return tokenizer.decode(codes, generator=generators([seed + i for i in indices], device),
+                                **options), \
             torch.tensor(labels)
     return make
 
 
 def write_pngs(make, total, folder, rank=0, world_size=1, batch_size=64):
-    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images (B, 3, H, W) in [-1, 1], labels).
-    This process makes i = rank, rank + world_size, ...; images whose PNG exists are kept, so an interrupted
-    run continues. Each PNG is written under a temporary name and renamed, so none is ever truncated.
-    -> how many this process made."""
+    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images (B, 3, H, W) in [-1,
+    1], labels). This process makes i = rank, rank + world_size, ...; images whose PNG exists are
+    kept, so an interrupted run continues. Each PNG is written under a temporary name and renamed,
+    so none is ever truncated. -> how many this process made."""
     folder.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(rank, total, world_size) if not (folder / f"{i:06d}.png").exists()]
-    for stale in (path for i in todo for path in folder.glob(f"{i:06d}.png.*tmp")):  # an interrupted write
+    # the temporaries of an interrupted write
+    for stale in (path for i in todo for path in folder.glob(f"{i:06d}.png.*tmp")):
         stale.unlink()
-    for start in tqdm(range(0, len(todo), batch_size), desc=f"{folder}", disable=rank != 0, dynamic_ncols=True):
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"{folder}", disable=rank != 0,
+                      dynamic_ncols=True):
         indices = todo[start:start + batch_size]
         images, _ = make(indices)
-        for index, image in zip(indices, to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()):
+        pixels = to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()    # (B, H, W, 3)
+        for index, image in zip(indices, pixels):
             temporary = folder / f"{index:06d}.png.{os.getpid()}.tmp"
             Image.fromarray(image).save(temporary, format="PNG")
             os.replace(temporary, folder / f"{index:06d}.png")
@@ -1414,7 +1451,8 @@ def write_pngs(make, total, folder, rank=0, world_size=1, batch_size=64):
 
 
 def pack_npz(folder, total):
-    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3), in index order."""
+    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3), in index
+    order."""
     first = np.asarray(Image.open(folder / f"{0:06d}.png").convert("RGB"))
     images = np.empty((total, *first.shape), dtype=np.uint8)
     for index in range(total):
@@ -1425,9 +1463,9 @@ def pack_npz(folder, total):
 
 
 def pack_reference(dataset, total, folder):
-    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops that were
-    encoded, in the order of <folder>.npz (scored against the original files instead, the same
-    reconstructions get a worse rFID than the paper's protocol)."""
+    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops
+    that were encoded, in the order of <folder>.npz (scored against the original files instead, the
+    same reconstructions get a worse rFID than the paper's protocol)."""
     crops = np.empty((total, dataset.image_size, dataset.image_size, 3), dtype=np.uint8)
     for index in range(total):
         crops[index] = to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
@@ -1436,21 +1474,20 @@ def pack_reference(dataset, total, folder):
     return path
 
 
-# ---- data ---------------------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------
 
 
-SHAPE_CLASSES = ("disc", "square", "triangle", "diamond", "ring", "frame", "plus", "cross", "half-disc", "bars")
+SHAPE_CLASSES = ("disc", "square", "triangle", "diamond", "ring", "frame", "plus", "cross",
+                 "half-disc", "bars")
 
 
 def shape_mask(kind, dy, dx):
     """Inside-test of a shape on coordinates relative to its centre, in units of its radius."""
     box, radius = torch.maximum(dy.abs(), dx.abs()), (dy ** 2 + dx ** 2).sqrt()
     return {
-        "disc": radius <= 1,
-        "square": box <= 0.8,
+        "disc": radius <= 1, "square": box <= 0.8,
         "triangle": (dy <= 0.75) & (dx.abs() <= 0.55 * (dy + 0.95)),
-        "diamond": dy.abs() + dx.abs() <= 1,
-        "ring": (radius <= 1) & (radius >= 0.55),
+        "diamond": dy.abs() + dx.abs() <= 1, "ring": (radius <= 1) & (radius >= 0.55),
         "frame": (box <= 0.85) & (box >= 0.5),
         "plus": ((dx.abs() <= 0.3) & (dy.abs() <= 1)) | ((dy.abs() <= 0.3) & (dx.abs() <= 1)),
         "cross": (((dx - dy).abs() <= 0.4) | ((dx + dy).abs() <= 0.4)) & (box <= 0.8),
@@ -1460,17 +1497,19 @@ def shape_mask(kind, dy, dx):
 
 
 # colours of the built-in shapes: the eight corners of the RGB cube
-SHAPE_COLOURS = torch.tensor([[r, g, b] for r in (-1.0, 1.0) for g in (-1.0, 1.0) for b in (-1.0, 1.0)])
+SHAPE_COLOURS = torch.tensor([[r, g, b] for r in (-1.0, 1.0) for g in (-1.0, 1.0)
+                              for b in (-1.0, 1.0)])
 
 
 class BuiltinShapes(torch.utils.data.Dataset):
     """A procedural dataset for CPUs and tests (no download): one shape on a plain background.
 
-    The class is the shape's identity (`SHAPE_CLASSES`, label = index mod 10); its position and size vary
-    continuously, and the shape and the background take two different colours of `SHAPE_COLOURS`. Image i
-    is a pure function of (seed, i); a different seed gives a held-out set. Plain backgrounds and eight
-    colours make a sample's layout readable from its pixels (`shape_layout`, which measures layout
-    control); shapes span 56-90% of the image so that their outline covers many pixels.
+    The class is the shape's identity (`SHAPE_CLASSES`, label = index mod 10); its position and size
+    vary continuously, and the shape and the background take two different colours of
+    `SHAPE_COLOURS`. Image i is a pure function of (seed, i); a different seed gives a held-out set.
+    Plain backgrounds and eight colours make a sample's layout readable from its pixels
+    (`shape_layout`, which measures layout control); shapes span 56-90% of the image so that their
+    outline covers many pixels.
     """
 
     num_classes, class_names = len(SHAPE_CLASSES), SHAPE_CLASSES
@@ -1483,7 +1522,8 @@ class BuiltinShapes(torch.utils.data.Dataset):
         return self.num_images
 
     def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation here)."""
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation
+        here)."""
         index = key[0] if isinstance(key, tuple) else key
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} of {self.num_images}")
@@ -1495,35 +1535,39 @@ class BuiltinShapes(torch.utils.data.Dataset):
         coords = (torch.arange(4 * size) + 0.5) / 4
         dy, dx = torch.meshgrid((coords - cy) / radius, (coords - cx) / radius, indexing="ij")
         cover = shape_mask(SHAPE_CLASSES[label], dy, dx).float().view(size, 4, size, 4).mean((1, 3))
-        background, foreground = SHAPE_COLOURS[torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]].view(2, 3, 1, 1)
+        pair = torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]
+        background, foreground = SHAPE_COLOURS[pair].view(2, 3, 1, 1)
         return background * (1 - cover) + foreground * cover, label
 
 
-# the built-in textures' classes: 4 x 4 tiles of a pattern, each covering exactly half the tile (8 of 16
-# pixels), so that every class has the same mean colour and a blur of a few pixels makes them one
-TEXTURE_CLASSES = ("rows", "columns", "diagonals", "antidiagonals", "checks", "fine checks", "dots", "fine rows",
-                   "waves", "ripples")
+# the built-in textures' classes: 4 x 4 tiles of a pattern, each covering exactly half the tile (8
+# of 16 pixels), so that every class has the same mean colour and a blur of a few pixels makes them
+# one
+TEXTURE_CLASSES = ("rows", "columns", "diagonals", "antidiagonals", "checks", "fine checks", "dots",
+                   "fine rows", "waves", "ripples")
 
 
 def texture_tiles():
-    """-> (10, 4, 4) bool, one tile per `TEXTURE_CLASSES` entry (True: the pattern darkens the pixel)."""
+    """-> (10, 4, 4) bool, one tile per `TEXTURE_CLASSES` entry (True: the pattern darkens the
+    pixel)."""
     y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
     dots = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     zigzag = torch.tensor([0, 1, 2, 1])
-    tiles = [y < 2, x < 2, (x + y) % 4 < 2, (x - y) % 4 < 2, (x // 2 + y // 2) % 2 == 0, (x + y) % 2 == 0,
-             dots, y % 2 == 0, (y - zigzag[x]) % 4 < 2, (x - zigzag[y]) % 4 < 2]
+    tiles = [y < 2, x < 2, (x + y) % 4 < 2, (x - y) % 4 < 2, (x // 2 + y // 2) % 2 == 0,
+             (x + y) % 2 == 0, dots, y % 2 == 0, (y - zigzag[x]) % 4 < 2, (x - zigzag[y]) % 4 < 2]
     return torch.stack(tiles)
 
 
 class BuiltinTextures(torch.utils.data.Dataset):
-    """A procedural dataset whose class lives in the fine detail, as fur does in Fig. 5 (no download).
+    """A procedural dataset whose class lives in the fine detail, as fur does in Fig. 5 (no
+    download).
 
-    The layout is coarse and independent of the class: an ellipse of random radii and position, and two
-    different colours of `SHAPE_COLOURS` for the background and the object. The class (`TEXTURE_CLASSES`,
-    label = index mod 10) is a pattern of a 2-4 pixel period inside the object, anchored to the object's
-    centre, that darkens the object's colour to 30% on half of its pixels and fades out towards the edge: no
-    channel changes sign, so the layout reads by the nearest palette colour (`shape_layout`), and a blur of
-    3 pixels removes the class.
+    The layout is coarse and independent of the class: an ellipse of random radii and position, and
+    two different colours of `SHAPE_COLOURS` for the background and the object. The class
+    (`TEXTURE_CLASSES`, label = index mod 10) is a pattern of a 2-4 pixel period inside the object,
+    anchored to the object's centre, that darkens the object's colour to 30% on half of its pixels
+    and fades out towards the edge: no channel changes sign, so the layout reads by the nearest
+    palette colour (`shape_layout`), and a blur of 3 pixels removes the class.
     Image i is a pure function of (seed, i); a different seed gives a held-out set.
     """
 
@@ -1538,15 +1582,16 @@ class BuiltinTextures(torch.utils.data.Dataset):
         return self.num_images
 
     def layout(self, index):
-        """The class-independent part of image `index`: coverage (H, W) of the ellipse, the pattern's contrast (H, W)
-        (1 inside, fading to 0 over the outer `fade` pixels), the centre's pixel (row, column), and the background
-        and object colours (3,) each."""
+        """The class-independent part of image `index`: coverage (H, W) of the ellipse, the
+        pattern's contrast (H, W) (1 inside, fading to 0 over the outer `fade` pixels), the centre's
+        pixel (row, column), and the background and object colours (3,) each."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         size, fade = self.image_size, 2.5
         radii = (0.24 + 0.2 * torch.rand(2, generator=gen)) * size
         centre = radii + (size - 2 * radii) * torch.rand(2, generator=gen)
         coords = (torch.arange(4 * size) + 0.5) / 4  # 4x supersampled, averaged: smooth edges
-        dy, dx = torch.meshgrid((coords - centre[0]) / radii[0], (coords - centre[1]) / radii[1], indexing="ij")
+        dy, dx = torch.meshgrid((coords - centre[0]) / radii[0], (coords - centre[1]) / radii[1],
+                                indexing="ij")
         radius = (dy ** 2 + dx ** 2).sqrt()
         average = lambda x: x.view(size, 4, size, 4).mean((1, 3))
         cover = average((radius <= 1).float())
@@ -1560,12 +1605,14 @@ class BuiltinTextures(torch.utils.data.Dataset):
         rows = (torch.arange(self.image_size) - centre[0]) % 4
         cols = (torch.arange(self.image_size) - centre[1]) % 4
         pattern = self.tiles[label][rows[:, None], cols[None, :]].float()               # (H, W)
-        darkened = 0.5 + (pattern - 0.5) * contrast  # the fade keeps the mean: no class at the object's edge
+        # the fade keeps the mean: no class at the object's edge
+        darkened = 0.5 + (pattern - 0.5) * contrast
         inside = colour[:, None, None] * (1 - 0.7 * darkened)
         return background[:, None, None] * (1 - cover) + inside * cover
 
     def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation here)."""
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation
+        here)."""
         index = key[0] if isinstance(key, tuple) else key
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} of {self.num_images}")
@@ -1578,16 +1625,19 @@ BUILTIN_DATA = {"builtin": BuiltinShapes, "textures": BuiltinTextures}
 
 
 def open_rgb(path):
-    """An image file as 8-bit RGB: 16- and 32-bit greyscale keep their contrast (scaled, not clipped), float images
-    are read as [0, 1], transparency is composited on white, CMYK and palettes are converted, an animation gives
-    its first frame."""
+    """An image file as 8-bit RGB: 16- and 32-bit greyscale keep their contrast (scaled, not
+    clipped), float images are read as [0, 1], transparency is composited on white, CMYK and
+    palettes are converted, an animation gives its first frame."""
     with Image.open(path) as image:
         image.seek(0)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             values = np.asarray(image, dtype=np.float64)
-            top = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
-            return Image.fromarray((values.clip(0, top) / top * 255).round().astype(np.uint8)).convert("RGB")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            top = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 \
+                else 65535.0
+            scaled = (values.clip(0, top) / top * 255).round().astype(np.uint8)
+            return Image.fromarray(scaled).convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P"
+                                                  and "transparency" in image.info):
             rgba = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
         return image.convert("RGB")
@@ -1597,7 +1647,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 def resize_short_side(image, size):
-    """ADM's resize: halve with a box filter while the image is at least twice too large, then bicubic."""
+    """ADM's resize: halve with a box filter while the image is at least twice too large, then
+    bicubic."""
     while min(image.size) >= 2 * size:
         image = image.reduce(2)
     scale = size / min(image.size)
@@ -1611,8 +1662,8 @@ def center_crop(image, size):
 
 
 def random_resized_crop(image, size, rng):
-    """The tokenizer's augmentation (release): short side uniform in [size, 1.25 size], a random crop,
-    a horizontal flip with probability 1/2."""
+    """The tokenizer's augmentation (release): short side uniform in [size, 1.25 size], a random
+    crop, a horizontal flip with probability 1/2."""
     image = resize_short_side(image, rng.randint(size, round(1.25 * size)))
     left, top = rng.randint(0, image.width - size), rng.randint(0, image.height - size)
     image = image.crop((left, top, left + size, top + size))
@@ -1620,8 +1671,9 @@ def random_resized_crop(image, size, rng):
 
 
 def ten_crop(image, size, view):
-    """The AR's augmentation (release): centre crop to 1.1x, then view 0-9 of the ten crops (four corners
-    and the centre, of the image and of its mirror image, in torchvision's TenCrop order)."""
+    """The AR's augmentation (release): centre crop to 1.1x, then view 0-9 of the ten crops (four
+    corners and the centre, of the image and of its mirror image, in torchvision's TenCrop
+    order)."""
     image = center_crop(image, int(size * 1.1))
     if view >= 5:
         image, view = image.transpose(Image.FLIP_LEFT_RIGHT), view - 5
@@ -1631,7 +1683,8 @@ def ten_crop(image, size, view):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """An ImageNet-style folder (root/<class>/<image>): sorted class names -> labels 0..C-1, PIL only.
+    """An ImageNet-style folder (root/<class>/<image>): sorted class names -> labels 0..C-1, PIL
+    only.
 
     augment: "tokenizer" (random resized crop + flip), "ar" (one of ten crops at random), or None
     (centre crop). An unreadable or truncated file is skipped -- the next file stands in -- with a
@@ -1646,10 +1699,27 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"unknown augmentation {augment!r}; use 'tokenizer', 'ar' or None")
         self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
         self.files = [(path, label) for label, name in enumerate(self.classes)
-                      for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
+                      for path in sorted((root / name).iterdir())
+                      if path.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.files:
-            raise ValueError(f"{root} holds no images in class sub-folders (expected {root}/<class>/<image>.jpg)")
-        self.num_classes, self.image_size, self.augment, self.skipped = len(self.classes), image_size, augment, 0
+            raise ValueError(f"{root} holds no images in class sub-folders (expected "
+                             f"{root}/<class>/<image>.jpg)")
+        self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
+        self.root, self.unreadable = root, set()
+
+    @property
+    def skipped(self):  # how many files were found unreadable (per process), each counted once
+        return len(self.unreadable)
+
+    def fingerprint(self):
+        """The folder's content as a rerun must find it: the SHA-256 of every image file's path
+        (relative to the root: its class), size and modification time."""
+        digest = hashlib.sha256()
+        for path, _ in self.files:
+            stat = path.stat()
+            line = f"{path.relative_to(self.root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+            digest.update(line.encode())
+        return digest.hexdigest()
 
     @property
     def views(self):  # distinct augmented versions of one image that a codes cache must hold
@@ -1664,13 +1734,15 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 return open_rgb(path), label
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                self.skipped += 1
-                warnings.warn(f"skipping unreadable image {path} ({self.skipped} skipped so far): {error}")
+                if path not in self.unreadable:
+                    self.unreadable.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({self.skipped} skipped so "
+                                  f"far): {error}")
         raise ValueError(f"no readable image in {len(self.files)} files")
 
     def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields; (index, seed, view)
-        picks an AR view explicitly (for a codes cache)."""
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields; (index, seed,
+        view) picks an AR view explicitly (for a codes cache)."""
         index, seed, *view = key if isinstance(key, tuple) else (key, 0)
         image, label = self.read(index)
         rng = random.Random(seed)
@@ -1684,21 +1756,23 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def stream_seed(seed, position, purpose):
-    """A seed for one position of the training stream and one purpose (0 augmentation, 1 model noise)."""
+    """A seed for one position of the training stream and one purpose (0 augmentation, 1 model
+    noise)."""
     return (seed * 1_000_003 + position) * 2 + purpose
 
 
 class TrainingStream(torch.utils.data.Sampler):
     """Which samples every process sees at every step: a pure function of (seed, step).
 
-    Step s consumes global positions [s GB, (s + 1) GB) of an endless stream (GB = batch x grad_accum x
-    world size); position p is sample perm_e[p mod n] of epoch e = p // n, with a fresh permutation per
-    epoch. Micro-batch m of rank r takes the slice starting at `first_position(s, m)`, so the same
-    samples meet the same augmentation and noise seeds whatever the number of processes, and a resumed
-    run continues exactly.
+    Step s consumes global positions [s GB, (s + 1) GB) of an endless stream (GB = batch x
+    grad_accum x world size); position p is sample perm_e[p mod n] of epoch e = p // n, with a fresh
+    permutation per epoch. Micro-batch m of rank r takes the slice starting at `first_position(s,
+    m)`, so the same samples meet the same augmentation and noise seeds whatever the number of
+    processes, and a resumed run continues exactly.
     """
 
-    def __init__(self, num_samples, batch_size, grad_accum, world_size, rank, seed, start_step, num_steps):
+    def __init__(self, num_samples, batch_size, grad_accum, world_size, rank, seed, start_step,
+                 num_steps):
         self.n, self.batch_size, self.grad_accum, self.world_size, self.rank = (
             num_samples, batch_size, grad_accum, world_size, rank)
         self.seed, self.start_step, self.num_steps = seed, start_step, num_steps
@@ -1712,37 +1786,62 @@ class TrainingStream(torch.utils.data.Sampler):
         epoch, offset = divmod(position, self.n)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.permutation = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self.permutation[offset].item()
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self.permutation = torch.randperm(self.n, generator=generator).tolist()
+        return self.permutation[offset]
 
     def __len__(self):
         return (self.num_steps - self.start_step) * self.grad_accum
 
     def batches(self, dataset, workers, pin_memory):
         """An iterator over this process's micro-batches of `dataset`, in stream order."""
-        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=self, num_workers=workers, pin_memory=pin_memory))
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=self, num_workers=workers,
+                                                pin_memory=pin_memory))
 
     def __iter__(self):
         for step in range(self.start_step, self.num_steps):
             for micro in range(self.grad_accum):
                 first = self.first_position(step, micro)
-                yield [(self.sample_index(p), stream_seed(self.seed, p, 0)) for p in range(first, first + self.batch_size)]
+                yield [(self.sample_index(p), stream_seed(self.seed, p, 0))
+                       for p in range(first, first + self.batch_size)]
 
 
-# ---- command lines -------------------------------------------------------------------------------------
+def training_batches(args, dataset, world_size, rank, start_step, num_steps):
+    """A run's `TrainingStream` (--batch-size x --grad-accum samples a step and process, --seed)
+    from `start_step`, and the iterator over its micro-batches of `dataset` (--workers loaders,
+    pinned memory where CUDA is used)."""
+    stream = TrainingStream(len(dataset), args.batch_size, args.grad_accum, world_size, rank,
+                            args.seed, start_step, num_steps)
+    pin_memory = args.device != "cpu" and torch.cuda.is_available()
+    return stream, stream.batches(dataset, args.workers, pin_memory)
+
+
+# ---- command lines -------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with every error as one line `script: error: --flag ...` (exit code 2), before any work."""
+    """argparse, with every error as one line `script: error: --flag ...` (exit code 2), before any
+    work."""
 
     def __init__(self, description):
-        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        super().__init__(description=description, allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def parse_args(self, argv=None):
+        """-> the arguments, with `given`: the dests of the flags the command line names."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = super().parse_args(argv)
+        actions = self._option_string_actions
+        args.given = {actions[word.split("=")[0]].dest for word in argv
+                      if word.startswith("-") and word.split("=")[0] in actions}
+        return args
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message.removeprefix('argument ')}\n")
 
 
 class BadInput(SystemExit):
-    """A bad input found after parsing: the scripts print its one line and exit with code 2, as argparse does."""
+    """A bad input found after parsing: the scripts print its one line and exit with code 2, as
+    argparse does."""
 
     def __init__(self, message):
         super().__init__(2)
@@ -1760,33 +1859,42 @@ def command_line(run):
         sys.exit(print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr) or 2)
 
 
-def file_digest(path):
-    """The SHA-256 of a file's bytes: what identifies a checkpoint in the records of resumable outputs."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def write_atomically(path, text):
+    """Write a text file through a temporary file and a rename: a kill never leaves it half
+    written."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def check_record(path, settings, what):
-    """A resumable output's record: `settings` (plain values) written to `path` on first use; a later run with other
-    settings is refused with one line that names the first difference."""
-    path, settings = Path(path), json.loads(json.dumps(settings))  # as the file holds them (tuples as lists)
+    """A resumable output's record: `settings` (plain values) written to `path` on first use
+    (atomically); a later run with other settings is refused with one line that names the first
+    difference."""
+    path, settings = Path(path), json.loads(json.dumps(settings))  # as the file holds them
     if path.exists():
-        recorded = json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise BadInput(f"{what}: its record {path} is empty or damaged; delete it (and what "
+                           f"it describes) to start afresh")
         for key in sorted(set(recorded) | set(settings)):
             if recorded.get(key) != settings.get(key):
-                raise BadInput(f"{what} was made with {key} = {recorded.get(key)!r}, this run has {settings.get(key)!r}; "
-                               f"keep the settings, or choose another folder")
+                raise BadInput(f"{what} was made with {key} = {recorded.get(key)!r}, this run has "
+                               f"{settings.get(key)!r}; keep the settings, or choose another "
+                               f"folder")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    write_atomically(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def claim_run_folder(out, checkpoint, resume, overwrite):
-    """A training run owns its --out: a lock file refuses a second live run (naming its process), and a folder
-    that already holds `checkpoint` is refused unless the run resumes it or overwrites it."""
+    """A training run owns its --out: a lock file refuses a second live run (naming its process),
+    and a folder that already holds `checkpoint` is refused unless the run resumes it or overwrites
+    it."""
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
@@ -1795,14 +1903,18 @@ def claim_run_folder(out, checkpoint, resume, overwrite):
     if resume and not checkpoint.is_file():
         raise BadInput(f"--resume: no checkpoint at {checkpoint}")
     if checkpoint.exists() and not (resume or overwrite):
-        raise BadInput(f"--out {out} already holds {checkpoint}: pass --resume to continue it or --overwrite to "
-                       f"start afresh")
+        raise BadInput(f"--out {out} already holds {checkpoint}: pass --resume to continue it or "
+                       f"--overwrite to start afresh")
     lock_folder(out, "--out")
+    if overwrite:  # afresh: the old run's records and pictures go with it
+        for old in [out / "learning_curve.tsv", *out.glob("reconstructions_*.png"),
+                    *out.glob("samples_*.png")]:
+            old.unlink(missing_ok=True)
 
 
 def lock_folder(folder, flag):
-    """Make `folder` this process's: a lock file refuses a second live process (naming it), a stale one is taken
-    over. -> release(), which the end of the process also calls."""
+    """Make `folder` this process's: a lock file refuses a second live process (naming it), a stale
+    one is taken over. -> release(), which the end of the process also calls."""
     folder, pid = Path(folder), str(os.getpid())
     lock = folder / ".lock"
     try:
@@ -1812,8 +1924,8 @@ def lock_folder(folder, flag):
         except FileExistsError:
             holder = int((lock.read_text().split() or ["0"])[0])
             if str(holder) != pid and process_alive(holder):
-                raise BadInput(f"{flag} {folder} is in use by process {holder} (lock {lock}); wait for it or choose "
-                               f"another {flag}") from None
+                raise BadInput(f"{flag} {folder} is in use by process {holder} (lock {lock}); wait "
+                               f"for it or choose another {flag}") from None
         lock.write_text(f"{pid}\n")  # ours now (a stale lock's process has ended)
     except OSError as error:
         raise BadInput(f"{flag} {folder} is not writable ({error.strerror})") from None
@@ -1835,27 +1947,9 @@ def process_alive(pid):
     return pid > 0
 
 
-def check_number(value, name, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """value (a number or its text) as a finite number in [low, high] (an end open where said), else a ValueError
-    that names `name` and the range."""
-    kind = "an integer" if integer else "a finite number"
-    try:
-        if integer and not isinstance(value, int) and not str(value).strip().lstrip("+-").isdigit():
-            raise ValueError
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
-    below = low is not None and (number < low or (low_open and number == low))
-    above = high is not None and (number > high or (high_open and number == high))
-    if not math.isfinite(number) or below or above:
-        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
-                 ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
-        raise ValueError(f"{name} must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got {value!r}")
-    return number
-
-
 def flag_type(low=None, high=None, low_open=False, high_open=False, integer=False):
-    """An argparse type: `check_number` with these bounds; a bad value ends the run with argparse's one line."""
+    """An argparse type: `check_number` with these bounds; a bad value ends the run with argparse's
+    one line."""
     def parse(text):
         try:
             return check_number(text, "it", low, high, low_open, high_open, integer)
@@ -1865,19 +1959,190 @@ def flag_type(low=None, high=None, low_open=False, high_open=False, integer=Fals
     return parse
 
 
-COUNT, SIZE = flag_type(0, integer=True), flag_type(1, integer=True)     # counts from 0, sizes from 1
+COUNT, SIZE = flag_type(0, integer=True), flag_type(1, integer=True)  # counts from 0, sizes from 1
+SEED = flag_type(0, 2 ** 32 - 1, integer=True)  # the seeds derived from it stay below 2^63
 RATE, WEIGHT = flag_type(0, low_open=True), flag_type(0)                # > 0, >= 0
 FRACTION = flag_type(0, 1, high_open=True)                              # [0, 1)
 
 
-# ---- training -----------------------------------------------------------------------------------------
+# ---- checkpoints and pairs -----------------------------------------------------------------------
+
+class _ForeignObject:
+    """Stand-in for classes that official files pickle but we do not have (config_util.Config): it
+    only receives the pickled attributes; no code of the file runs."""
+
+
+def load_checkpoint_file(path, mmap=True):
+    """torch.load with weights_only=True, allowing only plain data plus the two foreign objects the
+    official files contain: an argparse.Namespace and a config_util.Config (read as plain
+    attributes)."""
+    allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
+    legacy = not zipfile.is_zipfile(path)  # torch's legacy (non-zip) format: no memory map
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and not legacy)
+    except OSError:
+        raise
+    except Exception as error:  # on arbitrary bytes torch's unpickler raises anything
+        # a real checkpoint that pickles an object we do not allow
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found:
+            raise ValueError(f"{path} holds {found[1]}, an object other than tensors and plain "
+                             "values; refused") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint (truncated, or another kind of "
+                         f"file)") from None
+
+
+def load_state_strict(model, state, what):
+    """load_state_dict that names the first missing key, unexpected key or shape mismatch."""
+    expected = model.state_dict()
+    for key in expected:
+        if key not in state:
+            raise ValueError(f"{what}: missing key {key!r}")
+    for key, tensor in state.items():
+        if key not in expected:
+            raise ValueError(f"{what}: unexpected key {key!r}")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{what}: key {key!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+
+
+# How a checkpoint of ours that names a "builder" makes its untrained model: builder(cfg, recipe) ->
+# Tokenizer. The release's architecture needs none; the CPU miniature at the end of this file
+# registers its own.
+TOKENIZER_BUILDERS = {}
+
+
+def load_tokenizer(path, device="cpu"):
+    """Load a tokenizer checkpoint -- ours or an official release file (detected) -- in eval mode.
+
+    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state, optional
+    "builder" (a name in TOKENIZER_BUILDERS) and "recipe" (a plain dict it reads)}. Official
+    (`D-AR-tokenizer_v1.pt`): {"model", "ema", "config": config_util.Config, "args", ...}; the
+    configuration is read from the file. Both use the EMA weights when present, as the official
+    sampler does.
+    """
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (no 'model' and 'config' entries)")
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    if isinstance(ckpt["config"], _ForeignObject):                     # an official release file
+        model_config = getattr(ckpt["config"], "_data", {}).get("model")
+        if not isinstance(model_config, dict) or "diff_decoder" not in model_config:
+            raise ValueError(f"{path}: its config has no tokenizer 'model' section; not a "
+                             "tokenizer checkpoint")
+        cfg = TokenizerConfig.from_official(model_config)
+        weights = convert_official_tokenizer_state(weights)
+    elif ckpt.get("kind") == "tokenizer" and isinstance(ckpt["config"], dict):
+        unknown = set(ckpt["config"]) - {f.name for f in fields(TokenizerConfig)}
+        if unknown:
+            raise ValueError(f"{path}: unknown tokenizer config keys {sorted(unknown)}")
+        cfg = TokenizerConfig(**ckpt["config"])
+    else:
+        raise ValueError(f"{path} is not a tokenizer checkpoint (kind={ckpt.get('kind')!r})")
+    if not any(key.startswith("diffusion.repa_out.") for key in weights):
+        cfg = replace(cfg, repa_dim=0)  # the REPA head is a training aid; files may omit it
+    builder = ckpt.get("builder")
+    if builder is not None and builder not in TOKENIZER_BUILDERS:
+        raise ValueError(f"{path}: unknown tokenizer builder {builder!r}; known: "
+                         f"{sorted(TOKENIZER_BUILDERS)}")
+    tokenizer = TOKENIZER_BUILDERS[builder](cfg, ckpt.get("recipe", {})) if builder \
+        else Tokenizer(cfg)
+    load_state_strict(tokenizer, weights, f"tokenizer checkpoint {path}")
+    # what `check_pair` compares with an AR model's record: the file's SHA-256, computed on first
+    # use, once per version of the file
+    tokenizer.file, tokenizer.digest = Path(path), functools.partial(cached_digest, path)
+    return tokenizer.to(device).eval()
+
+
+def load_ar(path, config=None, device="cpu"):
+    """Load an AR checkpoint -- ours or an official release file (detected) -- in eval mode.
+
+    Ours: {"kind": "ar", "config": dict, "model": state, optional "ema": state}; uses "ema" when
+    present. Official (`D-AR-L-360K.pt`, ...): the configuration is not stored; `config` (an
+    ARConfig or a preset name) gives it, else it is inferred from the shapes with 64-wide heads and
+    N = 256.
+    """
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not an AR checkpoint (a {type(ckpt).__name__}, not a dict)")
+    if ckpt.get("kind") == "ar":
+        if config is not None:
+            raise ValueError(f"{path} stores its own configuration; do not pass `config`")
+        cfg = ARConfig(**ckpt["config"])
+        weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    elif "kind" in ckpt or isinstance(ckpt.get("config"), _ForeignObject):
+        raise ValueError(f"{path} is not an AR checkpoint (it is a {ckpt.get('kind', 'tokenizer')} "
+                         "checkpoint)")
+    else:
+        weights = official_ar_state(ckpt)
+        if isinstance(config, str):
+            if config not in AR_PRESETS:
+                raise ValueError(f"unknown AR preset {config!r}; choose one of "
+                                 f"{sorted(AR_PRESETS)}")
+            config = AR_PRESETS[config]
+        cfg = config or infer_ar_config(weights)
+    model = LlamaAR(cfg)
+    load_state_strict(model, weights, f"AR checkpoint {path}")
+    # ours: the tokenizer it learned; release: None
+    model.codes_of = read_tokenizer_record(ckpt.get("tokenizer"), path)
+    model.file = Path(path)
+    return model.to(device).eval()
+
+
+def file_digest(path):
+    """The SHA-256 of a file's bytes: what identifies a checkpoint in the records of resumable
+    outputs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_record(tokenizer_path, holder_path):
+    """What an AR checkpoint at `holder_path` records of the tokenizer whose codes it learns: the
+    file's SHA-256 and its path relative to the checkpoint's folder (so the pair stays a pair when
+    both move together)."""
+    return {"path": os.path.relpath(Path(tokenizer_path).resolve(),
+                                    Path(holder_path).resolve().parent),
+            "sha256": cached_digest(tokenizer_path)}
+
+
+def read_tokenizer_record(record, holder_path):
+    """A `tokenizer_record` read from the checkpoint at `holder_path` -> {"path": where it points,
+    "sha256"}, or None."""
+    if record is None:
+        return None
+    return {"path": Path(os.path.normpath(Path(holder_path).parent / record["path"])),
+            "sha256": record["sha256"]}
+
+
+_DIGESTS = {}
+
+
+def cached_digest(path):
+    """`file_digest`, computed once per version of the file (its path, inode, size and change
+    times)."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
+
+
+# ---- training ------------------------------------------------------------------------------------
 
 def add_training_flags(parser, recipes):
-    """The flags both training scripts share. The recipe flags (in the returned group, to which a script adds
-    its own) default to None: `finish_training_flags` fills them from RECIPES[--config]."""
+    """The flags both training scripts share; -> the recipe group, to which a script adds its own.
+    The recipe flags' defaults are RECIPES[--config]'s, set by `finish_training_flags` (--help shows
+    them)."""
     parser.add_argument("--config", default="tiny", choices=list(recipes))
-    parser.add_argument("--data", default="builtin", help="'builtin' (procedural shapes) or an ImageNet-style folder")
-    parser.add_argument("--builtin-size", type=SIZE, default=10000, help="images in the built-in dataset")
+    parser.add_argument("--data", default="builtin",
+                        help="'builtin' (procedural shapes) or an ImageNet-style folder")
+    parser.add_argument("--builtin-size", type=SIZE, default=10000,
+                        help="images in the built-in dataset")
     parser.add_argument("--out", default=None, help="output folder (default out/<config>)")
     recipe = parser.add_argument_group("recipe (default: RECIPES[--config])")
     recipe.add_argument("--batch-size", type=SIZE, help="per process")
@@ -1886,31 +2151,49 @@ def add_training_flags(parser, recipes):
     recipe.add_argument("--ema", type=FRACTION, help="EMA decay in [0, 1) (0: no EMA)")
     recipe.add_argument("--weight-decay", type=WEIGHT, help="AdamW weight decay")
     run = parser.add_argument_group("the run")
-    run.add_argument("--betas", type=FRACTION, nargs=2, default=(0.9, 0.95), help="AdamW betas (release)")
-    run.add_argument("--grad-clip", type=RATE, default=1.0, help="global grad-norm clip (release: 1.0)")
-    run.add_argument("--seed", type=COUNT, default=0)
+    run.add_argument("--betas", type=FRACTION, nargs=2, default=(0.9, 0.95),
+                     help="AdamW betas (release)")
+    run.add_argument("--grad-clip", type=RATE, default=1.0,
+                     help="global grad-norm clip (release: 1.0)")
+    run.add_argument("--seed", type=SEED, default=0)
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                     help="TF32 matmuls on CUDA")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--workers", type=COUNT, default=0, help="data-loading processes per training process")
+    run.add_argument("--workers", type=COUNT, default=0,
+                     help="data-loading processes per training process")
     run.add_argument("--log-every", type=SIZE, default=100)
-    run.add_argument("--sample-every", type=SIZE, default=250, help="write a picture every N steps and at the end")
+    run.add_argument("--sample-every", type=SIZE, default=250,
+                     help="write a picture every N steps and at the end")
     run.add_argument("--save-every", type=SIZE, default=500)
-    run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    run.add_argument("--overwrite", action="store_true", help="start afresh over the checkpoint in --out")
-    run.add_argument("--export", metavar="PATH", help="at the end, also write the EMA weights alone in half "
-                     "precision to PATH, a small file to share (with --resume at the last step: export only)")
+    run.add_argument("--resume", action="store_true", help="continue the checkpoint in --out, with "
+                     "the same settings; only these may change: --steps or --epochs (to extend), "
+                     "--workers, --device, --compile, --tf32, --grad-checkpointing, --export and "
+                     "the flags of logging, pictures and evaluation")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh over the checkpoint in --out")
+    run.add_argument("--export", metavar="PATH",
+                     help="at the end, also write the EMA weights alone in half "
+                     "precision to PATH, a small file to share (with --resume at the last step: "
+                     "export only)")
     return recipe
 
 
-def finish_training_flags(parser, argv, recipes, script):
-    """Parse; fill the recipe flags left out from RECIPES[--config], record the command, default --out; check the
-    paths (--data must be a folder, --out and --export must not be in the way)."""
+def finish_training_flags(parser, argv, recipes, script, checkpoint_name):
+    """Parse, the recipe flags defaulting to RECIPES[--config] (--help shows them: `--config v1
+    --help`); record
+    the command, default --out; check the paths (--data must be a folder, --out and --export not in
+    the way)."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default="tiny")
+    # an unknown one: the parser below says so
+    recipe = recipes.get(config.parse_known_args(argv)[0].config, {})
+    parser.set_defaults(**recipe)
+    for action in parser._actions:
+        if action.dest in recipe:
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-    for key, value in recipes[args.config].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.out = Path(args.out or f"out/{args.config}")
     if args.data not in BUILTIN_DATA and not Path(args.data).is_dir():
         parser.error(f"--data: no folder {args.data} (an ImageNet-style folder, or 'builtin')")
@@ -1918,28 +2201,53 @@ def finish_training_flags(parser, argv, recipes, script):
         parser.error(f"--out {args.out} is a file, not a folder")
     if args.export and (Path(args.export).is_dir() or Path(args.export).suffix != ".pt"):
         parser.error(f"--export {args.export}: expected a file name ending in .pt")
+    if args.export:
+        check_export_target(parser, Path(args.export), args.out / checkpoint_name)
+    if args.data not in BUILTIN_DATA:
+        args.data = str(Path(args.data).resolve())  # recorded: a resume from elsewhere is the same
+    if args.data not in BUILTIN_DATA and "builtin_size" in args.given:
+        parser.error("--builtin-size sizes the built-in data; --data names a folder")
     if args.resume and args.overwrite:
         parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
     return args
 
 
+def check_export_target(parser, export, checkpoint):
+    """--export never replaces the run's checkpoint, nor a file the run did not make: an existing
+    file is overwritten only if it is this run's earlier export (its record names this
+    checkpoint)."""
+    if export.resolve() == checkpoint.resolve():
+        parser.error(f"--export {export} is the run's training checkpoint; name another file")
+    if not export.exists():
+        return
+    try:
+        made_from = load_checkpoint_file(export).get("exported_from")
+    except (ValueError, OSError, AttributeError):
+        made_from = None
+    if made_from != str(checkpoint.resolve()):
+        parser.error(f"--export {export} exists and is not an export of {checkpoint}; name another "
+                     f"file, or move it away")
+
+
 def training_setup(args, checkpoint_path):
-    """Processes, device and precision of a training run: -> rank, world size, device, the autocast context
-    (bf16 on CUDA, none on the CPU, where fp32 keeps runs exact), a rank-0 log function. Rank 0 first claims --out
-    (`claim_run_folder`); the initial weights are seeded."""
+    """Processes, device and precision of a training run: -> rank, world size, device, the autocast
+    context (bf16 on CUDA, none on the CPU, where fp32 keeps runs exact), a rank-0 log function.
+    Rank 0 first claims --out (`claim_run_folder`); the initial weights are seeded."""
     if os.environ.get("RANK", "0") == "0":
         claim_run_folder(args.out, checkpoint_path, args.resume, args.overwrite)
     rank, world_size, device = setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else contextlib.nullcontext()
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    args.world_size = world_size  # recorded: the stream of samples depends on it
     torch.manual_seed(args.seed)  # the initial weights; the training stream seeds itself per step
     return rank, world_size, device, autocast, log
 
 
 def training_images(args, image_size, augment):
-    """--data: the built-in shapes (--builtin-size of seed --seed) or an image folder with the `augment` of
-    `ImageFolder`; a folder without readable images ends the run with one line."""
+    """--data: the built-in shapes (--builtin-size of seed --seed) or an image folder with the
+    `augment` of `ImageFolder`; a folder without readable images ends the run with one line."""
     if args.data in BUILTIN_DATA:
         return BUILTIN_DATA[args.data](args.builtin_size, image_size, seed=args.seed)
     try:
@@ -1950,22 +2258,9 @@ def training_images(args, image_size, augment):
     return dataset
 
 
-def accumulate_gradients(trained, grad_accum, autocast, compute):
-    """One step's backward passes: compute(micro) -> a dict of losses for micro-batch 0..grad_accum-1,
-    "loss" / grad_accum backpropagated (DDP syncs on the last only); -> each term's mean, as floats."""
-    terms = {}
-    for micro in range(grad_accum):
-        sync = not isinstance(trained, nn.parallel.DistributedDataParallel) or micro == grad_accum - 1
-        with (contextlib.nullcontext() if sync else trained.no_sync()), autocast:
-            losses = compute(micro)
-            (losses["loss"] / grad_accum).backward()
-        for name, value in losses.items():
-            terms[name] = terms.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / grad_accum
-    return terms
-
-
 def finish_training(args, checkpoint_path, rank, world_size, log):
-    """The end of a training run: --export's small file, and the process group closed under torchrun."""
+    """The end of a training run: --export's small file, and the process group closed under
+    torchrun."""
     log(f"saved {checkpoint_path}")
     if args.export and rank == 0:
         export_weights(checkpoint_path, args.export, args.command)
@@ -1975,24 +2270,38 @@ def finish_training(args, checkpoint_path, rank, world_size, log):
 
 
 class StepLog:
-    """The training log: every `every` steps (and at step `total`) a line of the step's terms, the learning rate
-    and the images per second since the last line."""
+    """The training log and its progress bar: every `every` steps (and at step `total`) a line of
+    the step's losses, the learning rate and the images per second since the last line. Reading the
+    losses is the step's one host sync; a non-finite loss stops the run there, before the next save,
+    so the last saved checkpoint stays good."""
 
-    def __init__(self, log, every, total):
+    def __init__(self, log, every, start, total, disable):
         self.log, self.every, self.total = log, every, total
+        self.progress = tqdm(initial=start, total=total, disable=disable, dynamic_ncols=True)
         self.start, self.images = time.time(), 0
 
-    def __call__(self, done, images, terms, lr):
+    def __call__(self, done, images, losses, lr):
         self.images += images
-        if done % self.every == 0 or done == self.total:
-            rate = self.images / (time.time() - self.start)
-            self.log(f"step {done}: " + " ".join(f"{name} {value:.4f}" for name, value in terms.items())
-                     + f" lr {lr:.2e} {rate:.1f} img/s")
-            self.start, self.images = time.time(), 0
+        self.progress.update()
+        if done % self.every and done != self.total:
+            return
+        terms = {name: float(value.detach()) for name, value in losses.items()}
+        if not all(math.isfinite(value) for value in terms.values()):
+            raise SystemExit(f"step {done}: a loss became non-finite ({terms}); stopping before "
+                             f"the next save, so the last saved checkpoint is the last good one.")
+        rate = self.images / (time.time() - self.start)
+        self.progress.set_postfix({name: f"{value:.3f}" for name, value in terms.items()})
+        self.log(f"step {done}: " + " ".join(f"{name} {value:.4f}" for name, value in terms.items())
+                 + f" lr {lr:.2e} {rate:.1f} img/s")
+        self.start, self.images = time.time(), 0
+
+    def close(self):
+        self.progress.close()
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves a broken checkpoint."""
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves a broken
+    checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -2002,14 +2311,15 @@ def save_checkpoint(checkpoint, path):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model, over parameters (as released; no buffer is persistent)."""
+    """ema <- decay ema + (1 - decay) model, over parameters (as released; no buffer is
+    persistent)."""
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.lerp_(param.detach(), 1 - decay)
 
 
 def setup_distributed(device="auto"):
-    """-> (rank, world_size, device). Launched by torchrun (RANK set): DDP, NCCL on CUDA and gloo on CPU.
-    Otherwise one plain process and no torch.distributed call at all."""
+    """-> (rank, world_size, device). Launched by torchrun (RANK set): DDP, NCCL on CUDA and gloo on
+    CPU. Otherwise one plain process and no torch.distributed call at all."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
@@ -2023,9 +2333,9 @@ def setup_distributed(device="auto"):
 
 
 def wrap_for_training(model, compile_model, world_size, device, find_unused_parameters=False):
-    """The module the training step calls: optionally compiled, DDP-wrapped under torchrun. Checkpoints
-    are taken from `model` itself, so they never carry `_orig_mod.` or `module.` prefixes.
-    find_unused_parameters: some parameters get no gradient in some steps."""
+    """The module the training step calls: optionally compiled, DDP-wrapped under torchrun.
+    Checkpoints are taken from `model` itself, so they never carry `_orig_mod.` or `module.`
+    prefixes. find_unused_parameters: some parameters get no gradient in some steps."""
     trained = torch.compile(model) if compile_model else model
     if world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -2034,13 +2344,15 @@ def wrap_for_training(model, compile_model, world_size, device, find_unused_para
     return trained
 
 
-def training_checkpoint(kind, cfg, model, ema, optimizer, step, args, **entries):
-    """What the training scripts save: tensors and plain values only (the seed replaces RNG states, since
-    every random draw of training is seeded by the position of its samples in the stream); `entries` adds
-    a script's own (plain values and state dicts)."""
-    return {"kind": kind, "config": asdict(cfg), "model": model.state_dict(),
-            **({"ema": ema.state_dict()} if ema is not None else {}), "optimizer": optimizer.state_dict(),
-            "step": step, "seed": args.seed, "args": {key: str(value) for key, value in vars(args).items()}, **entries}
+def save_training_checkpoint(path, kind, cfg, model, ema, optimizer, step, args, **entries):
+    """What the training scripts save (`save_checkpoint`): tensors and plain values only (the seed
+    replaces RNG states, since every random draw of training is seeded by the position of its
+    samples in the stream); `entries` adds a script's own (plain values and state dicts)."""
+    save_checkpoint({"kind": kind, "config": asdict(cfg), "model": model.state_dict(),
+                     **({"ema": ema.state_dict()} if ema is not None else {}),
+                     "optimizer": optimizer.state_dict(), "step": step, "seed": args.seed,
+                     "args": {key: setting_text(value) for key, value in vars(args).items()},
+                     **entries}, path)
 
 
 # what a shared file keeps of a training checkpoint, besides the weights
@@ -2048,32 +2360,41 @@ EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe", "tokenizer")
 
 
 def export_weights(checkpoint_path, path, command):
-    """Write a training checkpoint as a small file to share: the EMA weights alone (the model's where the run
-    kept no EMA), floats in half precision (the loaders cast them back to float32), the entries that say
-    how to build the model, the arguments of the training run and `command`, the invocation that exported
-    it. No optimizer state, and nothing that only training uses."""
+    """Write a training checkpoint as a small file to share: the EMA weights alone (the model's
+    where the run kept no EMA), floats in half precision (the loaders cast them back to float32),
+    the entries that say how to build the model, the arguments of the training run and `command`,
+    the invocation that exported it. No optimizer state, and nothing that only training uses."""
     checkpoint = load_checkpoint_file(checkpoint_path)
     weights = checkpoint.get("ema") or checkpoint["model"]
-    if "tokenizer" in checkpoint:  # an AR model's tokenizer, its path now relative to the exported file
+    # an AR model's tokenizer, its path now relative to the exported file
+    if "tokenizer" in checkpoint:
         learned = read_tokenizer_record(checkpoint["tokenizer"], checkpoint_path)
         checkpoint["tokenizer"] = {**checkpoint["tokenizer"], "path": os.path.relpath(
             learned["path"].resolve(), Path(path).resolve().parent)}
     save_checkpoint({**{key: checkpoint[key] for key in EXPORTED_ENTRIES if key in checkpoint},
-                     "model": {key: value.half() if value.is_floating_point() else value for key, value in weights.items()},
-                     "training_args": checkpoint["args"], "command": command}, path)
+                     "model": {key: value.half() if value.is_floating_point() else value for key,
+                               value in weights.items()},
+                     "training_args": checkpoint["args"], "command": command,
+                     "exported_from": str(Path(checkpoint_path).resolve())}, path)
 
 
-def resume_training(path, kind, model, ema, optimizer):
-    """Load a checkpoint of `kind` written by `training_checkpoint` into model, ema (or None) and optimizer; -> the
-    checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming its kind or first bad key."""
+def resume_training(path, kind, model, ema, optimizer, args):
+    """Load a checkpoint of `kind` written by `save_training_checkpoint` into model, ema (or None)
+    and optimizer, if it was trained with this run's settings (`check_same_run`); -> the checkpoint
+    (its "step", and the script's own entries). A wrong file: ValueError naming its kind or first
+    bad key."""
     try:
-        checkpoint = load_checkpoint_file(path, mmap=False)  # no mmap: the optimizer state is updated in place
+        checkpoint = load_checkpoint_file(path, mmap=False)  # the optimizer state changes in place
     except ValueError as error:
         raise ValueError(f"--resume: {error}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != kind or "optimizer" not in checkpoint:
-        found = checkpoint.get("kind", "no kind") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != kind \
+            or "optimizer" not in checkpoint:
+        found = checkpoint.get("kind", "no kind") if isinstance(checkpoint, dict) \
+            else type(checkpoint).__name__
+        no_optimizer = isinstance(checkpoint, dict) and "optimizer" not in checkpoint
         raise ValueError(f"--resume: {path} is not a {kind} training checkpoint (it is {found!r}"
-                         f"{', without optimizer state' if isinstance(checkpoint, dict) and 'optimizer' not in checkpoint else ''})")
+                         f"{', without optimizer state' if no_optimizer else ''})")
+    check_same_run(checkpoint.get("args", {}), args, path)
     load_state_strict(model, checkpoint["model"], f"--resume {path}")
     if ema is not None:
         load_state_strict(ema, checkpoint["ema"], f"--resume {path} (EMA)")
@@ -2081,29 +2402,42 @@ def resume_training(path, kind, model, ema, optimizer):
     return checkpoint
 
 
+# what a resumed run may change: how long it runs (--steps, --epochs), what it logs, draws and
+# measures, how it loads data and runs (--workers, --device, --compile), and the files it names
+RESUMABLE = ("steps", "epochs", "log_every", "sample_every", "save_every", "eval_every",
+             "eval_images", "probe_images", "evaluator", "eval_samples", "sample_guidance",
+             "workers", "device", "compile", "tf32", "grad_checkpointing", "export", "resume",
+             "overwrite", "out", "tokenizer", "tokenizer_choice", "cache_codes", "command", "given")
+
+
+def setting_text(value):
+    """A setting as a checkpoint records it (a tuple and a list alike)."""
+    return str(list(value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def check_same_run(recorded, args, path):
+    """--resume continues the same run: every setting outside `RESUMABLE` must be the one the
+    checkpoint recorded, else one line names the flag and both values."""
+    for key, value in sorted(vars(args).items()):
+        was = recorded.get(key, setting_text(value)).replace("(", "[").replace(")", "]")
+        if key not in RESUMABLE and was != setting_text(value):
+            flag = "--" + key.replace("_", "-")
+            raise BadInput(f"--resume: {path} was trained with {flag} {recorded[key]}, this run "
+                           f"has {flag} {setting_text(value)}; resume with the same settings, or "
+                           f"start afresh with --overwrite")
+
+
 def ar_optimizer(model, lr, betas, weight_decay):
-    """AdamW as the paper trains the AR model: weight decay on matrices and embeddings, none on norm weights."""
+    """AdamW as the paper trains the AR model: weight decay on matrices and embeddings, none on norm
+    weights."""
     decayed = [p for p in model.parameters() if p.dim() >= 2]
     not_decayed = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
-                              {"params": not_decayed, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
+                              {"params": not_decayed, "weight_decay": 0.0}], lr=lr,
+                              betas=tuple(betas))
 
 
-def optimizer_step(model, optimizer, ema, ema_decay, grad_clip, step, loss):
-    """Clip the global gradient norm, stop on a non-finite one (the all-reduced norm, so every rank stops
-    together, before this step's update: the last saved checkpoint stays good), step, clear the gradients,
-    update the EMA."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not math.isfinite(grad_norm.item()):
-        raise SystemExit(f"step {step}: the loss became {loss:.4g} (gradient norm {grad_norm.item()}); stopping "
-                         f"before this update, so the last saved checkpoint is the last good one.")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        update_ema(ema, model, ema_decay)
-
-
-# ---- measuring the sampler ------------------------------------------------------------------------------
+# ---- measuring the sampler -----------------------------------------------------------------------
 
 def synchronized_time(device):
     if device.type == "cuda":
@@ -2112,8 +2446,8 @@ def synchronized_time(device):
 
 
 def memory_bandwidth(device):
-    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A one-token
-    AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
+    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A
+    one-token AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
     x, best = torch.ones(2 ** 28, device=device), float("inf")
     for _ in range(5):
         start = synchronized_time(device)
@@ -2123,7 +2457,8 @@ def memory_bandwidth(device):
 
 
 def median_time(run, repeat, device):
-    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's output)."""
+    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's
+    output)."""
     run()  # the warm-up: it compiles, with compile=True
     times = []
     for _ in range(repeat):
@@ -2135,53 +2470,67 @@ def median_time(run, repeat, device):
 
 @torch.no_grad()
 def benchmark_sampler(ar, tokenizer, batch, repeat=3, seed=0, **options):
-    """Time `sample` at one batch size: a warm-up run (compiling, with compile=True), then the median of `repeat`
-    runs. D_FM's share is timed apart, as `tokenizer.decode` of the sampled tokens with the same steps; the AR
-    model's is the rest (so it includes the sampler's own Python work). -> a dict of the figures."""
+    """Time `sample` at one batch size: a warm-up run (compiling, with compile=True), then the
+    median of `repeat` runs. D_FM's share is timed apart, as `tokenizer.decode` of the sampled
+    tokens with the same steps; the AR model's is the rest (so it includes the sampler's own Python
+    work). -> a dict of the figures."""
     device = tokenizer.sampling_times.device
-    N, S = tokenizer.cfg.num_tokens, options.get("steps") or tokenizer.cfg.denoising_steps
+    N, S = tokenizer.cfg.num_tokens, options.get("steps") or tokenizer.cfg.decode_steps
     labels = torch.arange(batch, device=device) % ar.cfg.num_classes
-    sampling = lambda: list(sample(ar, tokenizer, labels, generator=torch.Generator(device).manual_seed(seed), **options))
+    sampling = lambda: list(sample(ar, tokenizer, labels,
+                                   generator=torch.Generator(device).manual_seed(seed), **options))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    total, groups = median_time(sampling, repeat, device)
-    decoding, _ = median_time(lambda: tokenizer.decode(groups[-1].tokens, solver=options.get("solver", "adams2"),
-                                                       steps=options.get("steps"), compile=options.get("compile", False)),
+    total, sampled_groups = median_time(sampling, repeat, device)
+    decoding, _ = median_time(lambda: tokenizer.decode(sampled_groups[-1].tokens,
+                                                       solver=options.get("solver", "adams2"),
+                                                       steps=options.get("steps"),
+                                                       compile=options.get("compile", False)),
                               repeat, device)
-    return dict(batch=batch, images_per_s=batch / total, ar_ms_per_token=1000 * (total - decoding) / N,
+    return dict(batch=batch, images_per_s=batch / total,
+                ar_ms_per_token=1000 * (total - decoding) / N,
                 diffusion_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
                 diffusion_share=decoding / total,
-                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if device.type == "cuda" else None)
 
 
 # ================================================================================================
 #  The CPU miniature: not part of the paper or the release
-#  What the `tiny` recipe adds so that a tokenizer learns 32 x 32 shapes on 2 CPU cores (a conv stem, its
-#  initialisation, codebook restarts, a first stage against a code head and a teacher), and a toy
-#  evaluator of the built-in shapes (a classifier, the layout reader, a Frechet distance). Nothing above
-#  this banner uses anything below it; the paper's configs never need it.
+#  What the `tiny` recipe adds so that a tokenizer learns 32 x 32 shapes on 2 CPU cores (a conv
+# stem, its  initialisation, codebook restarts, a first stage against a code head and a teacher),
+# and a toy  evaluator of the built-in shapes (a classifier, the layout reader, a Frechet distance).
+# Nothing above  this banner uses anything below it; the paper's configs never need it.
 # ================================================================================================
 
 # the committed tiny pair and toy evaluator (made by the scripts; weights/tiny/README.md: how)
 SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny"
 
-# data seeds: the evaluator learns from its own images, the real side of a toy FID is a third set, the
-# teacher learns from a fourth; none is the seed-0 set that the tokenizer and the AR model learn from
+# data seeds: the evaluator learns from its own images, the real side of a toy FID is a third set,
+# the teacher learns from a fourth; none is the seed-0 set that the tokenizer and the AR model learn
+# from
 EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED, TEACHER_TRAIN_SEED = 1, 2, 7
 PROBE_SEED = 4  # the linear probes of what a group of conditions holds (`group_probes`)
 
 
 @dataclass
 class MiniatureRecipe:
-    """The tiny tokenizer's departures from the release; each is a training aid of the CPU miniature."""
-    conv_stem: bool = True       # patches embedded by a small CNN (release: one strided convolution)
-    init_std: float = 0.1        # the blocks' Linear init (release: 0.02, which at width 128 leaves the codes image-independent)
-    gate_init: float = 1.0       # residual gates open at init (release: 0, every block starts as the identity)
-    codebook_restart: int = 100  # every N steps, re-seed the codebook rows no token chose (release: never)
-    teacher_features: int = 128  # the code head also predicts a teacher CNN's pooled features this wide (0: no)
-    target_blur: float = 0.0     # the code head's target for c(t): the image blurred as `time_blur` (0: sharp)
-    teacher_from: str = "group"  # the teacher's features predicted from c(t) ("group") or the last group ("last")
-    own_step: bool = False       # c(t) of group k reads earlier groups' tokens detached (`CodePath`)
+    """The tiny tokenizer's departures from the release; each is a training aid of the CPU
+    miniature."""
+    conv_stem: bool = True  # patches embedded by a small CNN (release: one strided convolution)
+    # the blocks' Linear init (release: 0.02, which at width 128 leaves the codes image-independent)
+    init_std: float = 0.1
+    # residual gates open at init (release: 0, every block starts as the identity)
+    gate_init: float = 1.0
+    # every N steps, re-seed the codebook rows no token chose (release: never)
+    codebook_restart: int = 100
+    # the code head also predicts a teacher CNN's pooled features this wide (0: no)
+    teacher_features: int = 128
+    # the code head's target for c(t): the image blurred as `time_blur` (0: sharp)
+    target_blur: float = 0.0
+    # the teacher's features predicted from c(t) ("group") or the last group ("last")
+    teacher_from: str = "group"
+    own_step: bool = False  # c(t) of group k reads earlier groups' tokens detached (`CodePath`)
 
     def __post_init__(self):
         if self.teacher_from not in ("group", "last"):
@@ -2189,9 +2538,9 @@ class MiniatureRecipe:
 
 
 def conv_stem(patch_size, dim, width=32):
-    """A patch embedding for tiny images: a 3x3 convolution, then log2(patch_size) stride-2 3x3 convolutions to
-    `dim` channels, the same grid as the release's single patch_size x patch_size convolution ("Early
-    convolutions help transformers see better", Xiao et al. 2021)."""
+    """A patch embedding for tiny images: a 3x3 convolution, then log2(patch_size) stride-2 3x3
+    convolutions to `dim` channels, the same grid as the release's single patch_size x patch_size
+    convolution ("Early convolutions help transformers see better", Xiao et al. 2021)."""
     if patch_size & (patch_size - 1):
         raise ValueError(f"a conv stem needs a power-of-two patch_size, got {patch_size}")
     layers, channels = [nn.Conv2d(3, width, 3, padding=1), nn.GELU()], width
@@ -2199,12 +2548,14 @@ def conv_stem(patch_size, dim, width=32):
         out_channels = dim if 2 ** (i + 2) > patch_size else 2 * channels
         layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.GELU()]
         channels = out_channels
-    return nn.Sequential(*layers[:-1])  # no activation after the last convolution, as after the release's
+    # no activation after the last convolution, as after the release's
+    return nn.Sequential(*layers[:-1])
 
 
 def miniature_tokenizer(cfg, recipe=None):
-    """A `Tokenizer` of config cfg built by the recipe (a MiniatureRecipe, a dict of its fields, or None for the
-    defaults): its patch embedding and initialisation. Registered as the builder "miniature"."""
+    """A `Tokenizer` of config cfg built by the recipe (a MiniatureRecipe, a dict of its fields, or
+    None for the defaults): its patch embedding and initialisation. Registered as the builder
+    "miniature"."""
     recipe = recipe if isinstance(recipe, MiniatureRecipe) else MiniatureRecipe(**(recipe or {}))
     patchify = conv_stem(cfg.patch_size, cfg.encoder_dim) if recipe.conv_stem else None
     return Tokenizer(cfg, patchify=patchify, init_std=recipe.init_std, gate_init=recipe.gate_init)
@@ -2214,21 +2565,25 @@ TOKENIZER_BUILDERS["miniature"] = miniature_tokenizer
 
 
 class CodebookRestarts:
-    """Codebook restarts (a standard VQ-VAE remedy against collapse): a forward hook on the quantiser counts, in
-    training, how often each row is chosen and keeps the last batch's l2-normalised encoder outputs f;
-    `restart()` (after an optimizer step, every `recipe.codebook_restart` steps) replaces each row that no
-    token chose since the last call by a random one of those outputs. `use` is saved for an exact resume."""
+    """Codebook restarts (a standard VQ-VAE remedy against collapse): a forward hook on the
+    quantiser counts, in training, how often each row is chosen and keeps the last batch's
+    l2-normalised encoder outputs f; `restart()` (after an optimizer step, every
+    `recipe.codebook_restart` steps) replaces each row that no token chose since the last call by a
+    random one of those outputs. `use` is saved for an exact resume."""
 
     def __init__(self, quantizer):
         self.quantizer = quantizer
-        self.use = torch.zeros(quantizer.codebook.num_embeddings, device=quantizer.codebook.weight.device)
+        self.use = torch.zeros(quantizer.codebook.num_embeddings,
+                               device=quantizer.codebook.weight.device)
         self.latest_outputs = None                                      # (B N, C)
         quantizer.register_forward_hook(self.observe)
 
     def observe(self, quantizer, inputs, outputs):
         if not quantizer.training:
             return
-        use = torch.bincount(outputs[1].flatten(), minlength=self.use.numel()).float()
+        codes = outputs[1].flatten()
+        ones = torch.ones_like(codes, dtype=self.use.dtype)
+        use = torch.zeros_like(self.use).index_add_(0, codes, ones)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(use)  # every process counts the whole global batch
         self.use += use
@@ -2236,10 +2591,15 @@ class CodebookRestarts:
 
     @torch.no_grad()
     def restart(self):
-        """Re-seed the rows unused since the last call; -> how many."""
+        """Re-seed the rows unused since the last call (none while the codebook is frozen);
+        -> how many."""
+        if not self.quantizer.codebook.weight.requires_grad:
+            self.use.zero_()
+            return 0
         dead = (self.use == 0).nonzero().flatten()
         outputs = self.latest_outputs
-        replacement = outputs[torch.randint(0, outputs.shape[0], (dead.numel(),), device=outputs.device)]
+        replacement = outputs[torch.randint(0, outputs.shape[0], (dead.numel(),),
+                                            device=outputs.device)]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # the last process holds the last samples of the step, as one process accumulating would
             torch.distributed.broadcast(replacement, torch.distributed.get_world_size() - 1)
@@ -2249,14 +2609,16 @@ class CodebookRestarts:
 
 
 class CodeHead(nn.Module):
-    """A deterministic image head: one group of conditions (B, G, D) to the image (B, 3, H, W): a Linear to an
-    H/8 grid, then three 2x upsampling convolutions, as in a plain VQ autoencoder. With `features` > 0 the
-    same group also predicts a teacher's pooled features of that width. It gives the encoder -> VQ ->
-    causal-decoder path a direct signal before D_FM can use the codes (`CodePath`); never exported."""
+    """A deterministic image head: one group of conditions (B, G, D) to the image (B, 3, H, W): a
+    Linear to an H/8 grid, then three 2x upsampling convolutions, as in a plain VQ autoencoder. With
+    `features` > 0 the same group also predicts a teacher's pooled features of that width. It gives
+    the encoder -> VQ -> causal-decoder path a direct signal before D_FM can use the codes
+    (`CodePath`); never exported."""
 
     def __init__(self, cfg: TokenizerConfig, features=0, widths=(128, 64, 32)):
         super().__init__()
-        self.features = nn.Linear(cfg.group_size * cfg.decoder_dim, features) if features else None
+        self.feature_head = nn.Linear(cfg.group_size * cfg.decoder_dim,
+                                      features) if features else None
         if cfg.image_size % 8:
             raise ValueError(f"the code head needs image_size divisible by 8, got {cfg.image_size}")
         self.side = cfg.image_size // 8
@@ -2273,19 +2635,21 @@ class CodeHead(nn.Module):
         return self.body(grid)
 
     def predict_features(self, cond):                              # cond (B, G, D) -> (B, features)
-        return self.features(cond.flatten(1))
+        return self.feature_head(cond.flatten(1))
 
 
 def time_blur(images, t, strength, most=8.0):
-    """What a denoising step at time t can still see of the image, roughly: images (B, 3, H, W) blurred by a
-    Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image; strength 0: the images."""
+    """What a denoising step at time t can still see of the image, roughly: images (B, 3, H, W)
+    blurred by a Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image;
+    strength 0: the images."""
     if strength == 0:
         return images
     return gaussian_blur(images, (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most))
 
 
 def gaussian_blur(images, sigma):
-    """images (B, 3, H, W), each blurred by a Gaussian of its own sigma (B,) pixels (reflected borders)."""
+    """images (B, 3, H, W), each blurred by a Gaussian of its own sigma (B,) pixels (reflected
+    borders)."""
     out = images.clone()
     for value in sigma.unique().tolist():  # a few distinct times per batch: one separable blur each
         chosen, radius = sigma == value, min(math.ceil(3 * value), images.shape[-1] - 1)
@@ -2294,46 +2658,54 @@ def gaussian_blur(images, sigma):
         offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
         kernel = torch.exp(-offsets ** 2 / (2 * value ** 2))
         kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)                           # (3, 1, 1, k)
-        x = F.conv2d(F.pad(images[chosen], (radius, radius, 0, 0), mode="reflect"), kernel, groups=3)
-        out[chosen] = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.transpose(2, 3), groups=3)
+        x = F.conv2d(F.pad(images[chosen], (radius, radius, 0, 0), mode="reflect"), kernel,
+                     groups=3)
+        x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+        out[chosen] = F.conv2d(x, kernel.transpose(2, 3), groups=3)
     return out
 
 
 class CodePath(nn.Module):
-    """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained against a
-    `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), target) [+ teacher_weight (1 - cosine) of the
-    teacher's pooled features]; c(t) as in Eq. (7), a random group per image. The target is the image
-    (target_blur 0: every group must carry all of it) or `time_blur` of it (each group only what its step can
-    see: coarse to fine); the teacher's features are predicted from c(t) or from the last group (teacher_from).
-    own_step: c(t) of group k reads the tokens of groups before k detached, so that its target trains only
-    group k's tokens (and the teacher only the last group's). Its parameters are the tokenizer's, then the head's."""
+    """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained
+    against a `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), target) [+
+    teacher_weight (1 - cosine) of the teacher's pooled features]; c(t) as in Eq. (7), a random
+    group per image. The target is the image (target_blur 0: every group must carry all of it) or
+    `time_blur` of it (each group only what its step can see: coarse to fine); the teacher's
+    features are predicted from c(t) or from the last group (teacher_from).
+    own_step: c(t) of group k reads the tokens of groups before k detached, so that its target
+    trains only group k's tokens (and the teacher only the last group's). Its parameters are the
+    tokenizer's, then the head's."""
 
     def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False):
         super().__init__()
-        self.tokenizer, self.head, self.target_blur, self.teacher_from = tokenizer, head, target_blur, teacher_from
-        self.own_step = own_step
+        self.tokenizer, self.head, self.target_blur = tokenizer, head, target_blur
+        self.teacher_from, self.own_step = teacher_from, own_step
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
         tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
-        tokenizer.check_images(images)
+        tokenizer.check_images(images, values=not self.training)
         t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
         last = cond[:, -G:]
-        if self.own_step:  # miniature only: each group learns what its own step adds (release: full gradient)
+        # miniature only: each group learns what its own step adds (release: full gradient)
+        if self.own_step:
             group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
             cond_t = gather_group(self.own_conditions(z_q, group), group, G)
-            last = self.own_conditions(z_q, torch.full_like(group, tokenizer.cfg.num_groups - 1))[:, -G:]
+            last_group = torch.full_like(group, tokenizer.cfg.num_groups - 1)
+            last = self.own_conditions(z_q, last_group)[:, -G:]
         head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
             read = cond_t if self.teacher_from == "group" else last
-            features = 1 - F.cosine_similarity(self.head.predict_features(read), target, dim=-1).mean()
+            features = 1 - F.cosine_similarity(self.head.predict_features(read), target,
+                                               dim=-1).mean()
             loss, terms["features"] = loss + teacher_weight * features, features.detach()
         return {"loss": loss, **terms, "usage": usage}
 
     def own_conditions(self, z_q, group):
-        """z' (B, N, D) of tokens z_q (B, N, C) with those of the groups before each image's `group` (B,) detached."""
+        """z' (B, N, D) of tokens z_q (B, N, C) with those of the groups before each image's `group`
+        (B,) detached."""
         token_group = torch.arange(z_q.shape[1], device=z_q.device) // self.tokenizer.cfg.group_size
         earlier = (token_group[None, :] < group[:, None])[..., None]                    # (B, N, 1)
         return self.tokenizer.causal_decoder(torch.where(earlier, z_q.detach(), z_q))
@@ -2341,24 +2713,28 @@ class CodePath(nn.Module):
 
 @torch.no_grad()
 def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None):
-    """Linear probes of what one group of conditions z' holds: ridge regressions on the first `train` images, scored
-    on the rest, for each 0-based group in `groups` (default: groups 1, 2, 4 and K, counted from 1). -> {group:
-    {"class", "background", "object colour" (accuracies), "position" (the fraction whose centroid is read within
-    3 px)}}."""
+    """Linear probes of what one group of conditions z' holds: ridge regressions on the first
+    `train` images, scored on the rest, for each 0-based group in `groups` (default: groups 1, 2, 4
+    and K, counted from 1). -> {group: {"class", "background", "object colour" (accuracies),
+    "position" (the fraction whose centroid is read within 3 px)}}."""
     cfg = tokenizer.cfg
-    groups = groups or sorted({0, min(1, cfg.num_groups - 1), min(3, cfg.num_groups - 1), cfg.num_groups - 1})
-    cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500])) for i in range(0, len(images), 500)])
+    groups = groups or sorted({0, min(1, cfg.num_groups - 1), min(3, cfg.num_groups - 1),
+                               cfg.num_groups - 1})
+    cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500]))
+                      for i in range(0, len(images), 500)])
     where, background, colour = shape_layout(images.cpu())
     index = lambda colours: torch.cdist(colours, SHAPE_COLOURS).argmin(-1)
-    targets = {"class": F.one_hot(labels.cpu(), 10).float(), "background": F.one_hot(index(background), 8).float(),
-               "object colour": F.one_hot(index(colour), 8).float(), "position": where.nan_to_num(cfg.image_size / 2)}
+    targets = {"class": F.one_hot(labels.cpu(), 10).float(),
+               "background": F.one_hot(index(background), 8).float(),
+               "object colour": F.one_hot(index(colour), 8).float(),
+               "position": where.nan_to_num(cfg.image_size / 2)}
     results = {}
     for group in groups:
         x = cond[:, group * cfg.group_size:(group + 1) * cfg.group_size].flatten(1).double().cpu()
         x = (x - x[:train].mean(0)) / x[:train].std(0).clamp(min=1e-6)
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        solve = lambda y: torch.linalg.solve(x[:train].T @ x[:train] + ridge * torch.eye(x.shape[1], dtype=x.dtype),
-                                             x[:train].T @ y[:train].double())
+        gram = x[:train].T @ x[:train] + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+        solve = lambda y: torch.linalg.solve(gram, x[:train].T @ y[:train].double())
         scores = {}
         for what, y in targets.items():
             predicted = x[train:] @ solve(y)
@@ -2370,13 +2746,15 @@ def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None)
     return results
 
 
-# what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of Tokenizer)
-ENCODER_PARTS = ("patchify.", "query_embedding.", "query_linear.", "encoder_layers.", "quant_in.", "quantizer.")
+# what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of
+# Tokenizer)
+ENCODER_PARTS = ("patchify.", "query_embedding.", "query_linear.", "encoder_layers.", "quant_in.",
+                 "quantizer.")
 
 
 def freeze_encoder(model, ema):
-    """Hold the encoder and the codebook fixed from now on, at their EMA values (what the codes were judged
-    by): no gradient, so AdamW and the EMA leave them as they are."""
+    """Hold the encoder and the codebook fixed from now on, at their EMA values (what the codes were
+    judged by): no gradient, so AdamW and the EMA leave them as they are."""
     for name, param in model.named_parameters():
         if name.startswith(ENCODER_PARTS):
             param.data.copy_(ema.get_parameter(name))
@@ -2384,8 +2762,9 @@ def freeze_encoder(model, ema):
 
 
 class ShapeClassifier(nn.Module):
-    """A small CNN that tells the built-in shapes apart; its pooled features stand in for Inception's in
-    a Frechet distance. It sees the shape's outline, not its position or colours (global average pool)."""
+    """A small CNN that tells the built-in shapes apart; its pooled features stand in for
+    Inception's in a Frechet distance. It sees the shape's outline, not its position or colours
+    (global average pool)."""
 
     widths = (16, 32, 64, 128)
 
@@ -2393,8 +2772,9 @@ class ShapeClassifier(nn.Module):
         super().__init__()
         layers, channels = [], 3
         for out_channels in widths:  # 32 -> 16 -> 8 -> 4 pixels, then a global average
-            layers += [nn.Conv2d(channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), nn.GELU(),
-                       nn.MaxPool2d(2) if out_channels != widths[-1] else nn.Identity()]
+            pool = nn.MaxPool2d(2) if out_channels != widths[-1] else nn.Identity()
+            layers += [nn.Conv2d(channels, out_channels, 3, padding=1),
+                       nn.GroupNorm(8, out_channels), nn.GELU(), pool]
             channels = out_channels
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(channels, num_classes)
@@ -2408,21 +2788,24 @@ class ShapeClassifier(nn.Module):
 
 
 def soften(images, generator=None):
-    """The toy evaluator's augmentation: half the images blurred (sigma uniform in [0, 1.25] px, in steps of 0.25)
-    and, independently, half given Gaussian noise (std uniform in [0, 0.15]), so that a slightly soft but
-    recognisable shape is judged by its shape."""
+    """The toy evaluator's augmentation: half the images blurred (sigma uniform in [0, 1.25] px, in
+    steps of 0.25) and, independently, half given Gaussian noise (std uniform in [0, 0.15]), so that
+    a slightly soft but recognisable shape is judged by its shape."""
     B = images.shape[0]
     blurred = torch.rand(B, generator=generator) < 0.5
     sigma = (torch.randint(1, 6, (B,), generator=generator) * 0.25) * blurred
-    noisy = (torch.rand(B, generator=generator) < 0.5).float() * 0.15 * torch.rand(B, generator=generator)
-    return gaussian_blur(images, sigma) + noisy.view(-1, 1, 1, 1) * torch.randn(images.shape, generator=generator)
+    noisy = (torch.rand(B, generator=generator) < 0.5).float() * 0.15
+    noisy = noisy * torch.rand(B, generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    return gaussian_blur(images, sigma) + noisy.view(-1, 1, 1, 1) * noise
 
 
 @torch.enable_grad()  # also when called under no_grad (the toy evaluator trains on first use)
-def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3, seed=0,
-                           data_seed=EVALUATOR_TRAIN_SEED, augment=False, data="builtin"):
-    """Train a `ShapeClassifier` on `num_images` built-in images (`BUILTIN_DATA[data]`, set `data_seed`); -> the
-    model in eval mode. AdamW with a cosine decay; the images are drawn once and cycled; augment: `soften` each batch."""
+def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3,
+                           seed=0, data_seed=EVALUATOR_TRAIN_SEED, augment=False, data="builtin"):
+    """Train a `ShapeClassifier` on `num_images` built-in images (`BUILTIN_DATA[data]`, set
+    `data_seed`); -> the model in eval mode. AdamW with a cosine decay; the images are drawn once
+    and cycled; augment: `soften` each batch."""
     data = BUILTIN_DATA[data](num_images, image_size, seed=data_seed)
     images = torch.stack([data[i][0] for i in range(num_images)])
     labels = torch.arange(num_images) % data.num_classes
@@ -2430,7 +2813,8 @@ def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_siz
     model = ShapeClassifier(data.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
-    order = torch.cat([torch.randperm(num_images) for _ in range(steps * batch_size // num_images + 1)])
+    order = torch.cat([torch.randperm(num_images)
+                       for _ in range(steps * batch_size // num_images + 1)])
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         batch = order[step * batch_size:(step + 1) * batch_size]
@@ -2442,14 +2826,16 @@ def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_siz
     return model.eval()
 
 
-# the toy evaluator's members: (initial-weight seed, data seed); no other part of the repository uses these images
+# the toy evaluator's members: (initial-weight seed, data seed); no other part of the repository
+# uses these images
 EVALUATOR_MEMBERS = ((0, 11), (1, 12), (2, 13), (3, 14), (4, 15))
 
 
 class ToyEvaluator(nn.Module):
-    """The toy evaluator: an ensemble of `ShapeClassifier`s of different seeds, each trained (with `soften`) on
-    images of its own. Every figure it gives is reported as the members' mean and range, so that a result does
-    not hinge on one classifier. forward / features: (M, B, classes) logits / (M, B, 128) pooled features."""
+    """The toy evaluator: an ensemble of `ShapeClassifier`s of different seeds, each trained (with
+    `soften`) on images of its own. Every figure it gives is reported as the members' mean and
+    range, so that a result does not hinge on one classifier. forward / features: (M, B, classes)
+    logits / (M, B, 128) pooled features."""
 
     def __init__(self, num_members=len(EVALUATOR_MEMBERS)):
         super().__init__()
@@ -2463,53 +2849,68 @@ class ToyEvaluator(nn.Module):
 
 
 def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS, data="builtin"):
-    """-> a `ToyEvaluator` whose member i is train_shape_classifier(seed=, data_seed= members[i], augment=True)."""
+    """-> a `ToyEvaluator` whose member i is train_shape_classifier(seed=, data_seed= members[i],
+    augment=True)."""
     evaluator = ToyEvaluator(len(members))
     for member, (seed, data_seed) in zip(evaluator.members, members):
-        member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed, augment=True,
-                                                      data=data).state_dict())
+        member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed,
+                                                      augment=True, data=data).state_dict())
     return evaluator.eval()
 
 
 def save_toy_evaluator(path, image_size=32, data="builtin"):
-    """Train the toy evaluator and write it to `path`: its members in half precision, their seeds, the command."""
+    """Train the toy evaluator and write it to `path`: its members in half precision, their seeds,
+    the command."""
     evaluator = train_toy_evaluator(image_size, data=data)
-    save_checkpoint({"kind": "evaluator", "image_size": image_size, "members": EVALUATOR_MEMBERS, "data": data,
-                     "command": f"python -c \"import dar; dar.save_toy_evaluator('{path}', {image_size}, '{data}')\"",
-                     "model": {key: value.half() for key, value in evaluator.state_dict().items()}}, path)
+    save_checkpoint({"kind": "evaluator", "image_size": image_size, "members": EVALUATOR_MEMBERS,
+                     "data": data,
+                     "command": f"python -c \"import dar; dar.save_toy_evaluator('{path}', "
+                                f"{image_size}, '{data}')\"",
+                     "model": {key: value.half() for key, value in evaluator.state_dict().items()}},
+                     path)
 
 
-def load_toy_evaluator(path, image_size, data="builtin"):
-    """The toy evaluator of the built-in data, trained once (about 2 minutes on 2 CPU cores) and cached at `path`."""
+def load_toy_evaluator(path, image_size, data="builtin", flag=None):
+    """The toy evaluator of the built-in data, trained once (about 2 minutes on 2 CPU cores) and
+    cached at `path`. A file that is no such evaluator: ValueError, or with `flag` (the command
+    line's) a one-line BadInput naming it."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the toy evaluator once -> {path}")
         save_toy_evaluator(path, image_size, data)
-    checkpoint = load_checkpoint_file(path)
-    if checkpoint.get("kind") != "evaluator" or checkpoint.get("image_size") != image_size or "members" not in checkpoint \
-            or checkpoint.get("data", "builtin") != data:
-        raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel images (kind "
-                         f"{checkpoint.get('kind')!r}, image_size {checkpoint.get('image_size')}, members "
-                         f"{len(checkpoint.get('members', ()))})")
-    evaluator = ToyEvaluator(len(checkpoint["members"]))
-    evaluator.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
+    try:
+        checkpoint = load_checkpoint_file(path)
+        found = checkpoint if isinstance(checkpoint, dict) else {"kind": type(checkpoint).__name__}
+        if found.get("kind") != "evaluator" or found.get("image_size") != image_size \
+                or "members" not in found or found.get("data", "builtin") != data:
+            raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel --data {data} "
+                             f"images (kind {found.get('kind')!r}, image_size "
+                             f"{found.get('image_size')}, data {found.get('data', 'builtin')!r})")
+        evaluator = ToyEvaluator(len(checkpoint["members"]))
+        weights = {key: value.float() for key, value in checkpoint["model"].items()}
+        load_state_strict(evaluator, weights, str(path))
+    except (ValueError, OSError, KeyError, RuntimeError) as error:
+        if flag is None:
+            raise
+        raise BadInput(f"{flag} {path}: {str(error).splitlines()[0]}") from None
     return evaluator.eval()
 
 
 def load_teacher(path, image_size, device, data="builtin"):
-    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never the
-    evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
+    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never
+    the evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the code head's teacher once -> {path}")
-        classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED, data_seed=TEACHER_TRAIN_SEED,
-                                            data=data)
+        classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED,
+                                            data_seed=TEACHER_TRAIN_SEED, data=data)
         save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
                          "model": classifier.state_dict()}, path)
     checkpoint = load_checkpoint_file(path)
     if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
             or checkpoint.get("data", "builtin") != data:
-        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel --data {data} images")
+        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel --data "
+                         f"{data} images")
     classifier = ShapeClassifier()
     classifier.load_state_dict(checkpoint["model"])
     return classifier.to(device).eval().requires_grad_(False).features
@@ -2517,10 +2918,11 @@ def load_teacher(path, image_size, device, data="builtin"):
 
 @torch.no_grad()
 def toy_judgement(evaluator, images, labels):
-    """The evaluator on images (B, 3, H, W) (clamped to [-1, 1]) and their asked-for labels (B,): -> each
-    member's pooled features (M, B, 128) on the CPU and how many images each classifies as their label (M,)."""
+    """The evaluator on images (B, 3, H, W) (clamped to [-1, 1]) and their asked-for labels (B,): ->
+    each member's pooled features (M, B, 128) on the CPU and how many images each classifies as
+    their label (M,)."""
     device = next(evaluator.parameters()).device
-    features = evaluator.features(images.float().clamp(-1, 1).to(device))                 # (M, B, 128)
+    features = evaluator.features(images.float().clamp(-1, 1).to(device))  # (M, B, 128)
     logits = torch.stack([member.head(f) for member, f in zip(evaluator.members, features)])
     return features.cpu(), (logits.argmax(-1).cpu() == torch.as_tensor(labels).cpu()).sum(-1)
 
@@ -2532,9 +2934,11 @@ def spread(values):
 
 
 def builtin_images(num_images, image_size, seed, data="builtin"):
-    """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3, H, W), (num_images,)."""
+    """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3, H, W),
+    (num_images,)."""
     data = BUILTIN_DATA[data](num_images, image_size, seed=seed)
-    return torch.stack([data[i][0] for i in range(num_images)]), torch.arange(num_images) % data.num_classes
+    return torch.stack([data[i][0]
+                        for i in range(num_images)]), torch.arange(num_images) % data.num_classes
 
 
 # a second held-out real set: its toy FID to the reference set is what chance alone gives
@@ -2542,57 +2946,68 @@ REAL_FLOOR_SEED = 3
 
 
 def toy_metrics(evaluator, make, total, batch_size, image_size):
-    """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the accuracy w.r.t. the
-    labels and the Frechet distance of the features to `total` held-out real images ("toy FID"); then, as the
-    floor, the accuracy on those real images and the distance of another real set to them. Each a `spread` over
-    the evaluator's members."""
+    """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the
+    accuracy w.r.t. the labels and the Frechet distance of the features to `total` held-out real
+    images ("toy FID"); then, as the floor, the accuracy on those real images and the distance of
+    another real set to them. Each a `spread` over the evaluator's members."""
     features, correct = [], 0
     for start in tqdm(range(0, total, batch_size), desc="eval", dynamic_ncols=True):
-        batch_features, batch_correct = toy_judgement(evaluator, *make(list(range(start, min(start + batch_size, total)))))
+        batch = make(list(range(start, min(start + batch_size, total))))
+        batch_features, batch_correct = toy_judgement(evaluator, *batch)
         features.append(batch_features)
         correct = correct + batch_correct
     features = torch.cat(features, 1)
-    real_features, real_correct = toy_judgement(evaluator, *builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED))
-    floor_features, _ = toy_judgement(evaluator, *builtin_images(total, image_size, REAL_FLOOR_SEED))
+    real = builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED)
+    real_features, real_correct = toy_judgement(evaluator, *real)
+    floor = builtin_images(total, image_size, REAL_FLOOR_SEED)
+    floor_features, _ = toy_judgement(evaluator, *floor)
     distance = lambda a, b: spread([frechet_distance(x.numpy(), y.numpy()) for x, y in zip(a, b)])
     return dict(accuracy=spread(correct / total), toy_fid=distance(features, real_features),
-                real_accuracy=spread(real_correct / total), real_toy_fid=distance(floor_features, real_features))
+                real_accuracy=spread(real_correct / total),
+                real_toy_fid=distance(floor_features, real_features))
 
 
 def shape_layout(images):
     """Where the shape of a built-in image is and which colours it has, read from the pixels alone:
-    the background is the median colour of the border, the shape the pixels that differ from it by more
-    than 0.5 (mean over channels). images (B, 3, H, W) -> centroid (B, 2) in pixels (row, column),
-    background and shape colours (B, 3) snapped to the nearest of `SHAPE_COLOURS` (centroid NaN if no shape)."""
+    the background is the median colour of the border, the shape the pixels that differ from it by
+    more than 0.5 (mean over channels). images (B, 3, H, W) -> centroid (B, 2) in pixels (row,
+    column), background and shape colours (B, 3) snapped to the nearest of `SHAPE_COLOURS` (centroid
+    NaN if no shape)."""
     B, _, H, W = images.shape
-    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]], -1)
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0],
+                        images[..., 1:-1, -1]], -1)
     background = border.median(-1).values                                       # (B, 3)
     inside = (images - background[..., None, None]).abs().mean(1) > 0.5         # (B, H, W)
-    rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(H, dtype=torch.float32),
+                                torch.arange(W, dtype=torch.float32), indexing="ij")
     count = inside.sum((1, 2)).float()
-    centroid = torch.stack([(inside * rows).sum((1, 2)), (inside * cols).sum((1, 2))], -1) / count[:, None]
+    centroid = torch.stack([(inside * rows).sum((1, 2)), (inside * cols).sum((1, 2))],
+                           -1) / count[:, None]
     shape_colour = (images * inside[:, None]).sum((2, 3)) / count[:, None].clamp(min=1)
     snap = lambda colours: SHAPE_COLOURS[torch.cdist(colours, SHAPE_COLOURS).argmin(-1)]
     return centroid, snap(background), snap(shape_colour)
 
 
 def layout_agreement(references, images):
-    """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether its background colour
-    is the reference's (B,), whether both colours are (B,), and how far its shape's centroid lies from the
-    reference's (B,) in pixels (the image size where either has no shape)."""
+    """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether its
+    background colour is the reference's (B,), whether both colours are (B,), and how far its
+    shape's centroid lies from the reference's (B,) in pixels (the image size where either has no
+    shape)."""
     where, background, colour = shape_layout(references.float().cpu())
     image_where, image_background, image_colour = shape_layout(images.float().clamp(-1, 1).cpu())
     same_background = (image_background == background).all(-1)
     colours = same_background & (image_colour == colour).all(-1)
-    return same_background, colours, (image_where - where).norm(dim=-1).nan_to_num(float(images.shape[-1]))
+    offset = (image_where - where).norm(dim=-1).nan_to_num(float(images.shape[-1]))
+    return same_background, colours, offset
 
 
 @torch.no_grad()
 def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options):
-    """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample every class
-    from one seed per reference (seed + r). -> how often the evaluator sees the asked-for class (a `spread`), how far the
-    shape's centroid lies from the reference's (pixels; the image size where no shape is found), and how
-    often the shape and background colours are the reference's (`shape_layout`). kept = 0: the chance level."""
+    """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample
+    every class from one seed per reference (seed + r). -> how often the evaluator sees the
+    asked-for class (a `spread`), how far the shape's centroid lies from the reference's (pixels;
+    the image size where no shape is found), and how often the shape and background colours are the
+    reference's (`shape_layout`). kept = 0: the chance level."""
     C = ar.cfg.num_classes
     device = tokenizer.sampling_times.device
     codes, labels = tokenizer.encode(references.to(device)), torch.arange(C, device=device)
@@ -2610,8 +3025,9 @@ def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options
 
 
 def frechet_distance(features_a, features_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (n, d), in float64 NumPy.
-    tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2)."""
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (n, d), in float64
+    NumPy. tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b
+    S_a^(1/2)."""
     a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     eigenvalues, eigenvectors = np.linalg.eigh(cov_a)

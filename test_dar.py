@@ -122,7 +122,7 @@ def test_official_file_with_s_steps_decodes_with_s_by_default(monkeypatch, expec
     raw["config"]._data["model"]["num_denoising_steps"] = 6        # as a release config may set it
     monkeypatch.setattr(dar, "load_checkpoint_file", lambda path: raw)
     tok = dar.load_tokenizer("a release file with num_denoising_steps 6")
-    assert (tok.cfg.num_groups, tok.cfg.denoising_steps, len(tok.sampling_times)) == (4, 6, 7)
+    assert (tok.cfg.num_groups, tok.cfg.decode_steps, len(tok.sampling_times)) == (4, 6, 7)
     torch.testing.assert_close(tok.decode(expected_steps["codes"], expected_steps["noise"]),
                                expected_steps["decode_adams2_6"], atol=1e-5, rtol=0)
     torch.testing.assert_close(tok.decode(expected["codes"], expected["noise"], steps=4),   # an explicit S wins
@@ -865,6 +865,38 @@ def ar_args(out, tokenizer, *extra):
                                 "--eval-samples", "0", *extra])
 
 
+def host_syncs_per_run(monkeypatch, run):
+    """How often our code reads a tensor's value back to Python (item, float, int, bool, tolist) during run()."""
+    ours = {str(Path(module.__file__).resolve()) for module in (dar, train_tokenizer, train_ar)}
+    count = [0]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, real=real):
+            count[0] += sys._getframe(1).f_code.co_filename in ours
+            return real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    run()
+    monkeypatch.undo()
+    return count[0]
+
+
+@pytest.mark.parametrize("script", ["tokenizer", "ar"])
+def test_a_training_step_reads_nothing_back_but_the_logged_loss(tmp_path, monkeypatch, script, request):
+    """Steps between the log lines add no host sync: a run of 8 steps reads back as often as one of 4 (one log
+    line, one save at the end of each; the input checks run once per run)."""
+    if script == "tokenizer":
+        run = lambda steps: train_tokenizer.main(tokenizer_args(
+            tmp_path / str(steps), "--steps", str(steps), "--log-every", "100", "--sample-every", "100",
+            "--save-every", "100", "--codebook-restart", "0"))
+    else:
+        tokenizer = request.getfixturevalue("trained_tokenizer")
+        run = lambda steps: train_ar.main(ar_args(tmp_path / str(steps), tokenizer, "--epochs", str(steps / 8),
+                                                  "--log-every", "100", "--sample-every", "100", "--save-every", "100"))
+    syncs = [host_syncs_per_run(monkeypatch, lambda: run(steps)) for steps in (4, 8)]
+    assert syncs[0] == syncs[1], syncs
+
+
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
@@ -984,7 +1016,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
         losses = real_forward(self, *args, **kwargs)
         return {**losses, "loss": losses["loss"] * float("nan")}
     monkeypatch.setattr(dar.Tokenizer, "forward", poisoned)
-    with pytest.raises(SystemExit, match="the loss became nan"):
+    with pytest.raises(SystemExit, match="a loss became non-finite"):
         train_tokenizer.main(tokenizer_args(tmp_path, "--steps", "4", "--resume"))
     assert torch.load(tmp_path / "tokenizer.pt", weights_only=True)["step"] == 2
 
@@ -1084,7 +1116,7 @@ def test_reconstruct_writes_the_centre_crops_it_encoded_as_the_rfid_reference(tm
         (folder / name).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / name / "0.png")
     sample.main(["--tokenizer", str(OFFICIAL_TOKENIZER), "--reconstruct", str(folder), "--out", str(tmp_path / "recon"),
-                 "--steps", "6"])
+                 "--denoising-steps", "6"])
     crops = np.stack([np.asarray(dar.center_crop(Image.open(path).convert("RGB"), 32))
                       for path in sorted(folder.glob("*/*.png"))])
     reference = np.load(tmp_path / "recon-reference.npz")["arr_0"]
@@ -1178,11 +1210,11 @@ def test_benchmark_measures_speed_and_shares_for_a_pair_and_for_random_preset_we
         # the shares are the measured times': AR ms/token x N + D_FM ms/step x S is the time of one batch
         total_ms = 1000 * row["batch"] / row["images_per_s"]
         assert row["ar_ms_per_token"] * 64 + row["diffusion_ms_per_step"] * 8 == pytest.approx(total_ms, rel=1e-6)
-    rows = sample.main(["--benchmark", "2", "--preset", "tiny:tiny", "--repeat", "1", "--guidance", "1.0"])
+    rows = sample.main(["--benchmark", "2", "--config", "tiny:tiny", "--repeat", "1", "--guidance", "1.0"])
     assert [row["batch"] for row in rows] == [2]
-    for argv, message in [(["--benchmark", "1", "--preset", "tiny:B"], r"does not match the tokenizer"),
-                          (["--benchmark", "1", "--preset", "huge:B"], r"--preset: expected TOKENIZER:AR"),
-                          (["--preset", "tiny:tiny"], r"--preset \(random weights\) is for --benchmark only"),
+    for argv, message in [(["--benchmark", "1", "--config", "tiny:B"], r"does not match the tokenizer"),
+                          (["--benchmark", "1", "--config", "huge:B"], r"--config: expected TOKENIZER:AR"),
+                          (["--config", "tiny:tiny"], r"--config TOKENIZER:AR \(random weights\) is for --benchmark only"),
                           (["--benchmark", "0", *trained_pair], r"--benchmark: expected")]:
         with pytest.raises(SystemExit, match=message):
             sample.main(argv)
@@ -1247,7 +1279,7 @@ def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator):
     scores = sample.main([*trained_pair, "--eval", "--n", "20", "--evaluator", str(evaluator[1])])
     *_, last = dar.sample(ar, tokenizer, classes, guidance=4.0, generator=seeded())
     check(scores, *by_hand(last.image))
-    scores = sample.main([*trained_pair, "--eval", "--reconstruct", "builtin", "--n", "20",
+    scores = sample.main([*trained_pair[:2], "--eval", "--reconstruct", "builtin", "--n", "20",
                           "--evaluator", str(evaluator[1])])
     check(scores, *by_hand(tokenizer.decode(tokenizer.encode(real), generator=seeded())))
     assert scores["real_accuracy"]["mean"] == pytest.approx(np.mean(by_hand(real)[0]))
@@ -1414,7 +1446,7 @@ def readme_sample_commands():
     text = (Path(__file__).parent / "README.md").read_text()
     found = re.findall(r"^python sample\.py[^#\n]*", text, flags=re.M) + re.findall(r"`(python sample\.py[^`]*)`", text)
     return sorted({command.strip() for command in found if not any(
-        marker in command for marker in ("D-AR-", "imagenet", "...", "--preset ablation", "--preset v1", "--compile"))})
+        marker in command for marker in ("D-AR-", "imagenet", "...", "--config ablation", "--config v1", "--compile"))})
 
 
 
@@ -1479,6 +1511,55 @@ def test_export_writes_half_precision_ema_weights_that_load(tmp_path, trained_to
 
 # ---- the CPU miniature: the tiny recipe's training aids, apart from the paper's code ---------------
 
+def test_the_contents_name_every_equation_and_only_what_exists_in_file_order():
+    contents = dar.__doc__.split("Contents:")[1].split("Then, below the paper")[0]
+    for equation in [f"Eq. ({n})" for n in range(1, 9)] + ["jump", "guidance", "§3.3"]:
+        assert equation in contents
+    lines = []
+    for name in re.findall(r"`([\w.]+)`", contents):
+        owner, _, member = name.rpartition(".")
+        obj = getattr(getattr(dar, owner) if owner else dar, member)               # AttributeError: no such name
+        lines.append(inspect.getsourcelines(obj)[1])
+    assert len(lines) >= 16 and lines == sorted(lines)
+
+
+def test_the_papers_sections_use_nothing_defined_below_them():
+    source = Path(dar.__file__).read_text()
+    tree = ast.parse(source)
+    end = source[:source.index("#  Data and training utilities")].count("\n")
+    defined_below = {target.id for node in tree.body if node.lineno > end
+                     for target in ([node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                                    getattr(node, "targets", [])) if hasattr(target, "id")}
+    defined_below |= {node.name for node in tree.body if node.lineno > end and hasattr(node, "name")}
+    assert {"load_tokenizer", "cached_digest", "check_record", "BuiltinTextures"} <= defined_below
+    for node in tree.body:
+        if node.lineno < end:
+            used = {name.id for name in ast.walk(node) if isinstance(name, ast.Name)}
+            assert not used & defined_below, (getattr(node, "name", node.lineno), used & defined_below)
+
+
+def test_the_training_loop_is_on_the_page_and_every_function_fits_a_screen():
+    """Each training script's main shows forward, backward and the optimizer's step, defines no function
+    inside its loop; no function of the module or the scripts is longer than 60 lines, no line longer
+    than 100 characters."""
+    root = Path(__file__).parent
+    for script in ("train_tokenizer.py", "train_ar.py"):
+        tree = ast.parse((root / script).read_text())
+        main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+        calls = {ast.unparse(node.func) for node in ast.walk(main) if isinstance(node, ast.Call)}
+        assert {"optimizer.step", "optimizer.zero_grad", "torch.nn.utils.clip_grad_norm_"} <= calls, script
+        assert any(name.endswith(".backward") for name in calls), script
+        loops = [node for node in ast.walk(main) if isinstance(node, ast.For)]
+        assert loops and not any(isinstance(inner, (ast.FunctionDef, ast.Lambda))
+                                 for loop in loops for inner in ast.walk(loop)), script
+    for name in ("dar.py", "train_tokenizer.py", "train_ar.py", "sample.py"):
+        source = (root / name).read_text()
+        long_functions = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+                          if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60]
+        assert not long_functions, (name, long_functions)
+        assert not [number for number, line in enumerate(source.splitlines(), 1) if len(line) > 100], name
+
+
 def test_nothing_of_the_paper_names_the_cpu_miniature():
     """dar.py's §3.1-§3.3 and utilities never use a name defined in its final section (the miniature)."""
     source = (Path(__file__).parent / "dar.py").read_text()
@@ -1542,13 +1623,13 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--teacher-weight", "1",
             "--conv-stem", "--eval-every", "2", "--eval-images", "10", "--probe-images", "40", "--evaluator", str(tmp_path / "ev.pt"),
             "--warmup", "0", "--export", str(tmp_path / "small.pt")]
-    real_step, states = dar.optimizer_step, []
+    real_update, states = dar.update_ema, []
 
-    def record(learner, *args):
-        real_step(learner, *args)
+    def record(ema, learner, decay):  # once per step, after the optimizer's
+        real_update(ema, learner, decay)
         states.append({key: value.clone() for key, value in learner.tokenizer.state_dict().items()})
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(dar, "optimizer_step", record)
+    monkey.setattr(dar, "update_ema", record)
     monkey.setattr(dar, "train_shape_classifier", lambda size, **kw: dar.ShapeClassifier().eval())
     try:
         model, terms = train_tokenizer.main(tokenizer_args(tmp_path / "run", *argv))
@@ -1713,7 +1794,7 @@ def test_notebook_runs_top_to_bottom_without_jupyter(notebook, monkeypatch):
     size; a cell's last expression is evaluated and, if it is a picture, rendered to PNG."""
     monkeypatch.setenv("DAR_NOTEBOOK_QUICK", "1")
     monkeypatch.chdir(notebook.parent)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "path", [str(notebook.parent), *sys.path])  # as Jupyter's kernel: its folder
 
     def display(value):
         if hasattr(value, "_repr_png_"):
@@ -1764,9 +1845,27 @@ def one_line_refusal(run, capsys):
     ("sample", ["--top-p", "0"], "--top-p: must be a finite number > 0 and <= 1"),
     ("sample", ["--top-p", "1.5"], "--top-p: must be a finite number > 0 and <= 1"),
     ("sample", ["--top-k", "-5"], "--top-k: must be an integer >= 0"),
-    ("sample", ["--steps", "1.5"], "--steps: must be an integer, got '1.5'"),
-    ("sample", ["--fid", "3", "--labels", "3", "--out", "x"], "--labels chooses a picture's rows"),
+    ("sample", ["--denoising-steps", "1.5"], "--denoising-steps: must be an integer, got '1.5'"),
+    ("sample", ["--fid", "3", "--labels", "3", "--out", "x"], "--labels is not read by --fid"),
     ("sample", ["--out", "picture"], "a picture is written to a file name ending in .png"),
+    # flags that the chosen mode would ignore, empty lists, counts that disagree, seeds out of range
+    ("sample", ["--labels", ""], "--labels: give at least one class"),
+    ("sample", ["--benchmark", ""], "--benchmark: expected comma-separated positive batch sizes"),
+    ("sample", ["--fid", "4", "--n", "100", "--out", "x"], "--n is not read by --fid"),
+    ("sample", ["--stream", "--eval"], "--stream is not read by --eval"),
+    ("sample", ["--gif", "--fid", "4", "--out", "x"], "--gif is not read by --fid"),
+    ("sample", ["--prefix-tokens", "8"], "--prefix-tokens is not read by the picture"),
+    ("sample", ["--eval", "--out", "x"], "--out is not read by --eval"),
+    ("sample", ["--repeat", "2"], "--repeat is not read by the picture"),
+    ("sample", ["--reconstruct", "builtin", "--out", "x", "--guidance", "2"], "--guidance is not read"),
+    ("sample", ["--seed", str(2 ** 64)], "--seed: must be an integer >= 0 and <= 4294967295"),
+    ("sample", ["--out", "/proc/x/x.png"], "--out /proc/x/x.png: its folder cannot be created or written"),
+    ("sample", ["--evall"], "unrecognized arguments: --evall"),
+    ("tokenizer", ["--seed", str(time.time_ns() * 10 ** 6)], "--seed: must be an integer >= 0 and <="),
+    ("tokenizer", ["--eval-every", "0", "--eval-images", "5"], "--eval-images acts only with --eval-every N"),
+    ("tokenizer", ["--code-path-steps", "0", "--freeze", "none", "--own-step"],
+     "--own-step acts only with --code-path-steps N"),
+    ("ar", ["--eval-samples", "0", "--evaluator", "x.pt"], "--evaluator acts only with --eval-samples N"),
 ])
 def test_every_bad_flag_value_ends_with_one_line_before_any_work(script, argv, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -1778,6 +1877,90 @@ def test_every_bad_flag_value_ends_with_one_line_before_any_work(script, argv, m
         run = lambda: module.main(module.parse_args(["--out", str(out), *extra, *argv]))
     assert message in one_line_refusal(run, capsys)
     assert not out.exists()                                          # nothing was written
+
+
+def test_export_never_replaces_what_the_run_did_not_make(tmp_path, capsys):
+    out, foreign = tmp_path / "run", tmp_path / "foreign.pt"
+    foreign.write_bytes(SHIPPED["tokenizer"].read_bytes())          # e.g. the shipped tokenizer
+    for target, message in ((foreign, "exists and is not an export of"),
+                            (out / "tokenizer.pt", "is the run's training checkpoint")):
+        line = one_line_refusal(lambda: tokenizer_args(out, "--steps", "2", "--export", str(target)), capsys)
+        assert message in line
+    assert foreign.read_bytes() == SHIPPED["tokenizer"].read_bytes() and not out.exists()
+    small = tmp_path / "small.pt"
+    train_tokenizer.main(tokenizer_args(out, "--steps", "2", "--export", str(small)))
+    first = torch.load(small, weights_only=True)
+    # the run's own earlier export may be written again (here: --resume at the last step exports only)
+    train_tokenizer.main(tokenizer_args(out, "--steps", "2", "--resume", "--export", str(small)))
+    again = torch.load(small, weights_only=True)
+    assert again["exported_from"] == str((out / "tokenizer.pt").resolve()) and "--resume" in again["command"]
+    assert all(torch.equal(again["model"][key], value) for key, value in first["model"].items())
+
+
+def test_resume_continues_the_same_run_or_names_the_setting_that_changed(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_tokenizer.main(tokenizer_args(out, "--steps", "2", "--sample-every", "1"))
+    before = (out / "tokenizer.pt").read_bytes()
+    for flags, named in ((["--lr", "0.001"], "--lr 0.0003, this run has --lr 0.001"),
+                         (["--seed", "1"], "--seed 0, this run has --seed 1"),
+                         (["--builtin-size", "32"], "--builtin-size 64, this run has --builtin-size 32"),
+                         (["--config", "tiny", "--code-path-steps", "1", "--freeze", "encoder"],
+                          "--code-path-steps 0, this run has --code-path-steps 1")):
+        line = one_line_refusal(lambda: train_tokenizer.main(tokenizer_args(out, "--steps", "4", "--resume",
+                                                                            *flags)), capsys)
+        assert named in line and "--overwrite" in line
+        assert (out / "tokenizer.pt").read_bytes() == before         # nothing changed
+    # what may change: its length, logging and pictures
+    train_tokenizer.main(tokenizer_args(out, "--steps", "3", "--resume", "--log-every", "5"))
+    assert torch.load(out / "tokenizer.pt", weights_only=True)["step"] == 3
+    assert (out / "reconstructions_0000001.png").exists()
+    train_tokenizer.main(tokenizer_args(out, "--steps", "1", "--overwrite"))  # afresh: the old pictures go
+    assert sorted(path.name for path in out.glob("*.png")) == ["reconstructions_0000001.png"]
+
+
+def test_a_legacy_format_checkpoint_loads_and_a_tensor_is_no_evaluator(tmp_path, capsys):
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(SHIPPED["tokenizer"], weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert dar.load_tokenizer(legacy).cfg == dar.load_tokenizer(SHIPPED["tokenizer"]).cfg
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    line = one_line_refusal(lambda: sample.main(["--eval", "--n", "2", "--evaluator", str(tmp_path / "tensor.pt")]),
+                            capsys)
+    assert "--evaluator" in line and "is not a toy evaluator" in line and "'Tensor'" in line
+
+
+def test_files_folders_hold_only_what_the_command_records(tmp_path, trained_pair, capsys):
+    folder = tmp_path / "fid"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "000000.png")          # PNGs of another origin, no record
+    line = one_line_refusal(lambda: sample.main([*trained_pair, "--fid", "2", "--out", str(folder)]), capsys)
+    assert "no run of sample.py recorded" in line and sorted(p.name for p in folder.iterdir()) == ["000000.png"]
+    (folder / "000000.png").unlink()
+    sample.main([*trained_pair, "--fid", "2", "--out", str(folder)])
+    Image.new("RGB", (64, 64)).save(folder / "000001.png")          # one of another size
+    line = one_line_refusal(lambda: sample.main([*trained_pair, "--fid", "2", "--out", str(folder)]), capsys)
+    assert "000001.png is 64x64, not the 32x32" in line
+    (folder / "000001.png").unlink()
+    (folder / "settings.json").write_text("")                        # a record a kill emptied
+    line = one_line_refusal(lambda: sample.main([*trained_pair, "--fid", "2", "--out", str(folder)]), capsys)
+    assert "settings.json is empty or damaged" in line
+    record = json.loads(json.dumps({"a": 1}))
+    dar.check_record(tmp_path / "record.json", record, "x")
+    assert not list(tmp_path.glob("record.json.*.tmp"))              # written through a rename
+
+
+def test_an_image_folder_is_known_by_its_content_and_counts_a_bad_file_once(tmp_path):
+    write_folder(tmp_path / "data")
+    (tmp_path / "data" / "cats" / "broken.png").write_bytes(b"not a png")
+    data = dar.ImageFolder(tmp_path / "data", 32)
+    broken = [i for i, (path, _) in enumerate(data.files) if path.name == "broken.png"][0]
+    with pytest.warns(UserWarning):
+        data.read(broken)
+    data.read(broken)
+    assert data.skipped == 1                                         # read twice, counted once
+    before = data.fingerprint()
+    moved = next((tmp_path / "data" / "cats").glob("*.png"))
+    moved.rename(tmp_path / "data" / "dogs" / moved.name)            # an image moves to another class
+    assert dar.ImageFolder(tmp_path / "data", 32).fingerprint() != before
 
 
 def test_a_run_owns_its_out_folder(tmp_path, capsys):
