@@ -1189,20 +1189,21 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
     (Euler: the jump estimate; AB2: the release's, Table 5). The image is `tokenizer.decode`'s.
 
     labels (B,): class ids. guidance: a scale, or a (start, end) schedule over the tokens
-        (`guidance_scales`). temperature, top_k, top_p: as `sample_token`.
-    prefix (B, n): tokens kept fixed (layout control, Fig. 5); their groups' steps run first. A
-        reversed-order AR model writes the fine tokens first: it takes none, and every step waits.
+        (`guidance_scales`). temperature, top_k, top_p: as `sample_token`. prefix (B, n): tokens
+        kept fixed (layout control, Fig. 5), whose steps run first; not for a reversed-order model.
     noise: x_0 (B, 3, H, W), scaled by data_std. generator (on the models' device): one, or a list
-        of B, one per sample, so that a sample does not depend on its batch.
-    steps: S diffusion steps (default: the tokenizer's, K as released); a group drives 0 or more.
+        of B (each sample then independent of its batch). steps: S diffusion steps (default K).
     compile: the one-token AR step and the denoising step compiled (`compiled`), same numbers.
     """
     N, K, G = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size
-    labels, prefix, device = check_sample_inputs(ar, tokenizer, labels, guidance, temperature,
-                                                 top_k, top_p, prefix, solver, generator)
+    check_sample_inputs(ar, tokenizer, labels, guidance, temperature, top_k, top_p, prefix, solver,
+                        generator)
+    device = tokenizer.sampling_times.device
+    labels = torch.as_tensor(labels, device=device)                            # (B,)
+    prefix = torch.as_tensor([[]] * len(labels) if prefix is None else prefix, device=device).long()
+    B, n = labels.shape[0], prefix.shape[1]
     scales = guidance_scales(guidance, N)
     guided = any(scale != 1.0 for scale in scales)
-    B, n = labels.shape[0], prefix.shape[1]
 
     # the AR side: prefill the class token and the prefix; guidance doubles the batch (y ; null)
     double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
@@ -1213,8 +1214,7 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
     logits = ar.next_logits(h, ar.positions[:1 + n], caches)                   # (B', V)
     eager = (ar.one_token_logits, tokenizer.denoise_step)
     ar_step, denoise_step = (compiled(f) for f in eager) if compile else eager
-    tokens = torch.empty(B, N, dtype=torch.long, device=device)                # in the AR's order
-    tokens[:, :n] = prefix
+    tokens = torch.cat([prefix, prefix.new_empty(B, N - n)], 1)                 # in the AR's order
 
     # the diffusion side: x_0, and the S steps of Eq. (8) with the group each reads (Eq. 5)
     times, step_group = tokenizer.schedule(steps)
@@ -1279,8 +1279,7 @@ def check_number(value, name, low=None, high=None, low_open=False, high_open=Fal
 
 def check_sample_inputs(ar, tokenizer, labels, guidance, temperature, top_k, top_p, prefix, solver,
                         generator):
-    """`sample`'s options checked, each bad one a ValueError that names it; -> labels (B,) and
-    prefix (B, n) as tensors on the models' device, and the device."""
+    """`sample`'s options checked before any work, each bad one a ValueError that names it."""
     N, V, device = tokenizer.cfg.num_tokens, ar.cfg.vocab_size, tokenizer.sampling_times.device
     check_pair(ar, tokenizer)
     if ar.training:
@@ -1320,7 +1319,6 @@ def check_sample_inputs(ar, tokenizer, labels, guidance, temperature, top_k, top
     if prefix.numel() and ar.cfg.reverse:
         raise ValueError("a prefix fixes the coarse tokens, which a reversed-order AR model writes "
                          "last")
-    return labels, prefix, device
 
 
 # ================================================================================================

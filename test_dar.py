@@ -773,12 +773,13 @@ import train_ar  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 
-def test_builtin_shapes_are_deterministic_balanced_and_varied():
-    data = dar.BuiltinShapes(40, 32, seed=0)
+@pytest.mark.parametrize("name", list(dar.BUILTIN_DATA))
+def test_builtin_data_are_deterministic_balanced_and_varied(name):
+    data = dar.BUILTIN_DATA[name](40, 32, seed=0)
     image, label = data[13]
     assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1 and label == 3
-    assert torch.equal(image, dar.BuiltinShapes(40, 32, seed=0)[13][0])
-    assert not torch.equal(image, dar.BuiltinShapes(40, 32, seed=1)[13][0])
+    assert torch.equal(image, dar.BUILTIN_DATA[name](40, 32, seed=0)[13][0])
+    assert not torch.equal(image, dar.BUILTIN_DATA[name](40, 32, seed=1)[13][0])
     assert [data[i][1] for i in range(20)] == list(range(10)) * 2
     same_class = torch.stack([data[i][0] for i in range(3, 40, 10)])
     assert (same_class[1:] - same_class[:1]).abs().mean() > 0.2   # layout and colours vary within a class
@@ -786,11 +787,6 @@ def test_builtin_shapes_are_deterministic_balanced_and_varied():
 
 def test_builtin_textures_put_the_class_in_the_fine_detail_and_the_layout_apart():
     data = dar.BuiltinTextures(40, 32, seed=0)
-    image, label = data[13]
-    assert image.shape == (3, 32, 32) and image.min() >= -1 and image.max() <= 1 and label == 3
-    assert torch.equal(image, dar.BuiltinTextures(40, 32, seed=0)[13][0])
-    assert not torch.equal(image, dar.BuiltinTextures(40, 32, seed=1)[13][0])
-    assert [data[i][1] for i in range(20)] == list(range(10)) * 2
     assert dar.texture_tiles().float().mean((1, 2)).eq(0.5).all()              # every pattern covers half
     for index in range(40):
         layout = data.layout(index)
