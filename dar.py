@@ -2683,19 +2683,19 @@ class CodePath(nn.Module):
         tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
         tokenizer.check_images(images, values=not self.training)
         t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
-        last = cond[:, -G:]
         # miniature only: each group learns what its own step adds (release: full gradient)
         if self.own_step:
             group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
             cond_t = gather_group(self.own_conditions(z_q, group), group, G)
-            last_group = torch.full_like(group, tokenizer.cfg.num_groups - 1)
-            last = self.own_conditions(z_q, last_group)[:, -G:]
         head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
-            read = cond_t if self.teacher_from == "group" else last
+            read = cond_t if self.teacher_from == "group" else cond[:, -G:]
+            if self.teacher_from == "last" and self.own_step:  # the last group's tokens alone
+                last_group = torch.full_like(t, tokenizer.cfg.num_groups - 1, dtype=torch.long)
+                read = self.own_conditions(z_q, last_group)[:, -G:]
             features = 1 - F.cosine_similarity(self.head.predict_features(read), target,
                                                dim=-1).mean()
             loss, terms["features"] = loss + teacher_weight * features, features.detach()

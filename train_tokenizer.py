@@ -244,7 +244,7 @@ class HeldOut:
         """Reconstructions of the held-out images by the EMA weights (`reconstruct`): figures logged
         and appended to the learning curve."""
         codes = tokenizer.encode(self.images)
-        reconstructions = reconstruct(tokenizer, head, self.images, self.noise)
+        reconstructions = reconstruct(tokenizer, head, codes, self.noise)
         background, colours, offset = dar.layout_agreement(self.images, reconstructions)
         accuracy = (dar.toy_judgement(self.evaluator, reconstructions,
                                       self.labels)[1] / len(self.images)).mean().item()
@@ -271,10 +271,9 @@ class HeldOut:
 
 
 @torch.no_grad()
-def reconstruct(tokenizer, head, images, noise=None):
-    """The images as the run has learned them: decoded from their codes, or in the first stage (head
+def reconstruct(tokenizer, head, codes, noise=None):
+    """The images of `codes` as the run has learned them: decoded, or in the first stage (head
     given, D_FM untrained) the code head's output from the last group."""
-    codes = tokenizer.encode(images)
     if head is not None:
         return head(tokenizer.conditions(codes)[:, -tokenizer.cfg.group_size:])
     return tokenizer.decode(codes, noise=noise)
@@ -301,7 +300,7 @@ def draw(tokenizer, head, held_out, shown, args, step):
         images, noise, names = shown, None, [f"image {i}" for i in range(len(shown))]
     rows = ["held out" if held_out is not None else "training image",
             "code head" if head is not None else "reconstructed"]
-    picture = torch.stack([images, reconstruct(tokenizer, head, images, noise)])
+    picture = torch.stack([images, reconstruct(tokenizer, head, tokenizer.encode(images), noise)])
     dar.labelled_grid(picture, rows, names).save(args.out / f"reconstructions_{step:07d}.png")
 
 
