@@ -2529,6 +2529,8 @@ class MiniatureRecipe:
     # the teacher's features predicted from c(t) ("group") or the last group ("last")
     teacher_from: str = "group"
     own_step: bool = False  # c(t) of group k reads earlier groups' tokens detached (`CodePath`)
+    # the weight of the code head's loss on images whose step reads group 1 (the others: 1)
+    first_group_weight: float = 1.0
 
     def __post_init__(self):
         if self.teacher_from not in ("group", "last"):
@@ -2674,20 +2676,27 @@ class CodePath(nn.Module):
     trains only group k's tokens (and the teacher only the last group's). Its parameters are the
     tokenizer's, then the head's."""
 
-    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False):
+    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False,
+                 first_group_weight=1.0):
         super().__init__()
         self.tokenizer, self.head, self.target_blur = tokenizer, head, target_blur
         self.teacher_from, self.own_step = teacher_from, own_step
+        self.first_group_weight = first_group_weight
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
         tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
         tokenizer.check_images(images, values=not self.training)
         t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
+        group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
         # miniature only: each group learns what its own step adds (release: full gradient)
         if self.own_step:
-            group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
             cond_t = gather_group(self.own_conditions(z_q, group), group, G)
-        head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
+        if self.first_group_weight == 1:
+            head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
+        else:
+            error = (self.head(cond_t) - time_blur(images, t, self.target_blur)).pow(2)
+            weight = torch.where(group == 0, self.first_group_weight, 1.0)
+            head = (weight * error.mean((1, 2, 3))).mean()
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
             with torch.no_grad():

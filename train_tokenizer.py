@@ -77,7 +77,8 @@ def parse_args(argv=None):
     # no flag is silently ignored: these act only with --eval-every N or --code-path-steps N
     for flag, needs in (("eval_images", "eval_every"), ("probe_images", "eval_every"),
                         ("evaluator", "eval_every"), ("target_blur", "code_path_steps"),
-                        ("teacher_from", "code_path_steps"), ("own_step", "code_path_steps")):
+                        ("teacher_from", "code_path_steps"), ("own_step", "code_path_steps"),
+                        ("first_group_weight", "code_path_steps")):
         if flag in args.given and not getattr(args, needs):
             flag, needs = (f"--{name.replace('_', '-')}" for name in (flag, needs))
             parser.error(f"{flag} acts only with {needs} N: leave it out")
@@ -114,6 +115,9 @@ def add_miniature_flags(parser):
                       help="in the code-path steps, c(t) of group "
                       "k reads the earlier groups' tokens detached: each group learns what its own "
                       "step adds")
+    tiny.add_argument("--first-group-weight", type=dar.WEIGHT,
+                      help="in those steps, the code head's loss on images whose step reads "
+                      "group 1 weighs this much (default 1)")
 
 
 def add_watch_flags(parser):
@@ -137,7 +141,8 @@ def add_watch_flags(parser):
 
 
 # dar.MiniatureRecipe's fields
-MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from", "own_step")
+MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from", "own_step",
+                   "first_group_weight")
 
 
 def miniature_recipe(args):
@@ -383,7 +388,7 @@ def build(args, cfg, recipe, dataset, device, log):
     if args.code_path_steps:
         head = dar.CodeHead(cfg, recipe.teacher_features)
         code_path = dar.CodePath(model, head, recipe.target_blur, recipe.teacher_from,
-                                 recipe.own_step).to(device)
+                                 recipe.own_step, recipe.first_group_weight).to(device)
     restarts = dar.CodebookRestarts(model.quantizer) if recipe and recipe.codebook_restart else None
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters")
     return model, code_path, restarts, shown
