@@ -365,12 +365,12 @@ class DiffusionBlock(nn.Module):
         self.cond_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, x, t, cond, rope):                     # x (B, L, D), t (B,), cond (B, G, D)
-        cond = layer_norm(self.cond_embed(cond))
+        cond, normed = layer_norm(self.cond_embed(cond)), layer_norm(x)
         # pixel queries rotated, condition keys not
-        s = self.cross_attn(layer_norm(x), cond, rope_q=rope)
+        s = self.cross_attn(normed, cond, rope_q=rope)
         modulation = self.adaLN_modulation(self.time_embed(t) + s)              # (B, L, 6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)
-        h = layer_norm(x) * (1 + scale_a) + shift_a
+        h = normed * (1 + scale_a) + shift_a
         x = x + gate_a * self.attention(h, rope_q=rope, rope_k=rope)
         h = layer_norm(x) * (1 + scale_m) + shift_m
         return x + gate_m * self.mlp(h)
@@ -926,10 +926,12 @@ class LlamaAttention(nn.Module):
         self.dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(self, x, rope, cache=None, positions=None, mask=None):
-        # (B, T, D) -> (B, nh, T, hd)
-        heads = lambda y: y.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
-        q, k, v = map(heads, self.wqkv(x).chunk(3, dim=-1))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cos, sin = (angles[:, None] for angles in rope)                       # (T, 1, hd/2)
+        q, k, v = self.wqkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)  # (B, T, nh, hd)
+        # RoPE before the head transpose, and v copied out of the fused projection: backward
+        # keeps (B, T, D) for each of q, k, v instead of the whole (B, T, 3D) output
+        q, k, v = (y.transpose(1, 2) for y in (apply_rope(q, cos, sin), apply_rope(k, cos, sin),
+                                               v.contiguous()))
         if cache is None:  # the whole sequence: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new positions attend to every cached slot <= them
