@@ -95,28 +95,6 @@ class TokenizerConfig:
     head_dim: int = 64           # every attention of the tokenizer uses 64-wide heads
     rope_theta: float = 10000.0
 
-    def __post_init__(self):
-        if self.num_tokens % self.num_groups:
-            raise ValueError(f"num_tokens ({self.num_tokens}) must be a multiple of num_groups "
-                             f"({self.num_groups})")
-        if self.num_denoising_steps is not None:
-            check_steps(self.num_denoising_steps)
-        for name in ("patch_size", "pixel_patch_size"):
-            if self.image_size % getattr(self, name):
-                raise ValueError(f"image_size ({self.image_size}) must be a multiple of {name}")
-        for name in ("encoder_dim", "decoder_dim", "diffusion_dim"):
-            if getattr(self, name) % self.head_dim:
-                raise ValueError(f"{name} must be a multiple of head_dim ({self.head_dim})")
-        if self.head_dim % 4:
-            raise ValueError("head_dim must be a multiple of 4 (2D RoPE rotates pairs on two axes)")
-        if self.num_tokens > self.table_size:
-            raise ValueError(f"num_tokens ({self.num_tokens}) exceeds table_size "
-                             f"({self.table_size})")
-        pixel_grid = self.image_size // self.pixel_patch_size
-        if self.uses_repa and pixel_grid % self.repa_grid:
-            raise ValueError(f"the pixel token grid ({pixel_grid}) must be a multiple of repa_grid "
-                             f"({self.repa_grid})")
-
     @property
     def uses_repa(self):  # the release builds the head but never reads it when repa_layer >= depth
         return self.repa_dim > 0 and self.repa_layer < self.diffusion_depth
@@ -128,38 +106,6 @@ class TokenizerConfig:
     @property
     def decode_steps(self):  # S: num_denoising_steps, or K when that is None
         return self.num_groups if self.num_denoising_steps is None else self.num_denoising_steps
-
-    @classmethod
-    def from_official(cls, model):
-        """The `model:` section of an official tokenizer config (plain dict) -> TokenizerConfig."""
-        diff, steps = model["diff_decoder"], model.get("num_denoising_steps",
-                                                       model["num_query_groups"])
-        unsupported = {
-            "vq_enable": (model.get("vq_enable", True), True),
-            "query_low_rank": (model.get("query_low_rank", True), True),
-            "diff_decoder.mlp_head": (diff.get("mlp_head", False), False),
-            "diff_decoder.share_time_encoding": (diff.get("share_time_encoding", False), False),
-            "queries_per_step": (model["queries_per_step"],
-                                 model["num_all_queries"] // model["num_query_groups"]),
-            "diff_decoder.cond_dim": (diff["cond_dim"], model["decoder_dim"]),
-        }
-        for key, (value, supported) in unsupported.items():
-            if value != supported:
-                raise ValueError(f"official tokenizer config {key}={value!r} is not supported "
-                                 f"(expected {supported!r})")
-        return cls(
-            image_size=model.get("sampling_resolution", 256),
-            patch_size=model["encoder_patch_size"],
-            encoder_dim=model["encoder_dim"], encoder_depth=model["num_encoder_layers"],
-            num_tokens=model["num_all_queries"], num_groups=model["num_query_groups"],
-            num_denoising_steps=None if steps == model["num_query_groups"] else steps,
-            codebook_size=model["vq_codebook_size"], codebook_dim=model["vq_dim"],
-            decoder_dim=model["decoder_dim"], decoder_depth=model["num_decoder_layers"],
-            diffusion_dim=diff["dim"], diffusion_depth=diff["depth"],
-            pixel_patch_size=diff["patch_size"],
-            data_std=diff["data_std"], time_shift=diff["time_shift"],
-            repa_layer=diff.get("repa_layer", 8), rope_theta=model.get("rope_base_len", 10000.0),
-        )
 
 
 TOKENIZER_PRESETS = {
@@ -483,29 +429,6 @@ def step_groups(num_steps, num_groups):
     return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)
 
 
-def check_steps(steps):
-    """A decode's step count S must be a positive integer."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    return steps
-
-
-def compiled(step):
-    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) under torch.compile, as
-    one graph: on CUDA in mode "reduce-overhead" (CUDA graphs, as the release compiles its sampler),
-    on the CPU in the default mode. The same function, traced: nothing is written twice. torch keeps
-    the compiled code on the function's code object, so later calls reuse it; the no_grad decorator
-    is unwrapped first, else both steps would share its wrapper's code object and its recompile
-    limit."""
-    model = step.__self__
-    on_cuda = next(model.parameters()).is_cuda
-    # the caller runs under no_grad (sample, decode)
-    plain = inspect.unwrap(step.__func__).__get__(model)
-    # shapes stay static per batch size; a second batch size recompiles once with a symbolic batch
-    # (torch's default)
-    return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
-
-
 SOLVERS = ("adams2", "euler")
 
 
@@ -521,10 +444,26 @@ def solver_step(x, v, v_prev, dt, solver):
     return x + dt * (1.5 * v - 0.5 * v_prev)
 
 
+def compiled(step):
+    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) under torch.compile,
+    one graph: CUDA graphs on a GPU ("reduce-overhead", as the release compiles its sampler).
+    torch keeps the compiled code on the function's code object, so later calls reuse it: the
+    no_grad wrapper is unwrapped, else both steps would share its code object."""
+    on_cuda = next(step.__self__.parameters()).is_cuda
+    plain = inspect.unwrap(step.__func__).__get__(step.__self__)  # callers run under no_grad
+    return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
+
+
 def gather_group(cond, group, group_size):
     """Group `group[b]` of the conditions of each image: cond (B, N, D), group (B,) -> (B, G, D)."""
     token_ids = group[:, None] * group_size + torch.arange(group_size, device=cond.device)
     return cond.gather(1, token_ids[..., None].expand(-1, -1, cond.shape[-1]))
+
+
+def describe(x):
+    """A refused tensor input as its message names it: dtype, shape and range of values."""
+    values = f" in [{x.min().item():.4g}, {x.max().item():.4g}]" if x.numel() and x.dim() else ""
+    return f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}{values}"
 
 
 class Tokenizer(nn.Module):
@@ -598,38 +537,6 @@ class Tokenizer(nn.Module):
         codebook.uniform_(-1 / self.cfg.codebook_size, 1 / self.cfg.codebook_size)
         codebook.copy_(F.normalize(codebook, dim=-1))
 
-    # ---- input checks: a wrong input gets a sentence, not a shape error deep inside -------------
-    def check_images(self, images, values=True):
-        """Shapes and dtype always; the value range (a host sync) only with `values`: not in a
-        training step."""
-        size = self.cfg.image_size
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
-        if images.shape[2:] != (size, size):
-            raise ValueError(f"this tokenizer takes {size}x{size} images, got "
-                             f"{images.shape[2]}x{images.shape[3]}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floats in [-1, 1], got dtype {images.dtype} (0-255 "
-                             "pixels?)")
-        if not values:
-            return
-        low, high = images.min().item(), images.max().item()
-        if low < -1.1 or high > 1.1:
-            raise ValueError(f"images must have values in [-1, 1], got [{low:.3g}, {high:.3g}] "
-                             "(map 0-255 pixels with x / 127.5 - 1)")
-
-    def check_codes(self, codes, full_length=True):
-        N, V = self.cfg.num_tokens, self.cfg.codebook_size
-        if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
-            raise ValueError(f"codes must be integer token ids of shape (B, N), got {codes.dtype} "
-                             f"{tuple(codes.shape)}")
-        if codes.shape[1] != N if full_length else not 0 < codes.shape[1] <= N:
-            raise ValueError(f"codes must hold {'exactly' if full_length else '1 to'} {N} tokens "
-                             f"per image, got {codes.shape[1]}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= V):
-            raise ValueError(f"codes must lie in the codebook [0, {V}), got values in "
-                             f"[{codes.min().item()}, {codes.max().item()}]")
-
     # ---- Eq. (1): encoder and quantiser --------------------------------------------------------
     def encoder_features(self, images):
         """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N, C), before
@@ -644,11 +551,16 @@ class Tokenizer(nn.Module):
         return self.quant_in(layer_norm(x[:, -N:]))                                  # (B, N, C)
 
     @torch.no_grad()
-    def encode(self, images, values=True):
+    def encode(self, images):
         """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine
-        order. values=False: no range check (a host sync), for a training loop that checked its data
-        once."""
-        self.check_images(images, values)
+        order."""
+        images = torch.as_tensor(images, device=self.sampling_times.device)
+        size = self.cfg.image_size
+        if images.shape[1:] != (3, size, size) or not images.is_floating_point() \
+                or not images.isfinite().all() or images.abs().max() > 1.1:
+            raise ValueError(f"images must be {size}x{size} RGB finite floats in [-1, 1], (B, 3, "
+                             f"{size}, {size}) (0-255 pixels map by x / 127.5 - 1), got "
+                             f"{describe(images)}")
         return self.quantizer(self.encoder_features(images))[1]
 
     # ---- post-quantisation causal layers: z -> z' ----------------------------------------------
@@ -661,10 +573,14 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def conditions(self, codes):
-        """Tokens -> conditions z' (B, n, D) for every position. The layers are causal, so the first
-        n tokens of a sequence (n <= N) give the same z'[:, :n] as the whole sequence."""
-        self.check_codes(codes, full_length=False)
-        return self.causal_decoder(self.quantizer.normalized_codebook()[codes])
+        """Tokens (B, n) -> conditions z' (B, n, D) for every position. The layers are causal, so
+        the first n tokens of a sequence (n <= N) give the same z'[:, :n] as the whole sequence."""
+        codes, N, V = torch.as_tensor(codes), self.cfg.num_tokens, self.cfg.codebook_size
+        if codes.dim() != 2 or codes.is_floating_point() or not 0 < codes.shape[1] <= N \
+                or codes.numel() and (codes.min() < 0 or codes.max() >= V):
+            raise ValueError(f"codes must be ids of the codebook [0, {V}), (B, n) with 1 <= n <= "
+                             f"{N}, got {describe(codes)}")
+        return self.causal_decoder(self.quantizer.normalized_codebook()[codes.long()])
 
     # ---- Eq. (2)-(4), (8): decoding with D_FM, the pixel diffusion transformer -------------------
     @torch.no_grad()
@@ -673,34 +589,33 @@ class Tokenizer(nn.Module):
         network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B, 3,
         H, W)."""
         size, G, D = self.cfg.image_size, self.cfg.group_size, self.cfg.decoder_dim
-        if x_t.dim() != 4 or x_t.shape[1:] != (3, size, size):
-            raise ValueError(f"x_t must be (B, 3, {size}, {size}), got {tuple(x_t.shape)}")
-        if cond.shape != (x_t.shape[0], G, D):
-            raise ValueError(f"cond must be one group of conditions ({x_t.shape[0]}, {G}, {D}), "
-                             f"got {tuple(cond.shape)}")
+        if x_t.shape[1:] != (3, size, size) or cond.shape != (x_t.shape[0], G, D):
+            raise ValueError(f"x_t (B, 3, {size}, {size}) and cond, one group of conditions (B, "
+                             f"{G}, {D}), got {tuple(x_t.shape)} and {tuple(cond.shape)}")
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         return self.diffusion(x_t, t, cond)[0]
 
     def initial_noise(self, batch, noise=None, generator=None, device=None):
-        """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise` checked, or drawn with
-        `generator`."""
+        """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise`, or drawn with
+        `generator` (one, or a list of one per sample)."""
         size = self.cfg.image_size
-        if noise is None and isinstance(generator, (list, tuple)):  # one generator per sample
-            return torch.cat([torch.randn(1, 3, size, size, generator=g, device=device)
-                              for g in generator])
-        if noise is None:
+        if noise is None and isinstance(generator, (list, tuple)):
+            noise = torch.cat([torch.randn(1, 3, size, size, generator=g, device=device)
+                               for g in generator])
+        elif noise is None:
             return torch.randn(batch, 3, size, size, generator=generator, device=device)
-        if noise.shape != (batch, 3, size, size):
-            raise ValueError(f"noise must be ({batch}, 3, {size}, {size}) = x_0, got "
-                             f"{tuple(noise.shape)}")
-        return noise.to(device)  # the release draws x_0 on the CPU
+        if torch.as_tensor(noise).shape != (batch, 3, size, size):
+            raise ValueError(f"x_0 must be ({batch}, 3, {size}, {size}): noise of that shape or "
+                             f"one generator per sample, got {describe(torch.as_tensor(noise))}")
+        return torch.as_tensor(noise).to(device)  # the release draws x_0 on the CPU
 
     def schedule(self, steps=None):
         """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads (Eq.
         5) (S,). steps=None: the config's S (K unless the file says otherwise)."""
         if steps is None or steps == self.cfg.decode_steps:
             return self.sampling_times, self.step_groups
-        check_steps(steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         device = self.sampling_times.device
         return (sampling_times(steps, self.cfg.time_shift).to(device),
                 step_groups(steps, self.cfg.num_groups).to(device))
@@ -718,20 +633,16 @@ class Tokenizer(nn.Module):
         default the config's, K as released), step i conditioned on group `step_groups`[i] of z'
         (Eq. 5). `noise` is x_0 in the scaled pixel space (drawn with `generator` if None);
         compile=True compiles the step (`compiled`)."""
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-        self.check_codes(codes)
+        cond, N = self.conditions(codes), self.cfg.num_tokens                         # (B, N, D)
+        if cond.shape[1] != N or solver not in SOLVERS:
+            raise ValueError(f"decode takes all N = {N} tokens and a solver of {SOLVERS}, got "
+                             f"{cond.shape[1]} tokens and {solver!r}")
         times, step_group = self.schedule(steps)
-        cond = self.conditions(codes)                                                # (B, N, D)
-        G = self.cfg.group_size
-        x, v = self.initial_noise(codes.shape[0], noise, generator, codes.device).to(cond), None
+        groups = cond.unflatten(1, (self.cfg.num_groups, -1)).transpose(0, 1).contiguous()
+        x, v = self.initial_noise(len(cond), noise, generator, cond.device).to(cond), None
         denoise_step = compiled(self.denoise_step) if compile else self.denoise_step
-        for i, group in enumerate(step_group.tolist()):
-            # a fresh (B, G, D) tensor, as the sampler's: a compiled step sees the same strides
-            # every time
-            group_cond = cond[:, group * G:(group + 1) * G]
-            group_cond = group_cond.clone(memory_format=torch.contiguous_format)
-            x, v = denoise_step(x, times[i], times[i + 1], group_cond, v, solver)
+        for i, group in enumerate(step_group.tolist()):                # groups[group]: (B, G, D)
+            x, v = denoise_step(x, times[i], times[i + 1], groups[group], v, solver)
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
@@ -773,8 +684,6 @@ class Tokenizer(nn.Module):
         "repa", and "usage" (the fraction of the codebook used in this batch).
         """
         cfg = self.cfg
-        # the scripts check their data once per run
-        self.check_images(images, values=not self.training)
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
                              ">= diffusion_depth); pass repa_target=None")
@@ -800,37 +709,6 @@ class Tokenizer(nn.Module):
                 "usage": usage}
 
 
-# ---- the release's tokenizer files (loaded by `load_tokenizer`) ----------------------------------
-
-# official tokenizer key prefix -> ours (the release's 1x1 convolutions are per-token linear maps
-# here)
-OFFICIAL_TOKENIZER_KEYS = {
-    "diff_decoder.net.conv_in.": "diffusion.pixel_in.",
-    "diff_decoder.net.conv_out.": "diffusion.pixel_out.", "diff_decoder.net.": "diffusion.",
-    "quant_in_conv.": "quant_in.", "quant_out_conv.": "quant_out.",
-    "quantize.embedding.": "quantizer.codebook.",
-}
-# training statistics of the release (a FIFO of recently used codes); no effect on any output
-OFFICIAL_TOKENIZER_IGNORED = {"quantize.codebook_used"}
-
-
-def convert_official_tokenizer_state(state):
-    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become Linear (out,
-    in)."""
-    converted = {}
-    for key, tensor in state.items():
-        key = key.removeprefix("_orig_mod.").removeprefix("module.")
-        if key in OFFICIAL_TOKENIZER_IGNORED:
-            continue
-        for official, ours in OFFICIAL_TOKENIZER_KEYS.items():
-            if key.startswith(official):
-                key = ours + key[len(official):]
-                break
-        one_by_one = tensor.dim() == 4 and tensor.shape[2:] == (1, 1)
-        converted[key] = tensor.flatten(1) if one_by_one else tensor
-    return converted
-
-
 # ================================================================================================
 #  §3.2  Autoregressive modelling: a vanilla Llama over the tokens, Eq. (6)
 # ================================================================================================
@@ -852,11 +730,6 @@ class ARConfig:
     ffn_dropout: float = 0.1
     label_dropout: float = 0.1
     reverse: bool = False  # trained on the reversed, fine-to-coarse order (Table 7's ablation)
-
-    def __post_init__(self):
-        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            raise ValueError(f"dim ({self.dim}) must split into num_heads ({self.num_heads}) heads "
-                             "of even width")
 
     @property
     def head_dim(self):
@@ -1008,25 +881,6 @@ class LlamaAR(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.output.weight)
 
-    def check_tokens(self, tokens, labels, values=True):
-        """Shapes and dtypes always; the value ranges (a host sync) only with `values`: not in a
-        training step."""
-        V, N, classes = self.cfg.vocab_size, self.cfg.num_tokens, self.cfg.num_classes
-        if tokens.dim() != 2 or tokens.is_floating_point() or not 0 < tokens.shape[1] <= N:
-            raise ValueError(f"tokens must be integer ids (B, T) with 1 <= T <= {N}, got "
-                             f"{tokens.dtype} {tuple(tokens.shape)}")
-        if labels.shape != tokens.shape[:1] or labels.is_floating_point():
-            raise ValueError(f"labels must be integer class ids of shape ({tokens.shape[0]},), got "
-                             f"{tuple(labels.shape)}")
-        if not values:
-            return
-        if tokens.min() < 0 or tokens.max() >= V:
-            raise ValueError(f"tokens must lie in [0, {V}), got [{tokens.min().item()}, "
-                             f"{tokens.max().item()}]")
-        if labels.min() < 0 or labels.max() > classes:
-            raise ValueError(f"labels must lie in [0, {classes}] ({classes} = the null class), got "
-                             f"[{labels.min().item()}, {labels.max().item()}]")
-
     def embed(self, labels, tokens):
         """[class token; token embeddings]: labels (B,), tokens (B, T) -> (B, 1 + T, D)."""
         return torch.cat([self.class_embedding(labels)[:, None], self.tok_embeddings(tokens)],
@@ -1045,8 +899,16 @@ class LlamaAR(nn.Module):
     def forward(self, tokens, labels):
         """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i] predicts
         tokens[:, i]."""
-        # the scripts check their data once per run
-        self.check_tokens(tokens, labels, values=not self.training)
+        V, N, C = self.cfg.vocab_size, self.cfg.num_tokens, self.cfg.num_classes
+        if tokens.dim() != 2 or tokens.is_floating_point() or not 0 < tokens.shape[1] <= N \
+                or labels.shape != tokens.shape[:1] or labels.is_floating_point():
+            raise ValueError(f"tokens must be ids (B, T) with 1 <= T <= {N} and labels class ids "
+                             f"(B,), got {describe(tokens)} and {describe(labels)}")
+        # the value ranges (a host sync) outside training: the scripts check their data once
+        if not self.training and (tokens.min() < 0 or tokens.max() >= V or labels.min() < 0
+                                  or labels.max() > C):
+            raise ValueError(f"tokens must lie in [0, {V}) and labels in [0, {C}] ({C} = the null "
+                             f"class), got {describe(tokens)} and {describe(labels)}")
         if self.training and self.cfg.label_dropout > 0:  # trains the null class used by CFG
             dropped = torch.rand(labels.shape, device=labels.device) < self.cfg.label_dropout
             labels = labels.masked_fill(dropped, self.cfg.num_classes)
@@ -1073,40 +935,6 @@ class LlamaAR(nn.Module):
         (B, V). One forward of one position; static shapes (the position is a tensor), so a compiled
         step (`compiled`) runs every position without recompiling."""
         return self.next_logits(self.tok_embeddings(token), position, caches)
-
-
-# official GPT key prefix -> ours (LlamaGen's names are kept everywhere else)
-OFFICIAL_AR_KEYS = {"cls_embedding.embedding_table.": "class_embedding."}
-
-
-def official_ar_state(ckpt):
-    """The state dict inside an official AR file, read as the official sampler does (`model`, then
-    `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped and keys
-    renamed."""
-    state = next((ckpt[key] for key in ("model", "module", "state_dict")
-                  if isinstance(ckpt.get(key), dict)), ckpt)
-    converted = {}
-    for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"not an AR state dict: entry {key!r} is a {type(tensor).__name__}, "
-                             "not a tensor")
-        key = key.removeprefix("_orig_mod.").removeprefix("module.")
-        for official, ours in OFFICIAL_AR_KEYS.items():
-            if key.startswith(official):
-                key = ours + key[len(official):]
-        converted[key] = tensor
-    return converted
-
-
-def infer_ar_config(state, head_dim=64, num_tokens=256):
-    """An ARConfig from the weight shapes, assuming `head_dim`-wide heads and N = `num_tokens`
-    (neither is stored in the weights; both hold for every released model)."""
-    if "tok_embeddings.weight" not in state or "class_embedding.weight" not in state:
-        raise ValueError("not an AR state dict: no token or class embedding")
-    vocab_size, dim = state["tok_embeddings.weight"].shape
-    depth = len({key.split(".")[1] for key in state if key.startswith("layers.")})
-    return ARConfig(dim=dim, depth=depth, num_heads=dim // head_dim, vocab_size=vocab_size,
-                    num_tokens=num_tokens, num_classes=state["class_embedding.weight"].shape[0] - 1)
 
 
 # ================================================================================================
@@ -1164,23 +992,6 @@ class SampledGroup:
     image: torch.Tensor = None  # (B, 3, H, W) the final image, after the last group only
 
 
-def check_pair(ar, tokenizer):
-    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's
-    V and N, and (where both were loaded from our files) only the codes of the tokenizer file it
-    learned: the loaders give the AR model `codes_of` (its record of that file) and the tokenizer
-    `digest()` (its file's SHA-256)."""
-    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size,
-                                                  tokenizer.cfg.num_tokens):
-        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does "
-                         f"not match the tokenizer ({tokenizer.cfg.codebook_size} ids, "
-                         f"{tokenizer.cfg.num_tokens} tokens)")
-    learned, digest = getattr(ar, "codes_of", None), getattr(tokenizer, "digest", None)
-    if learned and digest and digest() != learned["sha256"]:
-        raise ValueError(f"the AR model learned the codes of {learned['path']} (sha256 "
-                         f"{learned['sha256'][:12]}), not of {tokenizer.file} ({digest()[:12]}): "
-                         "pass the tokenizer it learned")
-
-
 @torch.no_grad()
 def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
            solver="adams2", noise=None, generator=None, steps=None, compile=False):
@@ -1198,14 +1009,11 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
     compile: the one-token AR step and the denoising step compiled (`compiled`), same numbers.
     """
     N, K, G = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size
-    check_sample_inputs(ar, tokenizer, labels, guidance, temperature, top_k, top_p, prefix, solver,
-                        generator)
     device = tokenizer.sampling_times.device
-    labels = torch.as_tensor(labels, device=device)                            # (B,)
-    prefix = torch.as_tensor([[]] * len(labels) if prefix is None else prefix, device=device).long()
-    B, n = labels.shape[0], prefix.shape[1]
-    scales = guidance_scales(guidance, N)
-    guided = any(scale != 1.0 for scale in scales)
+    labels, prefix, scales = sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature,
+                                            top_k, top_p, solver)
+    B, n, guided = len(labels), prefix.shape[1], any(scale != 1.0 for scale in scales)
+    x = tokenizer.initial_noise(B, noise, generator, device)  # x_0: one generator per sample?
 
     # the AR side: prefill the class token and the prefix; guidance doubles the batch (y ; null)
     double = (lambda y: torch.cat([y, y])) if guided else (lambda y: y)
@@ -1221,7 +1029,7 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
     # the diffusion side: x_0, and the S steps of Eq. (8) with the group each reads (Eq. 5)
     times, step_group = tokenizer.schedule(steps)
     step_group = step_group.tolist()                         # step 0 always reads group 0 (u_0 = 0)
-    x, v, step, written = tokenizer.initial_noise(B, noise, generator, device), None, 0, n
+    v, step, written = None, 0, n
     uniforms = token_uniforms(B, N, generator, device)      # (B, N), every token draw's, up front
     for k in range(K):
         needed = N if ar.cfg.reverse else (k + 1) * G
@@ -1232,8 +1040,8 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
             tokens[:, i] = sample_token(logits_i, temperature, top_k, top_p, uniform=uniforms[:, i])
         written = max(written, needed)
         coarse_to_fine = (tokens.flip(1) if ar.cfg.reverse else tokens)[:, :(k + 1) * G]
-        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:]            # (b) z' of group k
-        cond = cond.clone(memory_format=torch.contiguous_format)  # same strides: one compiled graph
+        # (b) z' of group k, contiguous: the same strides in every group, one compiled graph
+        cond = tokenizer.conditions(coarse_to_fine)[:, k * G:].contiguous()
         while step < len(step_group) and step_group[step] == k:  # (c) the steps it drives
             x_prev, v_prev = x.to(cond), v
             x, v = denoise_step(x_prev, times[step], times[step + 1], cond, v_prev, solver)
@@ -1242,6 +1050,42 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
             step += 1
         image = x / tokenizer.cfg.data_std if k == K - 1 else None
         yield SampledGroup(k, coarse_to_fine.clone(), times[step].item(), preview, image)  # (d)
+
+
+def sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature, top_k, top_p, solver):
+    """`sample`'s inputs as tensors on the models' device, each checked before any work (a
+    ValueError naming it): -> labels (B,), prefix (B, n) int64, the guidance scale per token."""
+    N, V, C = tokenizer.cfg.num_tokens, tokenizer.cfg.codebook_size, ar.cfg.num_classes
+    device = tokenizer.sampling_times.device
+    labels = torch.as_tensor(labels, device=device)                            # (B,)
+    prefix = torch.as_tensor([[]] * len(labels) if prefix is None else prefix, device=device)
+    B, n = len(labels), prefix.shape[-1]
+    prefix = prefix.long() if n == 0 else prefix  # an empty list is float32
+    scales = guidance_scales(guidance, N)
+    for bad, message in (
+            ((ar.cfg.vocab_size, ar.cfg.num_tokens) != (V, N), f"the AR model "
+             f"({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the tokenizer "
+             f"({V} ids, {N} tokens)"),
+            (ar.training, "the AR model is in training mode (dropout on): call ar.eval() first"),
+            (solver not in SOLVERS, f"unknown solver {solver!r}; choose one of {SOLVERS}"),
+            (not all(0 <= s < math.inf for s in scales), f"guidance must be finite numbers >= 0 "
+             f"(a scale or a (start, end) schedule), got {guidance!r}"),
+            (not 0 <= temperature < math.inf, f"temperature must be a finite number >= 0, got "
+             f"{temperature!r}"),
+            (not (0 <= top_k < math.inf and float(top_k).is_integer()), f"top_k must be an "
+             f"integer >= 0, got {top_k!r}"),
+            (not 0 < top_p <= 1, f"top_p must be a finite number > 0 and <= 1, got {top_p!r}"),
+            (labels.dim() != 1 or labels.is_floating_point() or bool(labels.numel()) and (
+                labels.min() < 0 or labels.max() >= C), f"labels must be class ids in [0, {C}), "
+             f"got {describe(labels)}"),
+            (prefix.dim() != 2 or len(prefix) != B or n > N or prefix.is_floating_point() or bool(
+                prefix.numel()) and (prefix.min() < 0 or prefix.max() >= V), f"prefix must be "
+             f"({B}, n) token ids in [0, {V}) with n <= {N}, got {describe(prefix)}"),
+            (n > 0 and ar.cfg.reverse, "a prefix fixes the coarse tokens, which a reversed-order "
+             "AR model writes last")):
+        if bad:
+            raise ValueError(message)
+    return labels, prefix.long(), scales
 
 
 def guide(logits, scale):
@@ -1257,70 +1101,6 @@ def token_uniforms(batch, num_tokens, generator, device):
     if isinstance(generator, (list, tuple)):
         return torch.stack([torch.rand(num_tokens, generator=g, device=device) for g in generator])
     return torch.rand(batch, num_tokens, generator=generator, device=device)
-
-
-def check_number(value, name, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """value (a number or its text) as a finite number in [low, high] (an end open where said), else
-    a ValueError that names `name` and the range."""
-    kind = "an integer" if integer else "a finite number"
-    try:
-        if integer and not isinstance(value, int) and not str(value).strip().lstrip("+-").isdigit():
-            raise ValueError
-        number = int(value) if integer else float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
-    below = low is not None and (number < low or (low_open and number == low))
-    above = high is not None and (number > high or (high_open and number == high))
-    if not math.isfinite(number) or below or above:
-        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
-                 ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
-        raise ValueError(f"{name} must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got "
-                         f"{value!r}")
-    return number
-
-
-def check_sample_inputs(ar, tokenizer, labels, guidance, temperature, top_k, top_p, prefix, solver,
-                        generator):
-    """`sample`'s options checked before any work, each bad one a ValueError that names it."""
-    N, V, device = tokenizer.cfg.num_tokens, ar.cfg.vocab_size, tokenizer.sampling_times.device
-    check_pair(ar, tokenizer)
-    if ar.training:
-        raise ValueError("the AR model is in training mode (dropout on); call ar.eval() before "
-                         "sampling")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    if isinstance(guidance, (tuple, list)) and len(guidance) != 2:
-        raise ValueError(f"guidance must be a scale or a (start, end) schedule, got {guidance!r}")
-    for scale in guidance if isinstance(guidance, (tuple, list)) else [guidance]:
-        check_number(scale, "guidance", 0)
-    check_number(top_p, "top_p", 0, 1, low_open=True)
-    check_number(temperature, "temperature", 0)
-    check_number(top_k, "top_k", 0, integer=True)
-    labels = torch.as_tensor(labels, device=device)
-    B = labels.shape[0] if labels.dim() == 1 else -1
-    if labels.dim() != 1 or labels.is_floating_point() or labels.min() < 0 \
-            or labels.max() >= ar.cfg.num_classes:
-        raise ValueError(f"labels must be class ids in [0, {ar.cfg.num_classes}), got "
-                         f"{labels.tolist()}")
-    per_sample = isinstance(generator, (list, tuple))
-    if per_sample and len(generator) != B:
-        raise ValueError(f"generator: give one, or one per sample ({B}), got a list of "
-                         f"{len(generator)}")
-    for g in generator if per_sample else [generator]:
-        if g is not None and g.device.type != torch.device(device).type:
-            raise ValueError(f"the generator is on {g.device}, the models on {device}; they must "
-                             "match")
-    prefix = [[]] * B if prefix is None else prefix
-    prefix = torch.as_tensor(prefix, dtype=torch.long, device=device)                # (B, n)
-    if prefix.dim() != 2 or prefix.shape[0] != B or prefix.shape[1] > N:
-        raise ValueError(f"prefix must be ({B}, n) tokens with n <= {N}, got shape "
-                         f"{tuple(prefix.shape)}")
-    if prefix.numel() and (prefix.min() < 0 or prefix.max() >= V):
-        raise ValueError(f"prefix tokens must lie in [0, {V}), got [{prefix.min().item()}, "
-                         f"{prefix.max().item()}]")
-    if prefix.numel() and ar.cfg.reverse:
-        raise ValueError("a prefix fixes the coarse tokens, which a reversed-order AR model writes "
-                         "last")
 
 
 # ================================================================================================
@@ -1947,6 +1727,26 @@ def process_alive(pid):
     return pid > 0
 
 
+def check_number(value, name, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """value (a number or its text) as a finite number in [low, high] (an end open where said), else
+    a ValueError that names `name` and the range."""
+    kind = "an integer" if integer else "a finite number"
+    try:
+        if integer and not isinstance(value, int) and not str(value).strip().lstrip("+-").isdigit():
+            raise ValueError
+        number = int(value) if integer else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
+    below = low is not None and (number < low or (low_open and number == low))
+    above = high is not None and (number > high or (high_open and number == high))
+    if not math.isfinite(number) or below or above:
+        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
+                 ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
+        raise ValueError(f"{name} must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got "
+                         f"{value!r}")
+    return number
+
+
 def flag_type(low=None, high=None, low_open=False, high_open=False, integer=False):
     """An argparse type: `check_number` with these bounds; a bad value ends the run with argparse's
     one line."""
@@ -2008,6 +1808,128 @@ def load_state_strict(model, state, what):
     model.load_state_dict(state)
 
 
+# ---- the release's files and configurations (read by the loaders) -------------------------------
+
+def check_config(cfg):
+    """A TokenizerConfig or ARConfig read from a file must build a working model: a ValueError
+    names the first field that cannot."""
+    if isinstance(cfg, ARConfig):
+        problems = [(cfg.dim % cfg.num_heads or cfg.dim // cfg.num_heads % 2,
+                     f"dim {cfg.dim} must split into num_heads {cfg.num_heads} of even width")]
+    else:
+        grid, steps = cfg.image_size // cfg.pixel_patch_size, cfg.num_denoising_steps
+        problems = [(cfg.num_tokens % cfg.num_groups,
+                     "num_tokens must be a multiple of num_groups"),
+                    (steps is not None and (not isinstance(steps, int) or steps < 1),
+                     "num_denoising_steps must be an integer >= 1"),
+                    (cfg.image_size % cfg.patch_size or cfg.image_size % cfg.pixel_patch_size,
+                     "image_size must be a multiple of patch_size and of pixel_patch_size"),
+                    (any(width % cfg.head_dim for width in (cfg.encoder_dim, cfg.decoder_dim,
+                                                            cfg.diffusion_dim)) or cfg.head_dim % 4,
+                     "the widths must be multiples of head_dim, itself a multiple of 4 (2D RoPE)"),
+                    (cfg.num_tokens > cfg.table_size, "num_tokens must not exceed table_size"),
+                    (cfg.uses_repa and grid % cfg.repa_grid,
+                     "the pixel token grid must be a multiple of repa_grid")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"{message}; got {cfg}")
+
+
+def official_tokenizer_config(model):
+    """The `model:` section of an official tokenizer config (plain dict) -> TokenizerConfig."""
+    diff, steps = model["diff_decoder"], model.get("num_denoising_steps",
+                                                   model["num_query_groups"])
+    unsupported = {
+        "vq_enable": (model.get("vq_enable", True), True),
+        "query_low_rank": (model.get("query_low_rank", True), True),
+        "diff_decoder.mlp_head": (diff.get("mlp_head", False), False),
+        "diff_decoder.share_time_encoding": (diff.get("share_time_encoding", False), False),
+        "queries_per_step": (model["queries_per_step"],
+                             model["num_all_queries"] // model["num_query_groups"]),
+        "diff_decoder.cond_dim": (diff["cond_dim"], model["decoder_dim"]),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(f"official tokenizer config {key}={value!r} is not supported "
+                             f"(expected {supported!r})")
+    return TokenizerConfig(
+        image_size=model.get("sampling_resolution", 256),
+        patch_size=model["encoder_patch_size"],
+        encoder_dim=model["encoder_dim"], encoder_depth=model["num_encoder_layers"],
+        num_tokens=model["num_all_queries"], num_groups=model["num_query_groups"],
+        num_denoising_steps=None if steps == model["num_query_groups"] else steps,
+        codebook_size=model["vq_codebook_size"], codebook_dim=model["vq_dim"],
+        decoder_dim=model["decoder_dim"], decoder_depth=model["num_decoder_layers"],
+        diffusion_dim=diff["dim"], diffusion_depth=diff["depth"],
+        pixel_patch_size=diff["patch_size"],
+        data_std=diff["data_std"], time_shift=diff["time_shift"],
+        repa_layer=diff.get("repa_layer", 8), rope_theta=model.get("rope_base_len", 10000.0),
+    )
+
+
+# official tokenizer key prefix -> ours (the release's 1x1 convolutions are per-token linear maps
+# here)
+OFFICIAL_TOKENIZER_KEYS = {
+    "diff_decoder.net.conv_in.": "diffusion.pixel_in.",
+    "diff_decoder.net.conv_out.": "diffusion.pixel_out.", "diff_decoder.net.": "diffusion.",
+    "quant_in_conv.": "quant_in.", "quant_out_conv.": "quant_out.",
+    "quantize.embedding.": "quantizer.codebook.",
+}
+# training statistics of the release (a FIFO of recently used codes); no effect on any output
+OFFICIAL_TOKENIZER_IGNORED = {"quantize.codebook_used"}
+
+
+def convert_official_tokenizer_state(state):
+    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become Linear (out,
+    in)."""
+    converted = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("_orig_mod.").removeprefix("module.")
+        if key in OFFICIAL_TOKENIZER_IGNORED:
+            continue
+        for official, ours in OFFICIAL_TOKENIZER_KEYS.items():
+            if key.startswith(official):
+                key = ours + key[len(official):]
+                break
+        one_by_one = tensor.dim() == 4 and tensor.shape[2:] == (1, 1)
+        converted[key] = tensor.flatten(1) if one_by_one else tensor
+    return converted
+
+
+# official GPT key prefix -> ours (LlamaGen's names are kept everywhere else)
+OFFICIAL_AR_KEYS = {"cls_embedding.embedding_table.": "class_embedding."}
+
+
+def official_ar_state(ckpt):
+    """The state dict inside an official AR file, read as the official sampler does (`model`, then
+    `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped and keys
+    renamed."""
+    state = next((ckpt[key] for key in ("model", "module", "state_dict")
+                  if isinstance(ckpt.get(key), dict)), ckpt)
+    converted = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"not an AR state dict: entry {key!r} is a {type(tensor).__name__}, "
+                             "not a tensor")
+        key = key.removeprefix("_orig_mod.").removeprefix("module.")
+        for official, ours in OFFICIAL_AR_KEYS.items():
+            if key.startswith(official):
+                key = ours + key[len(official):]
+        converted[key] = tensor
+    return converted
+
+
+def infer_ar_config(state, head_dim=64, num_tokens=256):
+    """An ARConfig from the weight shapes, assuming `head_dim`-wide heads and N = `num_tokens`
+    (neither is stored in the weights; both hold for every released model)."""
+    if "tok_embeddings.weight" not in state or "class_embedding.weight" not in state:
+        raise ValueError("not an AR state dict: no token or class embedding")
+    vocab_size, dim = state["tok_embeddings.weight"].shape
+    depth = len({key.split(".")[1] for key in state if key.startswith("layers.")})
+    return ARConfig(dim=dim, depth=depth, num_heads=dim // head_dim, vocab_size=vocab_size,
+                    num_tokens=num_tokens, num_classes=state["class_embedding.weight"].shape[0] - 1)
+
+
 # How a checkpoint of ours that names a "builder" makes its untrained model: builder(cfg, recipe) ->
 # Tokenizer. The release's architecture needs none; the CPU miniature at the end of this file
 # registers its own.
@@ -2032,7 +1954,7 @@ def load_tokenizer(path, device="cpu"):
         if not isinstance(model_config, dict) or "diff_decoder" not in model_config:
             raise ValueError(f"{path}: its config has no tokenizer 'model' section; not a "
                              "tokenizer checkpoint")
-        cfg = TokenizerConfig.from_official(model_config)
+        cfg = official_tokenizer_config(model_config)
         weights = convert_official_tokenizer_state(weights)
     elif ckpt.get("kind") == "tokenizer" and isinstance(ckpt["config"], dict):
         unknown = set(ckpt["config"]) - {f.name for f in fields(TokenizerConfig)}
@@ -2043,6 +1965,7 @@ def load_tokenizer(path, device="cpu"):
         raise ValueError(f"{path} is not a tokenizer checkpoint (kind={ckpt.get('kind')!r})")
     if not any(key.startswith("diffusion.repa_out.") for key in weights):
         cfg = replace(cfg, repa_dim=0)  # the REPA head is a training aid; files may omit it
+    check_config(cfg)
     builder = ckpt.get("builder")
     if builder is not None and builder not in TOKENIZER_BUILDERS:
         raise ValueError(f"{path}: unknown tokenizer builder {builder!r}; known: "
@@ -2083,12 +2006,30 @@ def load_ar(path, config=None, device="cpu"):
                                  f"{sorted(AR_PRESETS)}")
             config = AR_PRESETS[config]
         cfg = config or infer_ar_config(weights)
+    check_config(cfg)
     model = LlamaAR(cfg)
     load_state_strict(model, weights, f"AR checkpoint {path}")
     # ours: the tokenizer it learned; release: None
     model.codes_of = read_tokenizer_record(ckpt.get("tokenizer"), path)
     model.file = Path(path)
     return model.to(device).eval()
+
+
+def check_pair(ar, tokenizer):
+    """An AR model writes a tokenizer's codes only if its vocabulary and length are the tokenizer's
+    V and N, and (where both were loaded from our files) only the codes of the tokenizer file it
+    learned: the loaders give the AR model `codes_of` (its record of that file) and the tokenizer
+    `digest()` (its file's SHA-256)."""
+    if (ar.cfg.vocab_size, ar.cfg.num_tokens) != (tokenizer.cfg.codebook_size,
+                                                  tokenizer.cfg.num_tokens):
+        raise ValueError(f"the AR model ({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does "
+                         f"not match the tokenizer ({tokenizer.cfg.codebook_size} ids, "
+                         f"{tokenizer.cfg.num_tokens} tokens)")
+    learned, digest = getattr(ar, "codes_of", None), getattr(tokenizer, "digest", None)
+    if learned and digest and digest() != learned["sha256"]:
+        raise ValueError(f"the AR model learned the codes of {learned['path']} (sha256 "
+                         f"{learned['sha256'][:12]}), not of {tokenizer.file} ({digest()[:12]}): "
+                         "pass the tokenizer it learned")
 
 
 def file_digest(path):
@@ -2687,7 +2628,6 @@ class CodePath(nn.Module):
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
         tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
-        tokenizer.check_images(images, values=not self.training)
         t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
         group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
         # miniature only: each group learns what its own step adds (release: full gradient)

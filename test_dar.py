@@ -446,19 +446,23 @@ def test_bad_inputs_raise_clear_value_errors(official, expected):
         official.decode(codes + official.cfg.codebook_size)
     with pytest.raises(ValueError, match="codebook"):
         official.conditions(-codes - 1)
-    with pytest.raises(ValueError, match="exactly 32 tokens"):
+    with pytest.raises(ValueError, match="all N = 32 tokens"):
         official.decode(codes[:, :10])
-    with pytest.raises(ValueError, match="1 to 32 tokens"):
+    with pytest.raises(ValueError, match="1 <= n <= 32"):
         official.conditions(torch.zeros(1, 40, dtype=torch.long))
-    with pytest.raises(ValueError, match="integer token ids"):
+    with pytest.raises(ValueError, match="ids of the codebook"):
         official.decode(codes.float())
-    with pytest.raises(ValueError, match="unknown solver"):
+    with pytest.raises(ValueError, match="'heun'"):
         official.decode(codes, solver="heun")
     for steps in (0, -2, 2.5, True, "8"):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             official.decode(codes, steps=steps)
-    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-        replace(official.cfg, num_denoising_steps=0)
+    with pytest.raises(ValueError, match="num_denoising_steps must be an integer >= 1"):
+        dar.check_config(replace(official.cfg, num_denoising_steps=0))
+    with pytest.raises(ValueError, match="x_0 must be"):
+        official.decode(codes, generator=[torch.Generator()])  # one generator for two images
+    with pytest.raises(ValueError, match="finite"):
+        official.encode(images.index_put((torch.tensor([0]),) * 4, torch.tensor(float("nan"))))
     with pytest.raises(ValueError, match="one group"):
         official.velocity(expected["velocity_x_t"], 0.5, expected["cond"])
     with pytest.raises(ValueError, match="no REPA"):
@@ -735,8 +739,9 @@ def test_sampler_bad_inputs_raise_clear_value_errors(official_ar, official, expe
         first(labels=torch.tensor([3, 10]))
     with pytest.raises(ValueError, match="n <= 32"):
         first(prefix=torch.zeros(2, 33, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"prefix tokens must lie in \[0, 64\)"):
-        first(prefix=torch.full((2, 4), 64))
+    for prefix in (torch.full((2, 4), 64), [[1.5, 2.5], [1.0, 2.0]]):  # out of range, fractional
+        with pytest.raises(ValueError, match=r"prefix must be \(2, n\) token ids in \[0, 64\)"):
+            first(prefix=prefix)
     with pytest.raises(ValueError, match=">= 0"):
         first(guidance=(-1.0, 4.0))
     for top_p in (0.0, 1.5):
@@ -749,7 +754,7 @@ def test_sampler_bad_inputs_raise_clear_value_errors(official_ar, official, expe
             next(dar.sample(dar.LlamaAR(replace(official_ar.cfg, **change)).eval(), official, torch.arange(2)))
     with pytest.raises(ValueError, match="training mode"):
         next(dar.sample(dar.LlamaAR(official_ar.cfg), official, torch.arange(2)))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
+    with pytest.raises(ValueError, match=r"labels in \[0, 10\]"):
         official_ar(expected["tokens"], expected["labels"] + 20)
 
 

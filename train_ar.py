@@ -189,7 +189,7 @@ def tokenizer_and_data(args, rank, world_size, device):
                            f"{str(error).splitlines()[0]}") from None
     dataset = dar.training_images(args, tokenizer.cfg.image_size, "ar")
     if args.cache_codes is None:
-        tokenizer.check_images(torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]))
+        tokenizer.encode(torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]))
         return tokenizer, dataset, False
     # a folder is known by its content (each file's path, size and time), not by its name
     data = ({"source": args.data, "size": args.builtin_size, "seed": args.seed}

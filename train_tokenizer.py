@@ -383,7 +383,7 @@ def build(args, cfg, recipe, dataset, device, log):
     model = (dar.miniature_tokenizer(cfg, recipe) if recipe else dar.Tokenizer(cfg)).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     shown = torch.stack([dataset[i][0] for i in range(8)]).to(device)
-    model.check_images(shown)
+    model.encode(shown)  # checks the images, once per run
     code_path = None
     if args.code_path_steps:
         head = dar.CodeHead(cfg, recipe.teacher_features)
