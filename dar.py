@@ -26,9 +26,9 @@ Then, below the paper: data and training utilities (the checkpoint loaders `load
 last the CPU miniature (not part of the paper or the release: the tiny recipe's training aids and a
 toy evaluator of the built-in data). Nothing in §3.1-§3.3 uses a name defined below them.
 
-Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text we
-follow the release, so that its checkpoints load and give the same numbers; a comment marks each
-place.
+Where the released model (showlab/D-AR, `D-AR-tokenizer_v1.pt`) differs from the paper's text
+we follow the release, so that its checkpoints load and give the same numbers; a comment
+marks each place.
 
 Shape legend, used by every shape comment: B batch, N tokens per image (queries), K condition
   groups, G = N/K tokens per group, L tokens of a 2D grid (patches), D width, nh heads, hd head
@@ -128,8 +128,8 @@ TOKENIZER_PRESETS = {
 
 
 def layer_norm(x):
-    """The parameter-free LayerNorm N(.) the release uses around attention and on outputs (eps
-    1e-6)."""
+    """The parameter-free LayerNorm N(.) the release uses around attention and on
+    outputs (eps 1e-6)."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
@@ -158,8 +158,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Tokenizer attention with QK-norm (appendix A.2); self-attention, or cross-attention with
-    `context`.
+    """Tokenizer attention with QK-norm (appendix A.2); self-attention, or
+    cross-attention with `context`.
 
     QK-norm is a LayerNorm (with weight and bias) over each 64-wide head of q and k, shared across
     heads, applied before RoPE.
@@ -200,9 +200,8 @@ class MLP(nn.Module):
 class GatedBlock(nn.Module):
     """Pre-LN transformer block of the encoder E (Eq. 1) and of the post-quantisation causal layers.
 
-    x <- x + gate1 * Attn(LN(x));  x <- x + gate2 * MLP(LN(x)).
-    The release adds per-channel residual gates, initialised to 0 so each block starts as the
-    identity.
+    x <- x + gate1 * Attn(LN(x));  x <- x + gate2 * MLP(LN(x)). The release adds per-channel
+    residual gates, initialised to 0 so each block starts as the identity.
     """
 
     def __init__(self, dim, head_dim=64):
@@ -219,8 +218,8 @@ class GatedBlock(nn.Module):
 
 
 def run_blocks(blocks, x, checkpointed, **kwargs):
-    """Apply blocks in turn; with `checkpointed`, recompute activations in backward (saves
-    memory)."""
+    """Apply blocks in turn; with `checkpointed`, recompute activations in
+    backward (saves memory)."""
     for block in blocks:
         x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed \
             else block(x, **kwargs)
@@ -228,12 +227,12 @@ def run_blocks(blocks, x, checkpointed, **kwargs):
 
 
 def encoder_mask(num_patches, num_queries):
-    """Attention mask of the encoder (§4): every token sees all patches; query i also sees queries
-    <= i.
+    """Attention mask of the encoder (§4): every token sees all patches; query i also sees
+    queries <= i.
 
-    Patches never see queries, so query i depends on the image and queries 1..i only: the causality
-    that lets a prefix of tokens mean the same thing whatever follows. True = may attend; (L+N,
-    L+N).
+    Patches never see queries, so query i depends on the image and queries 1..i only: the
+    causality that lets a prefix of tokens mean the same thing whatever follows. True = may
+    attend; (L+N, L+N).
     """
     mask = torch.zeros(num_patches + num_queries, num_patches + num_queries, dtype=torch.bool)
     mask[:, :num_patches] = True
@@ -244,10 +243,10 @@ def encoder_mask(num_patches, num_queries):
 class VectorQuantizer(nn.Module):
     """Eq. (1) QUANT(.): nearest l2-normalised codebook entry, with the l_VQ loss of appendix A.2.
 
-    Encoder outputs f and codebook rows are l2-normalised; the token is argmin_k ||f - e_k||^2; the
-    forward value f + sg[e - f] equals e while gradients pass straight through to f. Per token, l_VQ
-    = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25, no entropy
-    term.
+    Encoder outputs f and codebook rows are l2-normalised; the token is argmin_k ||f - e_k||^2;
+    the forward value f + sg[e - f] equals e while gradients pass straight through to f. Per
+    token, l_VQ = ||sg[f] - e||^2 + beta ||f - sg[e]||^2 (means over the C channels), beta = 0.25,
+    no entropy term.
     """
 
     beta = 0.25
@@ -293,8 +292,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class DiffusionBlock(nn.Module):
-    """One block of D_FM (§4): cross-attention to c(t) feeds a per-token adaLN, with its own time
-    embedder.
+    """One block of D_FM (§4): cross-attention to c(t) feeds a per-token adaLN, with its
+    own time embedder.
 
     s = CrossAttn(N(x), cond); (shift, scale, gate) x 2 = Linear(SiLU(tau(t) + s)); x <- x + gate_a
     * SelfAttn(N(x)(1 + scale_a) + shift_a); x <- x + gate_m * MLP(N(x)(1 + scale_m) + shift_m). The
@@ -326,8 +325,8 @@ class PixelDiffusionTransformer(nn.Module):
     """Eq. (2): the velocity network D_FM(x_t, t, c(t)), a DiT on raw P x P pixel patches (no VAE).
 
     x_t (B, 3, H, W) in the scaled pixel space, t (B,) the diffusion time, cond (B, G, D) = c(t).
-    Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer` (None
-    unless `return_repa`).
+    Returns the velocity v (B, 3, H, W) and the REPA features read before block `repa_layer`
+    (None unless `return_repa`).
     """
 
     def __init__(self, cfg: TokenizerConfig):
@@ -383,8 +382,8 @@ def unshift_time(t, beta):
 
 
 def condition_group(t, num_groups, beta, form="release"):
-    """Eq. (5): condition schedule c(t) = g_{ceil(t' K)}; returns the 0-based group index for times
-    t.
+    """Eq. (5): condition schedule c(t) = g_{ceil(t' K)}; returns the 0-based group index
+    for times t.
 
     form="paper":   ceil(t' K) - 1 (1-based g_1..g_K as written in Eq. (5); t' = 0 is clamped to
     group 0). form="release": round(t' K) clamped to K - 1. The released model is trained and
@@ -400,15 +399,15 @@ def condition_group(t, num_groups, beta, form="release"):
 
 
 def flow_interpolant(x0, x1, t):
-    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0 (t broadcast per
-    sample)."""
+    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0 (t
+    broadcast per sample)."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return t * x1 + (1 - t) * x0, x1 - x0
 
 
 def jump_estimate(x_t, t, v):
-    """The jump estimate x_hat_1 = x_t + (1 - t) v: where the flow lands if v stayed constant
-    (§3.3)."""
+    """The jump estimate x_hat_1 = x_t + (1 - t) v: where the flow lands if v
+    stayed constant (§3.3)."""
     return x_t + (1 - t.view(-1, *([1] * (x_t.dim() - 1)))) * v
 
 
@@ -433,8 +432,8 @@ SOLVERS = ("adams2", "euler")
 
 
 def solver_step(x, v, v_prev, dt, solver):
-    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth ("adams2", the
-    default).
+    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth
+    ("adams2", the default).
 
     The release uses the constant-step weights 1.5 / -0.5 although the steps of Eq. (8) are uneven;
     we keep them to reproduce its numbers. Step 0 has no previous velocity and is an Euler step.
@@ -539,8 +538,8 @@ class Tokenizer(nn.Module):
 
     # ---- Eq. (1): encoder and quantiser --------------------------------------------------------
     def encoder_features(self, images):
-        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N, C), before
-        quantisation."""
+        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N,
+        C), before quantisation."""
         B, N = images.shape[0], self.cfg.num_tokens
         patches = layer_norm(self.patchify(images).flatten(2).transpose(1, 2))     # (B, L, D)
         queries = self.query_linear(self.query_embedding.weight[:N]).expand(B, -1, -1)  # (B, N, D)
@@ -552,8 +551,8 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images):
-        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine
-        order."""
+        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in
+        the coarse-to-fine order."""
         images = torch.as_tensor(images, device=self.sampling_times.device)
         size = self.cfg.image_size
         if images.shape[1:] != (3, size, size) or not images.is_floating_point() \
@@ -586,8 +585,8 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def velocity(self, x_t, t, cond):
         """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the
-        network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B, 3,
-        H, W)."""
+        network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B,
+        3, H, W)."""
         size, G, D = self.cfg.image_size, self.cfg.group_size, self.cfg.decoder_dim
         if x_t.shape[1:] != (3, size, size) or cond.shape != (x_t.shape[0], G, D):
             raise ValueError(f"x_t (B, 3, {size}, {size}) and cond, one group of conditions (B, "
@@ -753,8 +752,8 @@ AR_PRESETS = {  # the paper's D-AR-B/L/XL/XXL (LlamaGen's GPT-B/L/XL/XXL sizes)
 def rope_1d(length, head_dim, theta):
     """1D RoPE angles for positions 0..length-1: pair k of a head rotates by pos * theta^(-2k/hd).
 
-    Returns cos, sin: (length, hd/2). Release: computed in float32 (the tokenizer's 2D tables use
-    float64).
+    Returns cos, sin: (length, hd/2). Release: computed in float32 (the tokenizer's 2D
+    tables use float64).
     """
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)   # (length, hd/2)
@@ -845,8 +844,8 @@ def next_token_loss(logits, tokens):
 
 
 class LlamaAR(nn.Module):
-    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the tokens (no
-    changes).
+    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the
+    tokens (no changes).
 
     Input sequence [y; z_1 .. z_{N-1}]: the class label y is one prefix token at position 0, so the
     output at position i predicts z_{i+1} (0-based: logits[:, i] predicts tokens[:, i]). Row
@@ -874,8 +873,8 @@ class LlamaAR(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """The release's initialisation: every Linear and Embedding ~ N(0, 0.02); the output head
-        zero."""
+        """The release's initialisation: every Linear and Embedding ~ N(0, 0.02); the
+        output head zero."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -897,8 +896,8 @@ class LlamaAR(nn.Module):
         return self.output(self.norm(h)).float()
 
     def forward(self, tokens, labels):
-        """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i] predicts
-        tokens[:, i]."""
+        """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i]
+        predicts tokens[:, i]."""
         V, N, C = self.cfg.vocab_size, self.cfg.num_tokens, self.cfg.num_classes
         if tokens.dim() != 2 or tokens.is_floating_point() or not 0 < tokens.shape[1] <= N \
                 or labels.shape != tokens.shape[:1] or labels.is_floating_point():
@@ -956,9 +955,9 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, un
     """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus
     (top-p) filtering, then one draw from what is left. top_k = 1 is greedy.
 
-    The draw inverts the cumulative distribution at one uniform number per row: `uniform` (B,) when
-    given (`sample` draws them per sample, so that a sample does not depend on its batch), else from
-    `generator`."""
+    The draw inverts the cumulative distribution at one uniform number per row: `uniform` (B,)
+    when given (`sample` draws them per sample, so that a sample does not depend on its batch),
+    else from `generator`."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -981,8 +980,8 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, un
 
 @dataclass
 class SampledGroup:
-    """What `sample` yields once group `group` of the tokens is written and has driven its diffusion
-    steps."""
+    """What `sample` yields once group `group` of the tokens is written and has driven
+    its diffusion steps."""
     group: int               # its index, 0..K-1 (Eq. 5's g_{group + 1})
     # (B, (group + 1) G) the tokens so far, in the tokenizer's coarse-to-fine order
     tokens: torch.Tensor
@@ -1115,8 +1114,8 @@ def pil_to_tensor(image):
 
 
 def to_uint8(images):
-    """Images in [-1, 1] -> uint8 as the release converts them: clamp(127.5 x + 128, 0, 255),
-    truncated."""
+    """Images in [-1, 1] -> uint8 as the release converts them: clamp(127.5 x + 128,
+    0, 255), truncated."""
     return (127.5 * images + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -1167,7 +1166,7 @@ def save_forming_gif(previews, names, group_size, path):
                    loop=0)
 
 
-# ---- sample files for the ADM evaluator (FID, rFID) ----------------------------------------------
+# ---- class-balanced samples (the FID files' and the toy metric's) --------------------------------
 
 def generators(seeds, device):
     """One generator per sample, so that a sample depends on its seed only, not on its batch."""
@@ -1192,66 +1191,6 @@ def class_balanced_samples(ar, tokenizer, seed=0, preview_groups=None, **options
             if sampled.group + 1 == stop:  # later tokens are never written
                 return sampled.preview, labels
     return make
-
-
-def reconstructions(tokenizer, dataset, seed=0, **options):
-    """-> make(indices) = (the tokenizer's decodes of those dataset images, their labels); image i
-    is decoded from noise of its own generator, seeded seed + i. options: `Tokenizer.decode`'s."""
-    device = tokenizer.sampling_times.device
-
-    def make(indices):
-        images, labels = zip(*(dataset[index] for index in indices))
-        codes = tokenizer.encode(torch.stack(images).to(device))
-        return tokenizer.decode(codes, generator=generators([seed + i for i in indices], device),
-                                **options), \
-            torch.tensor(labels)
-    return make
-
-
-def write_pngs(make, total, folder, rank=0, world_size=1, batch_size=64):
-    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images (B, 3, H, W) in [-1,
-    1], labels). This process makes i = rank, rank + world_size, ...; images whose PNG exists are
-    kept, so an interrupted run continues. Each PNG is written under a temporary name and renamed,
-    so none is ever truncated. -> how many this process made."""
-    folder.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(rank, total, world_size) if not (folder / f"{i:06d}.png").exists()]
-    # the temporaries of an interrupted write
-    for stale in (path for i in todo for path in folder.glob(f"{i:06d}.png.*tmp")):
-        stale.unlink()
-    for start in tqdm(range(0, len(todo), batch_size), desc=f"{folder}", disable=rank != 0,
-                      dynamic_ncols=True):
-        indices = todo[start:start + batch_size]
-        images, _ = make(indices)
-        pixels = to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()    # (B, H, W, 3)
-        for index, image in zip(indices, pixels):
-            temporary = folder / f"{index:06d}.png.{os.getpid()}.tmp"
-            Image.fromarray(image).save(temporary, format="PNG")
-            os.replace(temporary, folder / f"{index:06d}.png")
-    return len(todo)
-
-
-def pack_npz(folder, total):
-    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3), in index
-    order."""
-    first = np.asarray(Image.open(folder / f"{0:06d}.png").convert("RGB"))
-    images = np.empty((total, *first.shape), dtype=np.uint8)
-    for index in range(total):
-        images[index] = np.asarray(Image.open(folder / f"{index:06d}.png").convert("RGB"))
-    path = folder.parent / f"{folder.name}.npz"
-    np.savez(path, arr_0=images)
-    return path
-
-
-def pack_reference(dataset, total, folder):
-    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops
-    that were encoded, in the order of <folder>.npz (scored against the original files instead, the
-    same reconstructions get a worse rFID than the paper's protocol)."""
-    crops = np.empty((total, dataset.image_size, dataset.image_size, 3), dtype=np.uint8)
-    for index in range(total):
-        crops[index] = to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
-    path = folder.parent / f"{folder.name}-reference.npz"
-    np.savez(path, arr_0=crops)
-    return path
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -1302,8 +1241,8 @@ class BuiltinShapes(torch.utils.data.Dataset):
         return self.num_images
 
     def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation
-        here)."""
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields
+        (no augmentation here)."""
         index = key[0] if isinstance(key, tuple) else key
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} of {self.num_images}")
@@ -1339,8 +1278,8 @@ def texture_tiles():
 
 
 class BuiltinTextures(torch.utils.data.Dataset):
-    """A procedural dataset whose class lives in the fine detail, as fur does in Fig. 5 (no
-    download).
+    """A procedural dataset whose class lives in the fine detail, as fur does in Fig.
+    5 (no download).
 
     The layout is coarse and independent of the class: an ellipse of random radii and position, and
     two different colours of `SHAPE_COLOURS` for the background and the object. The class
@@ -1391,8 +1330,8 @@ class BuiltinTextures(torch.utils.data.Dataset):
         return background[:, None, None] * (1 - cover) + inside * cover
 
     def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields (no augmentation
-        here)."""
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields
+        (no augmentation here)."""
         index = key[0] if isinstance(key, tuple) else key
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} of {self.num_images}")
@@ -1427,8 +1366,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 def resize_short_side(image, size):
-    """ADM's resize: halve with a box filter while the image is at least twice too large, then
-    bicubic."""
+    """ADM's resize: halve with a box filter while the image is at least twice too
+    large, then bicubic."""
     while min(image.size) >= 2 * size:
         image = image.reduce(2)
     scale = size / min(image.size)
@@ -1451,9 +1390,9 @@ def random_resized_crop(image, size, rng):
 
 
 def ten_crop(image, size, view):
-    """The AR's augmentation (release): centre crop to 1.1x, then view 0-9 of the ten crops (four
-    corners and the centre, of the image and of its mirror image, in torchvision's TenCrop
-    order)."""
+    """The AR's augmentation (release): centre crop to 1.1x, then view 0-9 of the ten
+    crops (four corners and the centre, of the image and of its mirror image, in
+    torchvision's TenCrop order)."""
     image = center_crop(image, int(size * 1.1))
     if view >= 5:
         image, view = image.transpose(Image.FLIP_LEFT_RIGHT), view - 5
@@ -1463,8 +1402,8 @@ def ten_crop(image, size, view):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """An ImageNet-style folder (root/<class>/<image>): sorted class names -> labels 0..C-1, PIL
-    only.
+    """An ImageNet-style folder (root/<class>/<image>): sorted class names -> labels
+    0..C-1, PIL only.
 
     augment: "tokenizer" (random resized crop + flip), "ar" (one of ten crops at random), or None
     (centre crop). An unreadable or truncated file is skipped -- the next file stands in -- with a
@@ -1536,8 +1475,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def stream_seed(seed, position, purpose):
-    """A seed for one position of the training stream and one purpose (0 augmentation, 1 model
-    noise)."""
+    """A seed for one position of the training stream and one purpose (0 augmentation,
+    1 model noise)."""
     return (seed * 1_000_003 + position) * 2 + purpose
 
 
@@ -1599,8 +1538,8 @@ def training_batches(args, dataset, world_size, rank, start_step, num_steps):
 # ---- command lines -------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with every error as one line `script: error: --flag ...` (exit code 2), before any
-    work."""
+    """argparse, with every error as one line `script: error: --flag ...` (exit code 2),
+    before any work."""
 
     def __init__(self, description):
         super().__init__(description=description, allow_abbrev=False,
@@ -1620,8 +1559,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class BadInput(SystemExit):
-    """A bad input found after parsing: the scripts print its one line and exit with code 2, as
-    argparse does."""
+    """A bad input found after parsing: the scripts print its one line and exit with code 2,
+    as argparse does."""
 
     def __init__(self, message):
         super().__init__(2)
@@ -1640,8 +1579,8 @@ def command_line(run):
 
 
 def write_atomically(path, text):
-    """Write a text file through a temporary file and a rename: a kill never leaves it half
-    written."""
+    """Write a text file through a temporary file and a rename: a kill never leaves
+    it half written."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
@@ -1649,9 +1588,9 @@ def write_atomically(path, text):
 
 
 def check_record(path, settings, what):
-    """A resumable output's record: `settings` (plain values) written to `path` on first use
-    (atomically); a later run with other settings is refused with one line that names the first
-    difference."""
+    """A resumable output's record: `settings` (plain values) written to `path` on first
+    use (atomically); a later run with other settings is refused with one line that names
+    the first difference."""
     path, settings = Path(path), json.loads(json.dumps(settings))  # as the file holds them
     if path.exists():
         try:
@@ -1672,9 +1611,9 @@ def check_record(path, settings, what):
 
 
 def claim_run_folder(out, checkpoint, resume, overwrite):
-    """A training run owns its --out: a lock file refuses a second live run (naming its process),
-    and a folder that already holds `checkpoint` is refused unless the run resumes it or overwrites
-    it."""
+    """A training run owns its --out: a lock file refuses a second live run (naming its
+    process), and a folder that already holds `checkpoint` is refused unless the run resumes it
+    or overwrites it."""
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
@@ -1748,8 +1687,8 @@ def check_number(value, name, low=None, high=None, low_open=False, high_open=Fal
 
 
 def flag_type(low=None, high=None, low_open=False, high_open=False, integer=False):
-    """An argparse type: `check_number` with these bounds; a bad value ends the run with argparse's
-    one line."""
+    """An argparse type: `check_number` with these bounds; a bad value ends the run with
+    argparse's one line."""
     def parse(text):
         try:
             return check_number(text, "it", low, high, low_open, high_open, integer)
@@ -1773,9 +1712,9 @@ class _ForeignObject:
 
 
 def load_checkpoint_file(path, mmap=True):
-    """torch.load with weights_only=True, allowing only plain data plus the two foreign objects the
-    official files contain: an argparse.Namespace and a config_util.Config (read as plain
-    attributes)."""
+    """torch.load with weights_only=True, allowing only plain data plus the two foreign
+    objects the official files contain: an argparse.Namespace and a config_util.Config (read
+    as plain attributes)."""
     allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
     legacy = not zipfile.is_zipfile(path)  # torch's legacy (non-zip) format: no memory map
     try:
@@ -1880,8 +1819,8 @@ OFFICIAL_TOKENIZER_IGNORED = {"quantize.codebook_used"}
 
 
 def convert_official_tokenizer_state(state):
-    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become Linear (out,
-    in)."""
+    """Rename official tokenizer keys to ours; 1x1 conv weights (out, in, 1, 1) become
+    Linear (out, in)."""
     converted = {}
     for key, tensor in state.items():
         key = key.removeprefix("_orig_mod.").removeprefix("module.")
@@ -1901,9 +1840,9 @@ OFFICIAL_AR_KEYS = {"cls_embedding.embedding_table.": "class_embedding."}
 
 
 def official_ar_state(ckpt):
-    """The state dict inside an official AR file, read as the official sampler does (`model`, then
-    `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped and keys
-    renamed."""
+    """The state dict inside an official AR file, read as the official sampler does (`model`,
+    then `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped
+    and keys renamed."""
     state = next((ckpt[key] for key in ("model", "module", "state_dict")
                   if isinstance(ckpt.get(key), dict)), ckpt)
     converted = {}
@@ -1939,11 +1878,11 @@ TOKENIZER_BUILDERS = {}
 def load_tokenizer(path, device="cpu"):
     """Load a tokenizer checkpoint -- ours or an official release file (detected) -- in eval mode.
 
-    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state, optional
-    "builder" (a name in TOKENIZER_BUILDERS) and "recipe" (a plain dict it reads)}. Official
-    (`D-AR-tokenizer_v1.pt`): {"model", "ema", "config": config_util.Config, "args", ...}; the
-    configuration is read from the file. Both use the EMA weights when present, as the official
-    sampler does.
+    Ours: {"kind": "tokenizer", "config": dict, "model": state, optional "ema": state,
+    optional "builder" (a name in TOKENIZER_BUILDERS) and "recipe" (a plain dict it reads)}.
+    Official (`D-AR-tokenizer_v1.pt`): {"model", "ema", "config": config_util.Config, "args",
+    ...}; the configuration is read from the file. Both use the EMA weights when present, as
+    the official sampler does.
     """
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -2033,8 +1972,8 @@ def check_pair(ar, tokenizer):
 
 
 def file_digest(path):
-    """The SHA-256 of a file's bytes: what identifies a checkpoint in the records of resumable
-    outputs."""
+    """The SHA-256 of a file's bytes: what identifies a checkpoint in the records
+    of resumable outputs."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
@@ -2064,8 +2003,8 @@ _DIGESTS = {}
 
 
 def cached_digest(path):
-    """`file_digest`, computed once per version of the file (its path, inode, size and change
-    times)."""
+    """`file_digest`, computed once per version of the file (its path, inode, size
+    and change times)."""
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _DIGESTS:
@@ -2076,9 +2015,9 @@ def cached_digest(path):
 # ---- training ------------------------------------------------------------------------------------
 
 def add_training_flags(parser, recipes):
-    """The flags both training scripts share; -> the recipe group, to which a script adds its own.
-    The recipe flags' defaults are RECIPES[--config]'s, set by `finish_training_flags` (--help shows
-    them)."""
+    """The flags both training scripts share; -> the recipe group, to which a script adds its
+    own. The recipe flags' defaults are RECIPES[--config]'s, set by `finish_training_flags`
+    (--help shows them)."""
     parser.add_argument("--config", default="tiny", choices=list(recipes))
     parser.add_argument("--data", default="builtin",
                         help="'builtin' (procedural shapes) or an ImageNet-style folder")
@@ -2200,8 +2139,8 @@ def training_images(args, image_size, augment):
 
 
 def finish_training(args, checkpoint_path, rank, world_size, log):
-    """The end of a training run: --export's small file, and the process group closed under
-    torchrun."""
+    """The end of a training run: --export's small file, and the process group
+    closed under torchrun."""
     log(f"saved {checkpoint_path}")
     if args.export and rank == 0:
         export_weights(checkpoint_path, args.export, args.command)
@@ -2241,8 +2180,8 @@ class StepLog:
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves a broken
-    checkpoint."""
+    """torch.save to a temporary file, then an atomic rename: a crash never leaves
+    a broken checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -2252,8 +2191,8 @@ def save_checkpoint(checkpoint, path):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay ema + (1 - decay) model, over parameters (as released; no buffer is
-    persistent)."""
+    """ema <- decay ema + (1 - decay) model, over parameters (as released; no
+    buffer is persistent)."""
     for ema_param, param in zip(ema.parameters(), model.parameters()):
         ema_param.lerp_(param.detach(), 1 - decay)
 
@@ -2321,9 +2260,9 @@ def export_weights(checkpoint_path, path, command):
 
 def resume_training(path, kind, model, ema, optimizer, args):
     """Load a checkpoint of `kind` written by `save_training_checkpoint` into model, ema (or None)
-    and optimizer, if it was trained with this run's settings (`check_same_run`); -> the checkpoint
-    (its "step", and the script's own entries). A wrong file: ValueError naming its kind or first
-    bad key."""
+    and optimizer, if it was trained with this run's settings (`check_same_run`); -> the
+    checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming its
+    kind or first bad key."""
     try:
         checkpoint = load_checkpoint_file(path, mmap=False)  # the optimizer state changes in place
     except ValueError as error:
@@ -2369,71 +2308,13 @@ def check_same_run(recorded, args, path):
 
 
 def ar_optimizer(model, lr, betas, weight_decay):
-    """AdamW as the paper trains the AR model: weight decay on matrices and embeddings, none on norm
-    weights."""
+    """AdamW as the paper trains the AR model: weight decay on matrices and embeddings, none
+    on norm weights."""
     decayed = [p for p in model.parameters() if p.dim() >= 2]
     not_decayed = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
                               {"params": not_decayed, "weight_decay": 0.0}], lr=lr,
                               betas=tuple(betas))
-
-
-# ---- measuring the sampler -----------------------------------------------------------------------
-
-def synchronized_time(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def memory_bandwidth(device):
-    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A
-    one-token AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
-    x, best = torch.ones(2 ** 28, device=device), float("inf")
-    for _ in range(5):
-        start = synchronized_time(device)
-        x.sum()
-        best = min(best, synchronized_time(device) - start)
-    return x.numel() * x.element_size() / best / 1e9
-
-
-def median_time(run, repeat, device):
-    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's
-    output)."""
-    run()  # the warm-up: it compiles, with compile=True
-    times = []
-    for _ in range(repeat):
-        start = synchronized_time(device)
-        output = run()
-        times.append(synchronized_time(device) - start)
-    return sorted(times)[len(times) // 2], output
-
-
-@torch.no_grad()
-def benchmark_sampler(ar, tokenizer, batch, repeat=3, seed=0, **options):
-    """Time `sample` at one batch size: a warm-up run (compiling, with compile=True), then the
-    median of `repeat` runs. D_FM's share is timed apart, as `tokenizer.decode` of the sampled
-    tokens with the same steps; the AR model's is the rest (so it includes the sampler's own Python
-    work). -> a dict of the figures."""
-    device = tokenizer.sampling_times.device
-    N, S = tokenizer.cfg.num_tokens, options.get("steps") or tokenizer.cfg.decode_steps
-    labels = torch.arange(batch, device=device) % ar.cfg.num_classes
-    sampling = lambda: list(sample(ar, tokenizer, labels,
-                                   generator=torch.Generator(device).manual_seed(seed), **options))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    total, sampled_groups = median_time(sampling, repeat, device)
-    decoding, _ = median_time(lambda: tokenizer.decode(sampled_groups[-1].tokens,
-                                                       solver=options.get("solver", "adams2"),
-                                                       steps=options.get("steps"),
-                                                       compile=options.get("compile", False)),
-                              repeat, device)
-    return dict(batch=batch, images_per_s=batch / total,
-                ar_ms_per_token=1000 * (total - decoding) / N,
-                diffusion_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
-                diffusion_share=decoding / total,
-                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if device.type == "cuda" else None)
 
 
 # ================================================================================================
@@ -2451,13 +2332,12 @@ SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny"
 # the teacher learns from a fourth; none is the seed-0 set that the tokenizer and the AR model learn
 # from
 EVALUATOR_TRAIN_SEED, EVALUATOR_REFERENCE_SEED, TEACHER_TRAIN_SEED = 1, 2, 7
-PROBE_SEED = 4  # the linear probes of what a group of conditions holds (`group_probes`)
 
 
 @dataclass
 class MiniatureRecipe:
-    """The tiny tokenizer's departures from the release; each is a training aid of the CPU
-    miniature."""
+    """The tiny tokenizer's departures from the release; each is a training aid of
+    the CPU miniature."""
     conv_stem: bool = True  # patches embedded by a small CNN (release: one strided convolution)
     # the blocks' Linear init (release: 0.02, which at width 128 leaves the codes image-independent)
     init_std: float = 0.1
@@ -2496,9 +2376,9 @@ def conv_stem(patch_size, dim, width=32):
 
 
 def miniature_tokenizer(cfg, recipe=None):
-    """A `Tokenizer` of config cfg built by the recipe (a MiniatureRecipe, a dict of its fields, or
-    None for the defaults): its patch embedding and initialisation. Registered as the builder
-    "miniature"."""
+    """A `Tokenizer` of config cfg built by the recipe (a MiniatureRecipe, a dict of its
+    fields, or None for the defaults): its patch embedding and initialisation. Registered as
+    the builder "miniature"."""
     recipe = recipe if isinstance(recipe, MiniatureRecipe) else MiniatureRecipe(**(recipe or {}))
     patchify = conv_stem(cfg.patch_size, cfg.encoder_dim) if recipe.conv_stem else None
     return Tokenizer(cfg, patchify=patchify, init_std=recipe.init_std, gate_init=recipe.gate_init)
@@ -2551,48 +2431,9 @@ class CodebookRestarts:
         return dead.numel()
 
 
-class CodeHead(nn.Module):
-    """A deterministic image head: one group of conditions (B, G, D) to the image (B, 3, H, W): a
-    Linear to an H/8 grid, then three 2x upsampling convolutions, as in a plain VQ autoencoder. With
-    `features` > 0 the same group also predicts a teacher's pooled features of that width. It gives
-    the encoder -> VQ -> causal-decoder path a direct signal before D_FM can use the codes
-    (`CodePath`); never exported."""
-
-    def __init__(self, cfg: TokenizerConfig, features=0, widths=(128, 64, 32)):
-        super().__init__()
-        self.feature_head = nn.Linear(cfg.group_size * cfg.decoder_dim,
-                                      features) if features else None
-        if cfg.image_size % 8:
-            raise ValueError(f"the code head needs image_size divisible by 8, got {cfg.image_size}")
-        self.side = cfg.image_size // 8
-        self.project = nn.Linear(cfg.group_size * cfg.decoder_dim, widths[0] * self.side ** 2)
-        layers, channels = [], widths[0]
-        for out_channels in widths:
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_channels, 3, padding=1),
-                       nn.GroupNorm(8, out_channels), nn.SiLU()]
-            channels = out_channels
-        self.body = nn.Sequential(*layers, nn.Conv2d(channels, 3, 3, padding=1))
-
-    def forward(self, cond):                                       # cond (B, G, D) -> (B, 3, H, W)
-        grid = self.project(cond.flatten(1)).unflatten(1, (-1, self.side, self.side))
-        return self.body(grid)
-
-    def predict_features(self, cond):                              # cond (B, G, D) -> (B, features)
-        return self.feature_head(cond.flatten(1))
-
-
-def time_blur(images, t, strength, most=8.0):
-    """What a denoising step at time t can still see of the image, roughly: images (B, 3, H, W)
-    blurred by a Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image;
-    strength 0: the images."""
-    if strength == 0:
-        return images
-    return gaussian_blur(images, (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most))
-
-
 def gaussian_blur(images, sigma):
-    """images (B, 3, H, W), each blurred by a Gaussian of its own sigma (B,) pixels (reflected
-    borders)."""
+    """images (B, 3, H, W), each blurred by a Gaussian of its own sigma (B,)
+    pixels (reflected borders)."""
     out = images.clone()
     for value in sigma.unique().tolist():  # a few distinct times per batch: one separable blur each
         chosen, radius = sigma == value, min(math.ceil(3 * value), images.shape[-1] - 1)
@@ -2606,108 +2447,6 @@ def gaussian_blur(images, sigma):
         x = F.pad(x, (0, 0, radius, radius), mode="reflect")
         out[chosen] = F.conv2d(x, kernel.transpose(2, 3), groups=3)
     return out
-
-
-class CodePath(nn.Module):
-    """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained
-    against a `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), target) [+
-    teacher_weight (1 - cosine) of the teacher's pooled features]; c(t) as in Eq. (7), a random
-    group per image. The target is the image (target_blur 0: every group must carry all of it) or
-    `time_blur` of it (each group only what its step can see: coarse to fine); the teacher's
-    features are predicted from c(t) or from the last group (teacher_from).
-    own_step: c(t) of group k reads the tokens of groups before k detached, so that its target
-    trains only group k's tokens (and the teacher only the last group's). Its parameters are the
-    tokenizer's, then the head's."""
-
-    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False,
-                 first_group_weight=1.0):
-        super().__init__()
-        self.tokenizer, self.head, self.target_blur = tokenizer, head, target_blur
-        self.teacher_from, self.own_step = teacher_from, own_step
-        self.first_group_weight = first_group_weight
-
-    def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
-        tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
-        t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
-        group = condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
-        # miniature only: each group learns what its own step adds (release: full gradient)
-        if self.own_step:
-            cond_t = gather_group(self.own_conditions(z_q, group), group, G)
-        if self.first_group_weight == 1:
-            head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
-        else:
-            error = (self.head(cond_t) - time_blur(images, t, self.target_blur)).pow(2)
-            weight = torch.where(group == 0, self.first_group_weight, 1.0)
-            head = (weight * error.mean((1, 2, 3))).mean()
-        loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
-        if teacher is not None:
-            with torch.no_grad():
-                target = teacher(images)
-            read = cond_t if self.teacher_from == "group" else cond[:, -G:]
-            if self.teacher_from == "last" and self.own_step:  # the last group's tokens alone
-                last_group = torch.full_like(t, tokenizer.cfg.num_groups - 1, dtype=torch.long)
-                read = self.own_conditions(z_q, last_group)[:, -G:]
-            features = 1 - F.cosine_similarity(self.head.predict_features(read), target,
-                                               dim=-1).mean()
-            loss, terms["features"] = loss + teacher_weight * features, features.detach()
-        return {"loss": loss, **terms, "usage": usage}
-
-    def own_conditions(self, z_q, group):
-        """z' (B, N, D) of tokens z_q (B, N, C) with those of the groups before each image's `group`
-        (B,) detached."""
-        token_group = torch.arange(z_q.shape[1], device=z_q.device) // self.tokenizer.cfg.group_size
-        earlier = (token_group[None, :] < group[:, None])[..., None]                    # (B, N, 1)
-        return self.tokenizer.causal_decoder(torch.where(earlier, z_q.detach(), z_q))
-
-
-@torch.no_grad()
-def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None):
-    """Linear probes of what one group of conditions z' holds: ridge regressions on the first
-    `train` images, scored on the rest, for each 0-based group in `groups` (default: groups 1, 2, 4
-    and K, counted from 1). -> {group: {"class", "background", "object colour" (accuracies),
-    "position" (the fraction whose centroid is read within 3 px)}}."""
-    cfg = tokenizer.cfg
-    groups = groups or sorted({0, min(1, cfg.num_groups - 1), min(3, cfg.num_groups - 1),
-                               cfg.num_groups - 1})
-    cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500]))
-                      for i in range(0, len(images), 500)])
-    where, background, colour = shape_layout(images.cpu())
-    index = lambda colours: torch.cdist(colours, SHAPE_COLOURS).argmin(-1)
-    targets = {"class": F.one_hot(labels.cpu(), 10).float(),
-               "background": F.one_hot(index(background), 8).float(),
-               "object colour": F.one_hot(index(colour), 8).float(),
-               "position": where.nan_to_num(cfg.image_size / 2)}
-    results = {}
-    for group in groups:
-        x = cond[:, group * cfg.group_size:(group + 1) * cfg.group_size].flatten(1).double().cpu()
-        x = (x - x[:train].mean(0)) / x[:train].std(0).clamp(min=1e-6)
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        gram = x[:train].T @ x[:train] + ridge * torch.eye(x.shape[1], dtype=x.dtype)
-        solve = lambda y: torch.linalg.solve(gram, x[:train].T @ y[:train].double())
-        scores = {}
-        for what, y in targets.items():
-            predicted = x[train:] @ solve(y)
-            if what == "position":
-                scores[what] = ((predicted - y[train:]).norm(dim=-1) <= 3).float().mean().item()
-            else:
-                scores[what] = (predicted.argmax(-1) == y[train:].argmax(-1)).float().mean().item()
-        results[group] = scores
-    return results
-
-
-# what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of
-# Tokenizer)
-ENCODER_PARTS = ("patchify.", "query_embedding.", "query_linear.", "encoder_layers.", "quant_in.",
-                 "quantizer.")
-
-
-def freeze_encoder(model, ema):
-    """Hold the encoder and the codebook fixed from now on, at their EMA values (what the codes were
-    judged by): no gradient, so AdamW and the EMA leave them as they are."""
-    for name, param in model.named_parameters():
-        if name.startswith(ENCODER_PARTS):
-            param.data.copy_(ema.get_parameter(name))
-            param.requires_grad_(False)
 
 
 class ShapeClassifier(nn.Module):
@@ -2808,8 +2547,8 @@ def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS, data="builtin"
 
 
 def save_toy_evaluator(path, image_size=32, data="builtin"):
-    """Train the toy evaluator and write it to `path`: its members in half precision, their seeds,
-    the command."""
+    """Train the toy evaluator and write it to `path`: its members in half precision, their
+    seeds, the command."""
     evaluator = train_toy_evaluator(image_size, data=data)
     save_checkpoint({"kind": "evaluator", "image_size": image_size, "members": EVALUATOR_MEMBERS,
                      "data": data,
@@ -2845,26 +2584,6 @@ def load_toy_evaluator(path, image_size, data="builtin", flag=None):
     return evaluator.eval()
 
 
-def load_teacher(path, image_size, device, data="builtin"):
-    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never
-    the evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
-    path = Path(path)
-    if not path.is_file():
-        tqdm.write(f"training the code head's teacher once -> {path}")
-        classifier = train_shape_classifier(image_size, seed=TEACHER_TRAIN_SEED,
-                                            data_seed=TEACHER_TRAIN_SEED, data=data)
-        save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
-                         "model": classifier.state_dict()}, path)
-    checkpoint = load_checkpoint_file(path)
-    if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
-            or checkpoint.get("data", "builtin") != data:
-        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel --data "
-                         f"{data} images")
-    classifier = ShapeClassifier()
-    classifier.load_state_dict(checkpoint["model"])
-    return classifier.to(device).eval().requires_grad_(False).features
-
-
 @torch.no_grad()
 def toy_judgement(evaluator, images, labels):
     """The evaluator on images (B, 3, H, W) (clamped to [-1, 1]) and their asked-for labels (B,): ->
@@ -2883,8 +2602,8 @@ def spread(values):
 
 
 def builtin_images(num_images, image_size, seed, data="builtin"):
-    """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3, H, W),
-    (num_images,)."""
+    """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3,
+    H, W), (num_images,)."""
     data = BUILTIN_DATA[data](num_images, image_size, seed=seed)
     return torch.stack([data[i][0]
                         for i in range(num_images)]), torch.arange(num_images) % data.num_classes
@@ -2938,10 +2657,10 @@ def shape_layout(images):
 
 
 def layout_agreement(references, images):
-    """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether its
-    background colour is the reference's (B,), whether both colours are (B,), and how far its
-    shape's centroid lies from the reference's (B,) in pixels (the image size where either has no
-    shape)."""
+    """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether
+    its background colour is the reference's (B,), whether both colours are (B,), and how far
+    its shape's centroid lies from the reference's (B,) in pixels (the image size where either
+    has no shape)."""
     where, background, colour = shape_layout(references.float().cpu())
     image_where, image_background, image_colour = shape_layout(images.float().clamp(-1, 1).cpu())
     same_background = (image_background == background).all(-1)

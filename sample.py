@@ -19,8 +19,8 @@ Without --ar: the AR model `python train_ar.py` wrote to out/tiny when it exists
 one in weights/tiny; without --tokenizer: the tokenizer whose codes that AR model learned (its
 checkpoint records the file and its SHA-256; another tokenizer is refused). One printed line says
 which. Sample i of --fid and --eval asks for class i mod C and draws its noise and tokens from its
-own generator, seeded with --seed + i, so the set is the same whatever the batch size or the number
-of processes.
+own generator, seeded with --seed + i, so the set is the same whatever the batch size or the
+number of processes.
 """
 import argparse
 import os
@@ -29,8 +29,10 @@ import pickle
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import dar
 
@@ -256,8 +258,8 @@ def check_every_flag_is_read(args):
 
 
 def yours_or_shipped(name, command):
-    """out/tiny/<name> when your `command` has written it, else the shipped weights/tiny/<name>; ->
-    path, words."""
+    """out/tiny/<name> when your `command` has written it, else the shipped weights/tiny/<name>;
+    -> path, words."""
     if (QUICKSTART / name).is_file():
         return str(QUICKSTART / name), f"yours, from `{command}`"
     shipped = os.path.relpath(dar.SHIPPED_TINY / name)
@@ -308,8 +310,8 @@ def load_models(args, device, need_ar=True):
 
 
 def output_folder(ar):
-    """Pictures go next to the AR checkpoint, except for the shipped pair: out/tiny, outside the
-    repository's files."""
+    """Pictures go next to the AR checkpoint, except for the shipped pair: out/tiny, outside
+    the repository's files."""
     folder = ar.file.parent
     return QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
 
@@ -355,8 +357,8 @@ def sampling_options(args):
 
 
 def picture(args, tokenizer, ar, device):
-    """The default mode: one row per sample, the previews after groups 1..K (the K-th is the
-    image)."""
+    """The default mode: one row per sample, the previews after groups 1..K (the K-th
+    is the image)."""
     default = list(DIT_CLASSES) if ar.cfg.num_classes == 1000 else \
         list(range(min(ar.cfg.num_classes, 10)))
     labels = parse_labels(args.labels, ar) if args.labels is not None else default
@@ -370,7 +372,7 @@ def picture(args, tokenizer, ar, device):
     for sampled in sampled_groups:
         previews.append(sampled.preview)
         if args.stream:
-            milliseconds = 1000 * (dar.synchronized_time(device) - start)
+            milliseconds = 1000 * (synchronized_time(device) - start)
             print(f"group {sampled.group + 1}/{K}: {sampled.tokens.shape[1]:4d} tokens, t = "
                   f"{sampled.t:.3f}, preview ready at {milliseconds:7.1f} ms")
     path = Path(args.out or output_folder(ar) / "samples.png")
@@ -459,7 +461,7 @@ def reconstruction_batch(args, tokenizer):
             dataset.read(0)
         except ValueError as error:
             fail(f"--reconstruct {args.reconstruct}: {error}")
-    make = dar.reconstructions(tokenizer, dataset, args.seed, solver=args.solver,
+    make = reconstructions(tokenizer, dataset, args.seed, solver=args.solver,
                                steps=args.denoising_steps, compile=args.compile)
     return make, min(len(dataset), args.n or len(dataset)), dataset
 
@@ -536,18 +538,18 @@ def sample_files(args, tokenizer, ar, rank, world_size, device):
         dar.check_record(folder / "settings.json", settings, f"--out {folder}")
     if world_size > 1:
         torch.distributed.barrier()
-    made = dar.write_pngs(make, total, folder, rank, world_size, args.batch_size)
+    made = write_pngs(make, total, folder, rank, world_size, args.batch_size)
     if world_size > 1:
         torch.distributed.barrier()
     if rank == 0:
         print(f"{folder}: {total} PNGs ({made} made now by process 0) -> "
-              f"{dar.pack_npz(folder, total)}")
+              f"{pack_npz(folder, total)}")
         if dataset is not None and getattr(dataset, "skipped", 0):
             print(f"{dataset.skipped} unreadable files were skipped (the next readable file stood "
                   "in)")
         if dataset is not None:
             print(f"the {total} centre crops it encoded -> "
-                  f"{dar.pack_reference(dataset, total, folder)} (rFID: evaluator.py "
+                  f"{pack_reference(dataset, total, folder)} (rFID: evaluator.py "
                   f"{folder.name}-reference.npz {folder.name}.npz)")
     if world_size > 1:
         torch.distributed.destroy_process_group()
@@ -619,7 +621,7 @@ def batch_sizes(text):
 
 
 def benchmark(args, tokenizer, ar, device, weights):
-    """--benchmark: dar.benchmark_sampler per batch size, printed as a table under the settings and
+    """--benchmark: benchmark_sampler per batch size, printed as a table under the settings and
     the AR floor."""
     sizes = batch_sizes(args.benchmark)
     options = sampling_options(args)
@@ -631,14 +633,14 @@ def benchmark(args, tokenizer, ar, device, weights):
           f"{S} steps, N = {tokenizer.cfg.num_tokens} tokens; median of {args.repeat} runs after a "
           "warm-up")
     ar_bytes = sum(p.numel() * p.element_size() for p in ar.parameters())
-    bandwidth = dar.memory_bandwidth(device)
+    bandwidth = memory_bandwidth(device)
     print(f"AR weights {ar_bytes / 1e6:.1f} MB, read once per token at {bandwidth:.1f} GB/s "
           "(measured: the best of 5 sums of a 1 GiB tensor): at least "
           f"{1000 * ar_bytes / bandwidth / 1e9:.2f} ms per token")
     print("batch  images/s  AR ms/token  D_FM ms/step  AR share  D_FM share  peak memory")
     rows = []
     for batch in sizes:
-        row = dar.benchmark_sampler(ar, tokenizer, batch, args.repeat, args.seed, **options)
+        row = benchmark_sampler(ar, tokenizer, batch, args.repeat, args.seed, **options)
         peak = row["peak_memory_gib"]
         peak = "n/a (CPU)" if peak is None else f"{peak:.2f} GiB"
         print(f"{batch:5d}  {row['images_per_s']:8.2f}  {row['ar_ms_per_token']:11.2f}  "
@@ -646,6 +648,123 @@ def benchmark(args, tokenizer, ar, device, weights):
               f"{row['diffusion_share']:10.0%}  {peak}")
         rows.append(row)
     return rows
+
+
+# ---- the files of --fid and --reconstruct, and the timing of --benchmark -------------------------
+
+def reconstructions(tokenizer, dataset, seed=0, **options):
+    """-> make(indices) = (the tokenizer's decodes of those dataset images, their labels); image i
+    is decoded from noise of its own generator, seeded seed + i. options: `Tokenizer.decode`'s."""
+    device = tokenizer.sampling_times.device
+
+    def make(indices):
+        images, labels = zip(*(dataset[index] for index in indices))
+        codes = tokenizer.encode(torch.stack(images).to(device))
+        generator = dar.generators([seed + i for i in indices], device)
+        return tokenizer.decode(codes, generator=generator, **options), torch.tensor(labels)
+    return make
+
+
+def write_pngs(make, total, folder, rank=0, world_size=1, batch_size=64):
+    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images (B, 3, H, W) in [-1,
+    1], labels). This process makes i = rank, rank + world_size, ...; images whose PNG exists are
+    kept, so an interrupted run continues. Each PNG is written under a temporary name and renamed,
+    so none is ever truncated. -> how many this process made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(rank, total, world_size) if not (folder / f"{i:06d}.png").exists()]
+    # the temporaries of an interrupted write
+    for stale in (path for i in todo for path in folder.glob(f"{i:06d}.png.*tmp")):
+        stale.unlink()
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"{folder}", disable=rank != 0,
+                      dynamic_ncols=True):
+        indices = todo[start:start + batch_size]
+        images, _ = make(indices)
+        pixels = dar.to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()    # (B, H, W, 3)
+        for index, image in zip(indices, pixels):
+            temporary = folder / f"{index:06d}.png.{os.getpid()}.tmp"
+            Image.fromarray(image).save(temporary, format="PNG")
+            os.replace(temporary, folder / f"{index:06d}.png")
+    return len(todo)
+
+
+def pack_npz(folder, total):
+    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3),
+    in index order."""
+    first = np.asarray(Image.open(folder / f"{0:06d}.png").convert("RGB"))
+    images = np.empty((total, *first.shape), dtype=np.uint8)
+    for index in range(total):
+        images[index] = np.asarray(Image.open(folder / f"{index:06d}.png").convert("RGB"))
+    path = folder.parent / f"{folder.name}.npz"
+    np.savez(path, arr_0=images)
+    return path
+
+
+def pack_reference(dataset, total, folder):
+    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops
+    that were encoded, in the order of <folder>.npz (scored against the original files instead, the
+    same reconstructions get a worse rFID than the paper's protocol)."""
+    crops = np.empty((total, dataset.image_size, dataset.image_size, 3), dtype=np.uint8)
+    for index in range(total):
+        crops[index] = dar.to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
+    path = folder.parent / f"{folder.name}-reference.npz"
+    np.savez(path, arr_0=crops)
+    return path
+
+
+def synchronized_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def memory_bandwidth(device):
+    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A
+    one-token AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
+    x, best = torch.ones(2 ** 28, device=device), float("inf")
+    for _ in range(5):
+        start = synchronized_time(device)
+        x.sum()
+        best = min(best, synchronized_time(device) - start)
+    return x.numel() * x.element_size() / best / 1e9
+
+
+def median_time(run, repeat, device):
+    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's
+    output)."""
+    run()  # the warm-up: it compiles, with compile=True
+    times = []
+    for _ in range(repeat):
+        start = synchronized_time(device)
+        output = run()
+        times.append(synchronized_time(device) - start)
+    return sorted(times)[len(times) // 2], output
+
+
+@torch.no_grad()
+def benchmark_sampler(ar, tokenizer, batch, repeat=3, seed=0, **options):
+    """Time `sample` at one batch size: a warm-up run (compiling, with compile=True), then the
+    median of `repeat` runs. D_FM's share is timed apart, as `tokenizer.decode` of the sampled
+    tokens with the same steps; the AR model's is the rest (so it includes the sampler's own Python
+    work). -> a dict of the figures."""
+    device = tokenizer.sampling_times.device
+    N, S = tokenizer.cfg.num_tokens, options.get("steps") or tokenizer.cfg.decode_steps
+    labels = torch.arange(batch, device=device) % ar.cfg.num_classes
+    sampling = lambda: list(dar.sample(ar, tokenizer, labels,
+                                   generator=torch.Generator(device).manual_seed(seed), **options))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total, sampled_groups = median_time(sampling, repeat, device)
+    decoding, _ = median_time(lambda: tokenizer.decode(sampled_groups[-1].tokens,
+                                                       solver=options.get("solver", "adams2"),
+                                                       steps=options.get("steps"),
+                                                       compile=options.get("compile", False)),
+                              repeat, device)
+    return dict(batch=batch, images_per_s=batch / total,
+                ar_ms_per_token=1000 * (total - decoding) / N,
+                diffusion_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
+                diffusion_share=decoding / total,
+                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if device.type == "cuda" else None)
 
 
 def main(argv=None):

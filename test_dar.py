@@ -1640,7 +1640,7 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     initial = dar.miniature_tokenizer(model.cfg).state_dict()
     assert isinstance(model.patchify, torch.nn.Sequential) and "fm" in terms
     diffusion = [key for key in initial if key.startswith("diffusion.")]
-    encoder = [name for name, _ in model.named_parameters() if name.startswith(dar.ENCODER_PARTS)]
+    encoder = [name for name, _ in model.named_parameters() if name.startswith(train_tokenizer.ENCODER_PARTS)]
     assert all(torch.equal(states[1][key], initial[key]) for key in diffusion)          # code path: D_FM untouched
     assert not all(torch.equal(states[1][key], initial[key]) for key in encoder)       # ... the encoder learns
     assert all(torch.equal(states[3][key], states[2][key]) for key in encoder)          # frozen: fixed
@@ -1681,23 +1681,23 @@ def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
 def test_time_blur_keeps_what_a_step_at_time_t_can_see():
     images = shapes(4)
     t = torch.tensor([0.0, 0.2, 0.6, 0.999])
-    assert torch.equal(dar.time_blur(images, t, 0.0), images)                       # strength 0: the images
-    blurred = dar.time_blur(images, t, 1.0)
+    assert torch.equal(train_tokenizer.time_blur(images, t, 0.0), images)                       # strength 0: the images
+    blurred = train_tokenizer.time_blur(images, t, 1.0)
     change = (blurred - images).abs().mean((1, 2, 3))
     assert change[0] > change[1] > change[2] > change[3] and change[3] < 1e-3       # less blur as t -> 1
     torch.testing.assert_close(blurred.mean((2, 3)), images.mean((2, 3)), atol=0.05, rtol=0)  # colours stay
-    capped = dar.time_blur(images[:1], torch.tensor([1e-4]), 1.0)                   # sigma at most 8 px
-    torch.testing.assert_close(capped, dar.time_blur(images[:1], torch.tensor([1 / 9]), 1.0))
+    capped = train_tokenizer.time_blur(images[:1], torch.tensor([1e-4]), 1.0)                   # sigma at most 8 px
+    torch.testing.assert_close(capped, train_tokenizer.time_blur(images[:1], torch.tensor([1 / 9]), 1.0))
 
 
 def test_group_probes_read_the_shipped_tokenizers_first_group():
     tokenizer = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")
-    images, labels = dar.builtin_images(700, 32, dar.PROBE_SEED)
-    probes = dar.group_probes(tokenizer, images, labels, train=500)
+    images, labels = dar.builtin_images(700, 32, train_tokenizer.PROBE_SEED)
+    probes = train_tokenizer.group_probes(tokenizer, images, labels, train=500)
     assert set(probes) == {0, 1, 3, 7} and set(probes[0]) == {"class", "background", "object colour", "position"}
     # the shipped codes carry the class in the first group already (the limit its model card names)
     assert probes[0]["class"] > 0.8 and probes[0]["background"] > 0.8
-    shuffled = dar.group_probes(tokenizer, images, labels[torch.randperm(700, generator=torch.Generator().manual_seed(0))],
+    shuffled = train_tokenizer.group_probes(tokenizer, images, labels[torch.randperm(700, generator=torch.Generator().manual_seed(0))],
                                 train=500, groups=[0])
     assert set(shuffled) == {0} and shuffled[0]["class"] < 0.3                      # chance, for labels it cannot read
 
@@ -1706,7 +1706,7 @@ def test_own_step_trains_only_the_group_of_the_step():
     torch.manual_seed(0)
     cfg = dar.TOKENIZER_PRESETS["tiny"]
     tokenizer = dar.miniature_tokenizer(cfg)
-    path = dar.CodePath(tokenizer, dar.CodeHead(cfg), own_step=True)
+    path = train_tokenizer.CodePath(tokenizer, train_tokenizer.CodeHead(cfg), own_step=True)
     images = dar.builtin_images(2, 32, 0, "textures")[0]
     z_q = tokenizer.quantizer(tokenizer.encoder_features(images))[0].detach().requires_grad_()
     group = torch.tensor([2, cfg.num_groups - 1])

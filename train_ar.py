@@ -299,8 +299,8 @@ def watch(model, tokenizer, evaluator, args, done, images_seen, log):
 
 @torch.no_grad()
 def save_samples(model, tokenizer, args, path):
-    """A picture: a row per class (up to 10), the previews after each group, the last being the
-    image."""
+    """A picture: a row per class (up to 10), the previews after each group, the last
+    being the image."""
     device = tokenizer.sampling_times.device
     labels = torch.arange(min(model.cfg.num_classes, 10), device=device)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -315,8 +315,8 @@ def save_samples(model, tokenizer, args, path):
 
 @torch.no_grad()
 def toy_accuracy(model, tokenizer, evaluator, args):
-    """The built-in data's toy accuracy of --eval-samples class-balanced guided samples (the
-    evaluators' mean)."""
+    """The built-in data's toy accuracy of --eval-samples class-balanced guided samples
+    (the evaluators' mean)."""
     make = dar.class_balanced_samples(model.eval(), tokenizer, seed=args.seed,
                                       guidance=args.sample_guidance)
     correct = dar.toy_judgement(evaluator, *make(list(range(args.eval_samples))))[1]

@@ -15,8 +15,10 @@ the code path alone against a code head (--code-path-steps), then Eq. (7) on the
 import argparse
 import copy
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -106,7 +108,7 @@ def add_miniature_flags(parser):
                       "the codebook fixed")
     tiny.add_argument("--target-blur", type=dar.WEIGHT,
                       help="the code head's target for group c(t): the image blurred by "
-                      "sigma = S (1 - t) / t px (dar.time_blur), so each group learns what its "
+                      "sigma = S (1 - t) / t px (time_blur), so each group learns what its "
                       "step can see (default 0)")
     tiny.add_argument("--teacher-from", choices=["group", "last"],
                       help="the teacher's features are predicted from "
@@ -133,7 +135,7 @@ def add_watch_flags(parser):
                        help="held-out images of --eval-every")
     watch.add_argument("--probe-images", type=dar.COUNT, default=0,
                        help="--eval-every also fits linear probes of the "
-                       "first and last group (dar.group_probes) on all but 500 (or a quarter) of "
+                       "first and last group (group_probes) on all but 500 (or a quarter) of "
                        "this many held-out images (0: no probes)")
     watch.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
                        help="--eval-every's toy evaluator (shipped; trained and written there if "
@@ -158,8 +160,8 @@ def miniature_recipe(args):
 
 
 def load_lpips(device):
-    """LPIPS-VGG from the `lpips` package, as released (its VGG16 backbone comes from
-    torchvision)."""
+    """LPIPS-VGG from the `lpips` package, as released (its VGG16 backbone
+    comes from torchvision)."""
     try:
         import lpips
         metric = lpips.LPIPS(net="vgg", verbose=False)
@@ -173,8 +175,8 @@ def load_lpips(device):
 
 
 def load_repa_target(device):
-    """REPA targets: DINOv2-B/14 patch tokens (OFFICIAL_FORMAT §4.1 preprocessing), from
-    torch.hub."""
+    """REPA targets: DINOv2-B/14 patch tokens (OFFICIAL_FORMAT §4.1
+    preprocessing), from torch.hub."""
     try:
         dino = torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14", trust_repo=True,
                               skip_validation=True)
@@ -196,19 +198,19 @@ def load_repa_target(device):
 
 
 def loss_networks(args, cfg, device, rank, start_step):
-    """The frozen networks the run reads: LPIPS, the REPA target, the miniature's teacher (each None
-    when its weight is 0), and --eval-every's held-out set (None when off, and on every rank but
-    0)."""
+    """The frozen networks the run reads: LPIPS, the REPA target, the miniature's teacher (each
+    None when its weight is 0), and --eval-every's held-out set (None when off, and on every
+    rank but 0)."""
     perceptual = load_lpips(device) if args.lpips_weight > 0 else None
     repa_target = load_repa_target(device) if args.repa_weight > 0 else None
-    teacher = dar.load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
+    teacher = load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
         if args.teacher_weight > 0 else None
     held_out = HeldOut(args, cfg.image_size, device, start_step) if args.eval_every and rank == 0 \
         else None
     return perceptual, repa_target, teacher, held_out
 
 
-# linear probes of groups 1, 2, 4 and K (dar.group_probes), logged with every evaluation
+# linear probes of groups 1, 2, 4 and K (group_probes), logged with every evaluation
 PROBES = ((0, "class"), (0, "background"), (0, "object colour"), (0, "position"), (1, "class"),
           (3, "class"), (-1, "class"))
 PROBE_COLUMNS = tuple(f"g{group + 1 if group >= 0 else 'K'}_{what.replace(' ', '_')}"
@@ -230,7 +232,7 @@ class HeldOut:
                                                 flag="--evaluator").to(device)
         self.probes = args.probe_images
         if self.probes:
-            probes = dar.builtin_images(self.probes, image_size, dar.PROBE_SEED, args.data)
+            probes = dar.builtin_images(self.probes, image_size, PROBE_SEED, args.data)
             self.probe_images, self.probe_labels = probes
             self.probe_images = self.probe_images.to(device)
             self.probe_train = self.probes - min(500, self.probes // 4)
@@ -261,7 +263,7 @@ class HeldOut:
         stage = "code path" if head is not None else "diffusion"
         probed = [float("nan")] * len(PROBES)
         if self.probes:  # fitted on probe_train images, scored on the rest
-            probes = dar.group_probes(tokenizer, self.probe_images, self.probe_labels,
+            probes = group_probes(tokenizer, self.probe_images, self.probe_labels,
                                       self.probe_train)
             probed = [probes[group % tokenizer.cfg.num_groups][what] for group, what in PROBES]
         log(f"eval step {step} ({images_seen:,} images, "
@@ -311,6 +313,172 @@ def draw(tokenizer, head, held_out, shown, args, step):
 
 CURVE_COLUMNS = ("step", "images", "stage", "background_kept", "colours_kept", "centroid_px",
                  "accuracy", "mse", "codebook_use")
+
+
+# ---- the CPU miniature's first stage: the code path against a code head (dar.MiniatureRecipe) ---
+
+PROBE_SEED = 4  # the linear probes of what a group of conditions holds (`group_probes`)
+
+
+class CodeHead(nn.Module):
+    """A deterministic image head: one group of conditions (B, G, D) to the image (B, 3, H, W): a
+    Linear to an H/8 grid, then three 2x upsampling convolutions, as in a plain VQ autoencoder. With
+    `features` > 0 the same group also predicts a teacher's pooled features of that width. It gives
+    the encoder -> VQ -> causal-decoder path a direct signal before D_FM can use the codes
+    (`CodePath`); never exported."""
+
+    def __init__(self, cfg: dar.TokenizerConfig, features=0, widths=(128, 64, 32)):
+        super().__init__()
+        self.feature_head = nn.Linear(cfg.group_size * cfg.decoder_dim,
+                                      features) if features else None
+        if cfg.image_size % 8:
+            raise ValueError(f"the code head needs image_size divisible by 8, got {cfg.image_size}")
+        self.side = cfg.image_size // 8
+        self.project = nn.Linear(cfg.group_size * cfg.decoder_dim, widths[0] * self.side ** 2)
+        layers, channels = [], widths[0]
+        for out_channels in widths:
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_channels, 3, padding=1),
+                       nn.GroupNorm(8, out_channels), nn.SiLU()]
+            channels = out_channels
+        self.body = nn.Sequential(*layers, nn.Conv2d(channels, 3, 3, padding=1))
+
+    def forward(self, cond):                                       # cond (B, G, D) -> (B, 3, H, W)
+        grid = self.project(cond.flatten(1)).unflatten(1, (-1, self.side, self.side))
+        return self.body(grid)
+
+    def predict_features(self, cond):                              # cond (B, G, D) -> (B, features)
+        return self.feature_head(cond.flatten(1))
+
+
+def time_blur(images, t, strength, most=8.0):
+    """What a denoising step at time t can still see of the image, roughly: images (B, 3, H, W)
+    blurred by a Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image;
+    strength 0: the images."""
+    if strength == 0:
+        return images
+    return dar.gaussian_blur(images, (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most))
+
+
+class CodePath(nn.Module):
+    """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained
+    against a `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), target) [+
+    teacher_weight (1 - cosine) of the teacher's pooled features]; c(t) as in Eq. (7), a random
+    group per image. The target is the image (target_blur 0: every group must carry all of it) or
+    `time_blur` of it (each group only what its step can see: coarse to fine); the teacher's
+    features are predicted from c(t) or from the last group (teacher_from).
+    own_step: c(t) of group k reads the tokens of groups before k detached, so that its target
+    trains only group k's tokens (and the teacher only the last group's). Its parameters are the
+    tokenizer's, then the head's."""
+
+    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False,
+                 first_group_weight=1.0):
+        super().__init__()
+        self.tokenizer, self.head, self.target_blur = tokenizer, head, target_blur
+        self.teacher_from, self.own_step = teacher_from, own_step
+        self.first_group_weight = first_group_weight
+
+    def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
+        tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
+        t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
+        group = dar.condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
+        # miniature only: each group learns what its own step adds (release: full gradient)
+        if self.own_step:
+            cond_t = dar.gather_group(self.own_conditions(z_q, group), group, G)
+        if self.first_group_weight == 1:
+            head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
+        else:
+            error = (self.head(cond_t) - time_blur(images, t, self.target_blur)).pow(2)
+            weight = torch.where(group == 0, self.first_group_weight, 1.0)
+            head = (weight * error.mean((1, 2, 3))).mean()
+        loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(images)
+            read = cond_t if self.teacher_from == "group" else cond[:, -G:]
+            if self.teacher_from == "last" and self.own_step:  # the last group's tokens alone
+                last_group = torch.full_like(t, tokenizer.cfg.num_groups - 1, dtype=torch.long)
+                read = self.own_conditions(z_q, last_group)[:, -G:]
+            features = 1 - F.cosine_similarity(self.head.predict_features(read), target,
+                                               dim=-1).mean()
+            loss, terms["features"] = loss + teacher_weight * features, features.detach()
+        return {"loss": loss, **terms, "usage": usage}
+
+    def own_conditions(self, z_q, group):
+        """z' (B, N, D) of tokens z_q (B, N, C) with those of the groups before each image's
+        `group` (B,) detached."""
+        token_group = torch.arange(z_q.shape[1], device=z_q.device) // self.tokenizer.cfg.group_size
+        earlier = (token_group[None, :] < group[:, None])[..., None]                    # (B, N, 1)
+        return self.tokenizer.causal_decoder(torch.where(earlier, z_q.detach(), z_q))
+
+
+@torch.no_grad()
+def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None):
+    """Linear probes of what one group of conditions z' holds: ridge regressions on the first
+    `train` images, scored on the rest, for each 0-based group in `groups` (default: groups 1, 2, 4
+    and K, counted from 1). -> {group: {"class", "background", "object colour" (accuracies),
+    "position" (the fraction whose centroid is read within 3 px)}}."""
+    cfg = tokenizer.cfg
+    groups = groups or sorted({0, min(1, cfg.num_groups - 1), min(3, cfg.num_groups - 1),
+                               cfg.num_groups - 1})
+    cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500]))
+                      for i in range(0, len(images), 500)])
+    where, background, colour = dar.shape_layout(images.cpu())
+    index = lambda colours: torch.cdist(colours, dar.SHAPE_COLOURS).argmin(-1)
+    targets = {"class": F.one_hot(labels.cpu(), 10).float(),
+               "background": F.one_hot(index(background), 8).float(),
+               "object colour": F.one_hot(index(colour), 8).float(),
+               "position": where.nan_to_num(cfg.image_size / 2)}
+    results = {}
+    for group in groups:
+        x = cond[:, group * cfg.group_size:(group + 1) * cfg.group_size].flatten(1).double().cpu()
+        x = (x - x[:train].mean(0)) / x[:train].std(0).clamp(min=1e-6)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram = x[:train].T @ x[:train] + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+        solve = lambda y: torch.linalg.solve(gram, x[:train].T @ y[:train].double())
+        scores = {}
+        for what, y in targets.items():
+            predicted = x[train:] @ solve(y)
+            if what == "position":
+                scores[what] = ((predicted - y[train:]).norm(dim=-1) <= 3).float().mean().item()
+            else:
+                scores[what] = (predicted.argmax(-1) == y[train:].argmax(-1)).float().mean().item()
+        results[group] = scores
+    return results
+
+
+# what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of
+# Tokenizer)
+ENCODER_PARTS = ("patchify.", "query_embedding.", "query_linear.", "encoder_layers.", "quant_in.",
+                 "quantizer.")
+
+
+def freeze_encoder(model, ema):
+    """Hold the encoder and the codebook fixed from now on, at their EMA values (what the codes were
+    judged by): no gradient, so AdamW and the EMA leave them as they are."""
+    for name, param in model.named_parameters():
+        if name.startswith(ENCODER_PARTS):
+            param.data.copy_(ema.get_parameter(name))
+            param.requires_grad_(False)
+
+
+def load_teacher(path, image_size, device, data="builtin"):
+    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never
+    the evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
+    path = Path(path)
+    if not path.is_file():
+        tqdm.write(f"training the code head's teacher once -> {path}")
+        classifier = dar.train_shape_classifier(image_size, seed=dar.TEACHER_TRAIN_SEED,
+                                            data_seed=dar.TEACHER_TRAIN_SEED, data=data)
+        dar.save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
+                         "model": classifier.state_dict()}, path)
+    checkpoint = dar.load_checkpoint_file(path)
+    if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
+            or checkpoint.get("data", "builtin") != data:
+        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel --data "
+                         f"{data} images")
+    classifier = dar.ShapeClassifier()
+    classifier.load_state_dict(checkpoint["model"])
+    return classifier.to(device).eval().requires_grad_(False).features
 
 
 def main(args):
@@ -386,8 +554,8 @@ def build(args, cfg, recipe, dataset, device, log):
     model.encode(shown)  # checks the images, once per run
     code_path = None
     if args.code_path_steps:
-        head = dar.CodeHead(cfg, recipe.teacher_features)
-        code_path = dar.CodePath(model, head, recipe.target_blur, recipe.teacher_from,
+        head = CodeHead(cfg, recipe.teacher_features)
+        code_path = CodePath(model, head, recipe.target_blur, recipe.teacher_from,
                                  recipe.own_step, recipe.first_group_weight).to(device)
     restarts = dar.CodebookRestarts(model.quantizer) if recipe and recipe.codebook_restart else None
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -399,7 +567,7 @@ def begin_stage(args, model, code_path, ema, first_stage, world_size, device):
     tokenizer (after the first stage, --freeze encoder holds the encoder and the codebook at their
     EMA values)."""
     if not first_stage and args.freeze == "encoder":
-        dar.freeze_encoder(model, ema)
+        freeze_encoder(model, ema)
     return dar.wrap_for_training(code_path if first_stage else model, args.compile, world_size,
                                  device, find_unused_parameters=code_path is not None)
 
@@ -409,7 +577,7 @@ def save(args, path, cfg, optimizer, done, recipe, learner, learner_ema, restart
     exact resume the code head (and its EMA) and the codebook use since the last restart."""
     entries = {"builder": "miniature", "recipe": asdict(recipe)} if recipe else {}
     model, ema = learner, learner_ema
-    if isinstance(learner, dar.CodePath):
+    if isinstance(learner, CodePath):
         model, ema = learner.tokenizer, learner_ema.tokenizer
         entries.update(code_head=learner.head.state_dict(),
                        code_head_ema=learner_ema.head.state_dict())
@@ -424,7 +592,7 @@ def resume(args, path, learner, learner_ema, optimizer, restarts, log):
     use; -> the step to continue from (0 without --resume)."""
     if not args.resume:
         return 0
-    two_stage = isinstance(learner, dar.CodePath)
+    two_stage = isinstance(learner, CodePath)
     try:
         checkpoint = dar.resume_training(path, "tokenizer", learner.tokenizer if two_stage
                                          else learner,
