@@ -48,6 +48,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import sys
 import time
 import warnings
@@ -550,13 +551,13 @@ class Tokenizer(nn.Module):
         return self.quant_in(layer_norm(x[:, -N:]))                                  # (B, N, C)
 
     @torch.no_grad()
-    def encode(self, images):
-        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in
-        the coarse-to-fine order."""
+    def encode(self, images, values=True):
+        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine
+        order. values=False: no value check (a host sync), for a loop that checked its data once."""
         images = torch.as_tensor(images, device=self.sampling_times.device)
         size = self.cfg.image_size
-        if images.shape[1:] != (3, size, size) or not images.is_floating_point() \
-                or not images.isfinite().all() or images.abs().max() > 1.1:
+        if images.shape[1:] != (3, size, size) or not images.is_floating_point() or values and (
+                not images.isfinite().all() or images.abs().max() > 1.1):
             raise ValueError(f"images must be {size}x{size} RGB finite floats in [-1, 1], (B, 3, "
                              f"{size}, {size}) (0-255 pixels map by x / 127.5 - 1), got "
                              f"{describe(images)}")
@@ -1161,9 +1162,8 @@ def save_forming_gif(previews, names, group_size, path):
     K = previews.shape[1]
     frames = [labelled_grid(previews[:, k][None], [step], names) for k,
               step in enumerate(preview_names(K, group_size))]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=[400] * (K - 1) + [2000],
-                   loop=0)
+    save_picture(frames[0], path, save_all=True, append_images=frames[1:],
+                 duration=[400] * (K - 1) + [2000], loop=0)
 
 
 # ---- class-balanced samples (the FID files' and the toy metric's) --------------------------------
@@ -1578,85 +1578,103 @@ def command_line(run):
         sys.exit(print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr) or 2)
 
 
-def write_atomically(path, text):
-    """Write a text file through a temporary file and a rename: a kill never leaves
-    it half written."""
+def write_atomically(path, content):
+    """Every file the project writes goes through here: a temporary file in the same folder, then
+    a rename, so that a kill never leaves it half written and a symlink at `path` is replaced, not
+    its target. content: a text, or write(file) that writes the bytes to an open binary file."""
     path = Path(path)
+    if not path.name:
+        raise ValueError("an empty path names no file")
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w" if isinstance(content, str) else "wb") as file:
+            file.write(content) if isinstance(content, str) else content(file)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_picture(image, path, **options):
+    """A PIL image to `path` (its format from the suffix: PNG, GIF, ...), atomically."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    write_atomically(path, lambda file: image.save(file, format=fmt, **options))
 
 
 def check_record(path, settings, what):
-    """A resumable output's record: `settings` (plain values) written to `path` on first
-    use (atomically); a later run with other settings is refused with one line that names
-    the first difference."""
+    """A resumable output's record: `settings` (plain values) written to `path` on first use; a
+    later run with other settings, or a damaged record, is refused with one line."""
     path, settings = Path(path), json.loads(json.dumps(settings))  # as the file holds them
-    if path.exists():
-        try:
-            recorded = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            recorded = None
-        if not isinstance(recorded, dict):
-            raise BadInput(f"{what}: its record {path} is empty or damaged; delete it (and what "
-                           f"it describes) to start afresh")
-        for key in sorted(set(recorded) | set(settings)):
-            if recorded.get(key) != settings.get(key):
-                raise BadInput(f"{what} was made with {key} = {recorded.get(key)!r}, this run has "
-                               f"{settings.get(key)!r}; keep the settings, or choose another "
-                               f"folder")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(settings, indent=1, sort_keys=True))
+    if not path.exists():
+        return write_atomically(path, json.dumps(settings, indent=1, sort_keys=True))
+    try:
+        recorded = json.loads(path.read_text())
+        changed = [key for key in sorted({*recorded, *settings})
+                   if recorded.get(key) != settings.get(key)]
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        raise BadInput(f"{what}: its record {path} is empty or damaged; delete it (and what it "
+                       "describes) to start afresh") from None
+    if changed:
+        raise BadInput(f"{what} was made with {changed[0]} = {recorded.get(changed[0])!r}, this "
+                       f"run has {settings.get(changed[0])!r}; keep the settings, or choose "
+                       "another folder")
 
 
 def claim_run_folder(out, checkpoint, resume, overwrite):
-    """A training run owns its --out: a lock file refuses a second live run (naming its
-    process), and a folder that already holds `checkpoint` is refused unless the run resumes it
-    or overwrites it."""
-    out, checkpoint = Path(out), Path(checkpoint)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file, not a folder")
-    if resume and overwrite:
-        raise BadInput("--resume continues the checkpoint, --overwrite replaces it: give one")
+    """A training run owns its --out (`lock_folder`); a checkpoint there is continued (--resume) or
+    replaced (--overwrite), never silently."""
     if resume and not checkpoint.is_file():
         raise BadInput(f"--resume: no checkpoint at {checkpoint}")
     if checkpoint.exists() and not (resume or overwrite):
         raise BadInput(f"--out {out} already holds {checkpoint}: pass --resume to continue it or "
-                       f"--overwrite to start afresh")
+                       "--overwrite to start afresh")
     lock_folder(out, "--out")
-    if overwrite:  # afresh: the old run's records and pictures go with it
-        for old in [out / "learning_curve.tsv", *out.glob("reconstructions_*.png"),
-                    *out.glob("samples_*.png")]:
-            old.unlink(missing_ok=True)
+    for old in [out / "learning_curve.tsv", *out.glob("reconstructions_*.png"),
+                *out.glob("samples_*.png")] if overwrite else []:
+        old.unlink(missing_ok=True)  # afresh: the old run's records and pictures go with it
 
 
 def lock_folder(folder, flag):
-    """Make `folder` this process's: a lock file refuses a second live process (naming it), a stale
-    one is taken over. -> release(), which the end of the process also calls."""
-    folder, pid = Path(folder), str(os.getpid())
-    lock = folder / ".lock"
+    """Make `folder` this run's: its .lock names the host, process and start time of the run that
+    holds it. A live run on this host refuses a second (naming it), a lock of another host names the
+    file to delete, and a lock of an ended run is taken over. -> release(), also called at exit."""
+    folder, lock = Path(folder), Path(folder) / ".lock"
+    me = [socket.gethostname(), str(os.getpid()), process_started(os.getpid())]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        try:  # created only if absent: of two processes starting together, one wins
+        try:  # created only if absent: of two runs starting together, one wins
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
-            holder = int((lock.read_text().split() or ["0"])[0])
-            if str(holder) != pid and process_alive(holder):
-                raise BadInput(f"{flag} {folder} is in use by process {holder} (lock {lock}); wait "
-                               f"for it or choose another {flag}") from None
-        lock.write_text(f"{pid}\n")  # ours now (a stale lock's process has ended)
+            holder = lock.read_text().split()
+            if len(holder) == 3 and holder[0] != me[0]:
+                raise BadInput(f"{flag} {folder} is locked by process {holder[1]} on {holder[0]}; "
+                               f"if that run has ended, delete {lock}") from None
+            if len(holder) == 3 and holder != me and process_started(int(holder[1])) == holder[2]:
+                raise BadInput(f"{flag} {folder} is in use by process {holder[1]} (lock {lock}); "
+                               f"wait for it or choose another {flag}") from None
+        write_atomically(lock, " ".join(me) + "\n")
     except OSError as error:
         raise BadInput(f"{flag} {folder} is not writable ({error.strerror})") from None
 
     def release():
-        if lock.exists() and lock.read_text().split()[:1] == [pid]:
+        if lock.exists() and lock.read_text().split() == me:
             lock.unlink()
     atexit.register(release)
     return release
 
 
-def process_alive(pid):
+def process_started(pid):
+    """When process `pid` started (clock ticks after boot, from /proc), "" if it is not running: a
+    PID that a new process reuses gets another start time. Without /proc: "alive" or ""."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return "" if Path("/proc/self/stat").exists() else "alive" if pid_alive(pid) else ""
+    except (OSError, IndexError):
+        return ""
+
+
+def pid_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1666,35 +1684,32 @@ def process_alive(pid):
     return pid > 0
 
 
-def check_number(value, name, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """value (a number or its text) as a finite number in [low, high] (an end open where said), else
-    a ValueError that names `name` and the range."""
-    kind = "an integer" if integer else "a finite number"
+def number_in(text, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """`text` as a finite number (an integer with `integer`) in [low, high], an end open where
+    said; else a ValueError that names the range: "must be a finite number >= 0, got 'x'"."""
     try:
-        if integer and not isinstance(value, int) and not str(value).strip().lstrip("+-").isdigit():
-            raise ValueError
-        number = int(value) if integer else float(value)
+        number = int(text) if integer else float(text)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {kind}, got {value!r}") from None
-    below = low is not None and (number < low or (low_open and number == low))
-    above = high is not None and (number > high or (high_open and number == high))
-    if not math.isfinite(number) or below or above:
-        bounds = ([f"{'>' if low_open else '>='} {low}"] if low is not None else []) + \
-                 ([f"{'<' if high_open else '<='} {high}"] if high is not None else [])
-        raise ValueError(f"{name} must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got "
-                         f"{value!r}")
+        number = math.nan
+    bounds = [f"{'>' if low_open else '>='} {low}"] * (low is not None) + \
+        [f"{'<' if high_open else '<='} {high}"] * (high is not None)
+    below = low is not None and (number < low or low_open and number == low)
+    if not math.isfinite(number) or below or high is not None and (
+            number > high or high_open and number == high):
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got {text!r}")
     return number
 
 
-def flag_type(low=None, high=None, low_open=False, high_open=False, integer=False):
-    """An argparse type: `check_number` with these bounds; a bad value ends the run with
-    argparse's one line."""
+def flag_type(*bounds, **options):
+    """An argparse type: `number_in` with these bounds; a bad value ends the run with argparse's
+    one line."""
     def parse(text):
         try:
-            return check_number(text, "it", low, high, low_open, high_open, integer)
+            return number_in(text, *bounds, **options)
         except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error).replace("it must", "must", 1)) from None
-    parse.__name__ = "integer" if integer else "number"
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = "integer" if options.get("integer") else "number"
     return parse
 
 
@@ -2060,13 +2075,10 @@ def add_training_flags(parser, recipes):
 
 
 def finish_training_flags(parser, argv, recipes, script, checkpoint_name):
-    """Parse, the recipe flags defaulting to RECIPES[--config] (--help shows them: `--config v1
-    --help`); record
-    the command, default --out; check the paths (--data must be a folder, --out and --export not in
-    the way)."""
+    """Parse, with the recipe flags defaulting to RECIPES[--config] (`--config v1 --help` shows
+    them); record the command and the resolved --data folder; refuse what is in the way."""
     config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", default="tiny")
-    # an unknown one: the parser below says so
+    config.add_argument("--config", default="tiny")  # an unknown one: the parser below says so
     recipe = recipes.get(config.parse_known_args(argv)[0].config, {})
     parser.set_defaults(**recipe)
     for action in parser._actions:
@@ -2074,39 +2086,36 @@ def finish_training_flags(parser, argv, recipes, script, checkpoint_name):
             action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-    args.out = Path(args.out or f"out/{args.config}")
-    if args.data not in BUILTIN_DATA and not Path(args.data).is_dir():
-        parser.error(f"--data: no folder {args.data} (an ImageNet-style folder, or 'builtin')")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file, not a folder")
-    if args.export and (Path(args.export).is_dir() or Path(args.export).suffix != ".pt"):
-        parser.error(f"--export {args.export}: expected a file name ending in .pt")
-    if args.export:
-        check_export_target(parser, Path(args.export), args.out / checkpoint_name)
-    if args.data not in BUILTIN_DATA:
-        args.data = str(Path(args.data).resolve())  # recorded: a resume from elsewhere is the same
-    if args.data not in BUILTIN_DATA and "builtin_size" in args.given:
-        parser.error("--builtin-size sizes the built-in data; --data names a folder")
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the checkpoint, --overwrite replaces it: give one")
+    args.out, folder = Path(args.out or f"out/{args.config}"), args.data not in BUILTIN_DATA
+    export, checkpoint = Path(args.export or "."), args.out / checkpoint_name
+    for bad, message in (
+            (folder and not Path(args.data).is_dir(), f"--data: no folder {args.data} (an "
+             "ImageNet-style folder, or 'builtin')"),
+            (folder and "builtin_size" in args.given, "--builtin-size sizes the built-in data; "
+             "--data names a folder"),
+            (args.out.exists() and not args.out.is_dir(), f"--out {args.out} is a file, not a "
+             "folder"),
+            (args.resume and args.overwrite, "--resume continues the checkpoint, --overwrite "
+             "replaces it: give one"),
+            (args.export and (export.is_dir() or export.suffix != ".pt"), f"--export "
+             f"{args.export}: expected a file name ending in .pt"),
+            (args.export and export.resolve() == checkpoint.resolve(), f"--export {export} is the "
+             "run's training checkpoint; name another file"),
+            (args.export and export.exists() and exported_from(export) != str(checkpoint.resolve()),
+             f"--export {export} exists and is not an export of {checkpoint}; name another file, "
+             "or move it away")):
+        if bad:
+            parser.error(message)
+    args.data = str(Path(args.data).resolve()) if folder else args.data  # a resume from elsewhere
     return args
 
 
-def check_export_target(parser, export, checkpoint):
-    """--export never replaces the run's checkpoint, nor a file the run did not make: an existing
-    file is overwritten only if it is this run's earlier export (its record names this
-    checkpoint)."""
-    if export.resolve() == checkpoint.resolve():
-        parser.error(f"--export {export} is the run's training checkpoint; name another file")
-    if not export.exists():
-        return
+def exported_from(path):
+    """The training checkpoint an export of ours was made from (its record), else None."""
     try:
-        made_from = load_checkpoint_file(export).get("exported_from")
+        return load_checkpoint_file(path).get("exported_from")
     except (ValueError, OSError, AttributeError):
-        made_from = None
-    if made_from != str(checkpoint.resolve()):
-        parser.error(f"--export {export} exists and is not an export of {checkpoint}; name another "
-                     f"file, or move it away")
+        return None
 
 
 def training_setup(args, checkpoint_path):
@@ -2180,13 +2189,8 @@ class StepLog:
 
 
 def save_checkpoint(checkpoint, path):
-    """torch.save to a temporary file, then an atomic rename: a crash never leaves
-    a broken checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    """torch.save through `write_atomically`: a crash never leaves a broken checkpoint."""
+    write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
 @torch.no_grad()
@@ -2210,6 +2214,13 @@ def setup_distributed(device="auto"):
     local_rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local_rank)
     return rank, world_size, torch.device("cuda", local_rank)
+
+
+def gradient_sync(trained, sync):
+    """The context of one micro-step's forward and backward: under DDP, `no_sync()` unless `sync`
+    (gradients are all-reduced in the last micro-step of a step only); a plain model: nothing."""
+    ddp = isinstance(trained, torch.nn.parallel.DistributedDataParallel)
+    return trained.no_sync() if ddp and not sync else contextlib.nullcontext()
 
 
 def wrap_for_training(model, compile_model, world_size, device, find_unused_parameters=False):
@@ -2258,11 +2269,10 @@ def export_weights(checkpoint_path, path, command):
                      "exported_from": str(Path(checkpoint_path).resolve())}, path)
 
 
-def resume_training(path, kind, model, ema, optimizer, args):
-    """Load a checkpoint of `kind` written by `save_training_checkpoint` into model, ema (or None)
-    and optimizer, if it was trained with this run's settings (`check_same_run`); -> the
-    checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming its
-    kind or first bad key."""
+def training_checkpoint(path, kind, args):
+    """The checkpoint that --resume continues: one of `kind` written by `save_training_checkpoint`,
+    trained with this run's settings (`check_same_run`); a wrong file is a ValueError naming its
+    kind."""
     try:
         checkpoint = load_checkpoint_file(path, mmap=False)  # the optimizer state changes in place
     except ValueError as error:
@@ -2275,6 +2285,13 @@ def resume_training(path, kind, model, ema, optimizer, args):
         raise ValueError(f"--resume: {path} is not a {kind} training checkpoint (it is {found!r}"
                          f"{', without optimizer state' if no_optimizer else ''})")
     check_same_run(checkpoint.get("args", {}), args, path)
+    return checkpoint
+
+
+def resume_training(path, kind, model, ema, optimizer, args):
+    """Load `training_checkpoint` into model, ema (or None) and optimizer; -> the checkpoint (its
+    "step", and the script's own entries). A wrong file: ValueError naming its first bad key."""
+    checkpoint = training_checkpoint(path, kind, args)
     load_state_strict(model, checkpoint["model"], f"--resume {path}")
     if ema is not None:
         load_state_strict(ema, checkpoint["ema"], f"--resume {path} (EMA)")
@@ -2304,7 +2321,7 @@ def check_same_run(recorded, args, path):
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"--resume: {path} was trained with {flag} {recorded[key]}, this run "
                            f"has {flag} {setting_text(value)}; resume with the same settings, or "
-                           f"start afresh with --overwrite")
+                           "start afresh with --overwrite")
 
 
 def ar_optimizer(model, lr, betas, weight_decay):

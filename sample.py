@@ -1,5 +1,5 @@
 """Sample from a trained D-AR pair (§3.3): images forming group by group, layout control, the files
-the paper's FIDs are computed from, the toy metric of the built-in shapes and the sampler's speed.
+the paper's FIDs are computed from, the toy metric of the built-in data and the sampler's speed.
 
     python sample.py                              # a row per class, the preview after each group
     python sample.py --stream --labels plus       # one line per group, as its tokens arrive
@@ -19,13 +19,12 @@ Without --ar: the AR model `python train_ar.py` wrote to out/tiny when it exists
 one in weights/tiny; without --tokenizer: the tokenizer whose codes that AR model learned (its
 checkpoint records the file and its SHA-256; another tokenizer is refused). One printed line says
 which. Sample i of --fid and --eval asks for class i mod C and draws its noise and tokens from its
-own generator, seeded with --seed + i, so the set is the same whatever the batch size or the
-number of processes.
+own generator, seeded with --seed + i, so its tokens do not depend on the batch size or the number
+of processes (its pixels may differ by a rounding step: batched kernels sum in other orders).
 """
 import argparse
 import os
 import tempfile
-import pickle
 import time
 from pathlib import Path
 
@@ -44,99 +43,102 @@ QUICKSTART = Path("out/tiny")  # where `python train_tokenizer.py && python trai
 def parse_args(argv=None):
     parser = dar.Parser(__doc__)
     pair = parser.add_argument_group("the pair")
-    pair.add_argument("--tokenizer",
-                      help="ours or the release's (default: the tiny pair, see above)")
-    pair.add_argument("--ar",
-                      help="ours or the release's (D-AR-L-360K.pt, ...); default: the tiny pair")
+    pair.add_argument("--tokenizer", help="ours or the release's (default: the tiny pair, above)")
+    pair.add_argument("--ar", help="ours or the release's (D-AR-L-360K.pt, ...); default: the "
+                      "tiny pair")
     pair.add_argument("--config", metavar="PRESET",
-                      help="the AR preset of a release AR file (default: inferred "
-                      f"from its shapes; {', '.join(dar.AR_PRESETS)}), or with --benchmark "
-                      "TOKENIZER:AR, random weights of two presets instead of files, e.g. "
-                      f"ablation:B or v1:L (tokenizer: {', '.join(dar.TOKENIZER_PRESETS)})")
+                      help="the AR preset of a release AR file (default: inferred from its shapes; "
+                      f"{', '.join(dar.AR_PRESETS)}), or with --benchmark TOKENIZER:AR, random "
+                      "weights of two presets instead of files, e.g. ablation:B or v1:L "
+                      f"(tokenizer: {', '.join(dar.TOKENIZER_PRESETS)})")
     pair.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pair.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                       help="the AR model's weights on CUDA (release: bf16; the tokenizer runs in "
-                           "fp32/TF32)")
+                      "fp32/TF32)")
     pair.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                       help="TF32 matmuls on CUDA (release: on)")
-    add_sampling_flags(parser)
-    add_mode_flags(parser)
-    args = parser.parse_args(argv)
-    check_paths(parser, args)
-    return args
-
-
-
-
-def add_sampling_flags(parser):
-    """The flags of dar.sample, read in every mode."""
     sampling = parser.add_argument_group("sampling, every mode (release defaults)")
-    sampling.add_argument("--labels",
-                          help="comma-separated class ids (or shape names, for the built-in data)")
+    sampling.add_argument("--labels", type=listed("class"),
+                          help="comma-separated class ids (or class names, for the built-in data)")
     sampling.add_argument("--guidance", type=guidance_flag, default=4.0,
-                          help="classifier-free guidance scale, or 'start,end' for "
-                          "the linear schedule (paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
+                          help="classifier-free guidance scale, or 'start,end' for the linear "
+                          "schedule (paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
     sampling.add_argument("--temperature", type=dar.WEIGHT, default=1.0)
     sampling.add_argument("--top-k", type=dar.COUNT, default=0, help="0: off")
     sampling.add_argument("--top-p", type=dar.flag_type(0, 1, low_open=True), default=1.0,
                           help="in (0, 1]; 1: off")
     sampling.add_argument("--solver", default="adams2", choices=dar.SOLVERS)
     sampling.add_argument("--denoising-steps", type=dar.SIZE, metavar="S",
-                          help="diffusion steps of a decode (default: "
-                          "the tokenizer's, K = 8 as released); with S > K a token group drives "
-                          "several (Eq. 5)")
+                          help="diffusion steps of a decode (default: the tokenizer's, K = 8 as "
+                          "released); with S > K a token group drives several (Eq. 5)")
     sampling.add_argument("--seed", type=dar.SEED, default=0)
     sampling.add_argument("--compile", action="store_true",
-                          help="compile the one-token AR step and the "
-                          "denoising step (torch.compile; CUDA graphs on a GPU); the same numbers "
-                          "as eager")
+                          help="compile the one-token AR step and the denoising step "
+                          "(torch.compile; CUDA graphs on a GPU); the same numbers as eager")
     sampling.add_argument("--batch-size", type=dar.SIZE, default=64,
-                          help="--fid, --reconstruct, --eval: images per "
-                          "batch and process (release FID run: 64)")
+                          help="--fid, --reconstruct, --eval: images per batch and process "
+                          "(release FID run: 64)")
     sampling.add_argument("--n", type=dar.SIZE,
                           help="how many images: the picture's rows (default: one per label), "
                           "--eval's samples (default 1000) or references (default 50), "
                           "--reconstruct's (default: all)")
-    sampling.add_argument("--out",
-                          help="where the mode writes: the PNG of a picture, the folder of --fid "
-                          "and --reconstruct (default for a picture: next to the AR checkpoint)")
+    sampling.add_argument("--out", help="where the mode writes: the PNG of a picture, the folder "
+                          "of --fid and --reconstruct (default for a picture: out/tiny, or next "
+                          "to the AR checkpoint)")
+    add_mode_flags(parser)
+    args = parser.parse_args(argv)
+    check_flags(args)
+    return args
 
 
 def add_mode_flags(parser):
-    """The modes and their own flags."""
+    """The modes (one at most; default: a picture of previews) and their own flags."""
     modes = parser.add_argument_group("modes (default: a picture of previews)")
+    chosen = modes.add_mutually_exclusive_group()
     modes.add_argument("--stream", action="store_true",
                        help="picture: print a line per group as it arrives")
     modes.add_argument("--gif", action="store_true",
-                       help="picture: also write it as an animated GIF of the "
-                       "samples forming, a frame per group (same name, .gif)")
-    modes.add_argument("--layout-from", metavar="IMAGE",
-                       help="keep this image's first tokens (Fig. 5): a file, or "
-                       "'builtin:I' (held-out built-in image I); with --eval, 'builtin' measures "
-                       "--n references")
-    modes.add_argument("--prefix-tokens", default="8,16,32",
+                       help="picture: also write it as an animated GIF of the samples forming, a "
+                       "frame per group (same name, .gif)")
+    chosen.add_argument("--layout-from", metavar="IMAGE",
+                        help="keep this image's first tokens (Fig. 5): a file, or 'builtin:I' "
+                        "(held-out built-in image I); with --eval, 'builtin' measures --n "
+                        "references")
+    modes.add_argument("--prefix-tokens", type=listed("count", dar.COUNT), default="8,16,32",
                        help="--layout-from: counts of kept tokens, one row each")
-    modes.add_argument("--fid", type=dar.SIZE, metavar="N",
-                       help="write N class-balanced samples as PNGs and an .npz")
-    modes.add_argument("--reconstruct", metavar="FOLDER",
-                       help="write reconstructions of an image folder "
-                       "('builtin': held-out built-in images) as PNGs and an .npz (rFID)")
+    chosen.add_argument("--fid", type=dar.SIZE, metavar="N",
+                        help="write N class-balanced samples as PNGs and an .npz")
+    chosen.add_argument("--reconstruct", metavar="FOLDER",
+                        help="write reconstructions of an image folder ('builtin': held-out "
+                        "built-in images) as PNGs and an .npz (rFID)")
     modes.add_argument("--eval", action="store_true",
-                       help="built-in data: toy accuracy and toy FID of the samples "
-                       "(with --reconstruct builtin: of the reconstructions; with --layout-from "
-                       "builtin: Fig. 5)")
+                       help="built-in data: toy accuracy and toy FID of the samples (with "
+                       "--reconstruct builtin: of the reconstructions; with --layout-from builtin: "
+                       "Fig. 5)")
     modes.add_argument("--preview-groups", type=dar.SIZE, metavar="k",
-                       help="--fid, --eval: the preview after k groups "
-                       "instead of the image (Table 5)")
+                       help="--fid, --eval: the preview after k groups instead of the image "
+                       "(Table 5)")
     modes.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
                        help="--eval's toy evaluator, an ensemble (shipped; trained and written "
-                            "there if missing)")
-    modes.add_argument("--benchmark", metavar="BATCHES", nargs="?", const="1,16,64",
-                       help="time the sampler at "
-                       "these comma-separated batch sizes (default 1,16,64): images/s, AR ms per "
-                       "token, D_FM ms per step, their shares, peak memory on CUDA")
+                       "there if missing)")
+    chosen.add_argument("--benchmark", metavar="BATCHES", nargs="?", const=[1, 16, 64],
+                        type=listed("batch size", dar.SIZE),
+                        help="time the sampler at these comma-separated batch sizes (default "
+                        "1,16,64): images/s, AR ms per token, D_FM ms per step, their shares, "
+                        "peak memory on CUDA")
     modes.add_argument("--repeat", type=dar.SIZE, default=3,
                        help="--benchmark: timed runs per batch size after a warm-up")
+
+
+def listed(what, item=str):
+    """An argparse type: a comma-separated list of at least one `item`."""
+    def parse(text):
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"give at least one {what}, comma-separated")
+        return [item(part) for part in items]
+    parse.__name__ = what
+    return parse
 
 
 def guidance_flag(text):
@@ -145,31 +147,71 @@ def guidance_flag(text):
     if len(parts) > 2:
         raise argparse.ArgumentTypeError(f"expected a scale or 'start,end', got {text!r}")
     try:
-        scales = [dar.check_number(part, "each scale", 0) for part in parts]
+        scales = [dar.number_in(part, 0) for part in parts]
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{error} (in {text!r})") from None
+        raise argparse.ArgumentTypeError(f"each scale {error} (in {text!r})") from None
     return scales[0] if len(scales) == 1 else tuple(scales)
 
 
-def check_paths(parser, args):
-    """What a mode reads must exist and what it writes must not be in the way; --labels only where
-    it is read."""
-    picture = mode_of(args) in ("picture", "--layout-from")
-    if args.out and picture and (Path(args.out).is_dir()
-                                 or Path(args.out).suffix.lower() != ".png"):
-        parser.error(f"--out {args.out}: a picture is written to a file name ending in .png")
-    if args.out and not picture and Path(args.out).is_file():
-        parser.error(f"--out {args.out} is a file: --fid and --reconstruct write a folder")
-    if args.out and any(parent.is_file() for parent in Path(args.out).parents):
-        parser.error(f"--out {args.out}: a parent of it is a file")
-    if args.out and not writable(Path(args.out) if not picture else Path(args.out).parent):
-        parser.error(f"--out {args.out}: its folder cannot be created or written")
-    for flag in ("tokenizer", "ar", "evaluator"):
-        path = getattr(args, flag)
-        if path and Path(path).is_dir():
-            parser.error(f"--{flag} {path} is a folder, not a checkpoint")
-    if args.reconstruct not in (None, "builtin") and not Path(args.reconstruct).is_dir():
-        parser.error(f"--reconstruct: no folder {args.reconstruct}")
+def mode_of(args):
+    """The mode the flags choose, as the command line names it."""
+    for flag in ("benchmark", "eval", "fid", "reconstruct", "layout_from"):
+        if getattr(args, flag) not in (None, False):
+            return "--" + flag.replace("_", "-")
+    return "picture"
+
+
+def check_flags(args):
+    """The modes that go together, the flags each reads, and the paths, checked before anything
+    loads: a flag the mode would ignore ends the run, as does an output in the way."""
+    mode, samples = mode_of(args), args.reconstruct is None
+    picture = mode in ("picture", "--layout-from")
+    writes_files = not args.eval and (args.fid is not None or args.reconstruct is not None)
+    random_pair = args.config is not None and ":" in args.config
+    reads = {"stream": mode == "picture", "gif": mode == "picture", "labels": picture,
+             "n": mode in ("picture", "--eval", "--reconstruct"), "out": picture or writes_files,
+             "prefix_tokens": args.layout_from is not None, "evaluator": args.eval,
+             "repeat": mode == "--benchmark", "preview_groups": args.fid is not None or (
+                 args.eval and samples and not args.layout_from),
+             "batch_size": mode in ("--fid", "--reconstruct") or args.eval and not args.layout_from,
+             **{flag: samples for flag in ("ar", "config", "precision", "guidance",
+                                           "temperature", "top_k", "top_p")}}
+    shown = mode if mode != "picture" else "the picture"
+    problems = [f"--{dest.replace('_', '-')} is not read by {shown}: leave it out"
+                for dest, read in reads.items() if dest in args.given and not read]
+    problems += [message for bad, message in (
+        (args.eval and args.benchmark is not None, "--benchmark times the sampler alone: leave out "
+         "--eval"),
+        (args.out == "", "--out: an empty path; name a file or a folder"),
+        (args.eval and args.fid is not None, "--eval measures samples, --reconstruct builtin or "
+         "--layout-from builtin; not --fid"),
+        (args.eval and args.layout_from not in (None, "builtin"), "--eval --layout-from measures "
+         "held-out built-in images: use --layout-from builtin"),
+        (args.eval and args.reconstruct not in (None, "builtin"), "--eval measures the built-in "
+         "data: use --reconstruct builtin"),
+        (random_pair and mode != "--benchmark", "--config TOKENIZER:AR (random weights) is for "
+         "--benchmark only"),
+        (random_pair and (args.tokenizer or args.ar), "--config TOKENIZER:AR replaces --tokenizer "
+         "and --ar: give one or the other"),
+        (args.config and not random_pair and args.config not in dar.AR_PRESETS, f"--config "
+         f"{args.config}: expected an AR preset ({', '.join(dar.AR_PRESETS)}) or, with "
+         "--benchmark, TOKENIZER:AR"),
+        (writes_files and args.out is None, f"{mode} writes a folder of PNGs: pass --out DIR"),
+        ("RANK" in os.environ and not writes_files, "only --fid and --reconstruct are shared out "
+         "over processes; run the other modes without torchrun"),
+        (args.out is not None and picture and not args.out.lower().endswith(".png"), f"--out "
+         f"{args.out}: a picture is written to a file name ending in .png"),
+        (args.out is not None and writes_files and Path(args.out).is_file(), f"--out {args.out} "
+         "is a file: --fid and --reconstruct write a folder"),
+        (args.reconstruct not in (None, "builtin") and not Path(args.reconstruct).is_dir(),
+         f"--reconstruct: no folder {args.reconstruct}"),
+        *((path and Path(path).is_dir(), f"--{flag} {path} is a folder, not a checkpoint")
+          for flag, path in (("tokenizer", args.tokenizer), ("ar", args.ar),
+                             ("evaluator", args.evaluator)))) if bad]
+    if args.out and not writable(Path(args.out).parent if picture else Path(args.out)):
+        problems.append(f"--out {args.out}: its folder cannot be created or written")
+    if problems:
+        fail(problems[0])
 
 
 def writable(folder):
@@ -183,137 +225,78 @@ def writable(folder):
 
 
 def fail(message):
-    """Bad input ends the run with one line, no traceback (exit code 2)."""
+    """Bad input found after parsing ends the run with one line, no traceback (exit code 2)."""
     raise dar.BadInput(message)
 
 
-def check_modes(args):
-    """The modes that go together, and the counts, checked before anything loads."""
-    modes = [name for name in ("layout_from", "fid", "reconstruct")
-             if getattr(args, name) is not None]
-    if args.benchmark is not None and (modes or args.eval):
-        fail("--benchmark times the sampler alone: leave out --eval, --fid, --reconstruct and "
-             "--layout-from")
-    random_pair = args.config is not None and ":" in args.config
-    if random_pair and args.benchmark is None:
-        fail("--config TOKENIZER:AR (random weights) is for --benchmark only")
-    if random_pair and (args.tokenizer or args.ar):
-        fail("--config TOKENIZER:AR replaces --tokenizer and --ar: give one or the other")
-    if args.config is not None and not random_pair and args.config not in dar.AR_PRESETS:
-        fail(f"--config {args.config}: expected an AR preset ({', '.join(dar.AR_PRESETS)}) or, "
-             f"with --benchmark, TOKENIZER:AR")
-    if len(modes) > 1:
-        fail("choose one of --layout-from, --fid, --reconstruct (got "
-             f"{', '.join('--' + m.replace('_', '-') for m in modes)})")
-    if args.eval and (args.fid is not None or args.layout_from not in (None, "builtin")):
-        fail("--eval measures samples, --reconstruct builtin or --layout-from builtin; not --fid "
-             "or one image")
-    if args.eval and args.reconstruct not in (None, "builtin"):
-        fail("--eval measures the built-in shapes: use --reconstruct builtin")
-    if args.preview_groups is not None and args.fid is None and not (args.eval and not modes):
-        fail("--preview-groups applies to --fid and --eval of samples; the picture shows every "
-             "preview")
-    writes_files = args.fid is not None or (args.reconstruct is not None and not args.eval)
-    if writes_files and args.out is None:
-        fail("--fid and --reconstruct write a folder of PNGs: pass --out DIR")
-    if "RANK" in os.environ and not writes_files:
-        fail("only --fid and --reconstruct are shared out over processes; run the other modes "
-             "without torchrun")
-    check_every_flag_is_read(args)
-
-
-def mode_of(args):
-    """The mode the flags choose, as the command line names it."""
-    for flag, chosen in (("--benchmark", args.benchmark is not None), ("--eval", args.eval),
-                         ("--fid", args.fid is not None), ("--reconstruct", args.reconstruct),
-                         ("--layout-from", args.layout_from)):
-        if chosen:
-            return flag
-    return "picture"
-
-
-def check_every_flag_is_read(args):
-    """No flag is silently ignored: one that the chosen mode does not read ends the run."""
-    mode, samples = mode_of(args), args.reconstruct is None
-    reads = {
-        "stream": mode == "picture", "gif": mode == "picture",
-        "labels": mode in ("picture", "--layout-from") and not args.eval,
-        "n": mode in ("picture", "--eval", "--reconstruct"),
-        "out": mode not in ("--benchmark", "--eval"),
-        "prefix_tokens": args.layout_from is not None, "evaluator": args.eval,
-        "repeat": mode == "--benchmark", "preview_groups": args.fid is not None or args.eval,
-        "batch_size": mode in ("--fid", "--reconstruct") or args.eval and not args.layout_from,
-        **{flag: samples for flag in ("ar", "config", "precision", "guidance", "temperature",
-                                      "top_k", "top_p")},
-    }
-    for dest, read in reads.items():
-        if dest in args.given and not read:
-            name = "--" + dest.replace("_", "-")
-            fail(f"{name} is not read by {mode if mode != 'picture' else 'the picture'}"
-                 f"{' --eval' if args.eval and mode != '--eval' else ''}: leave it out")
-    if args.labels is not None and not args.labels.strip(","):
-        fail("--labels: give at least one class")
-    if args.benchmark is not None:
-        batch_sizes(args.benchmark)
-
-
-def yours_or_shipped(name, command):
+def default_file(name, command, chosen, what):
     """out/tiny/<name> when your `command` has written it, else the shipped weights/tiny/<name>;
-    -> path, words."""
+    the choice is appended to `chosen` for the printed line."""
     if (QUICKSTART / name).is_file():
-        return str(QUICKSTART / name), f"yours, from `{command}`"
-    shipped = os.path.relpath(dar.SHIPPED_TINY / name)
-    return shipped, f"shipped; `{command}` trains yours into {QUICKSTART}"
+        path, why = str(QUICKSTART / name), f"yours, from `{command}`"
+    else:
+        path = os.path.relpath(dar.SHIPPED_TINY / name)
+        why = f"shipped; `{command}` trains yours into {QUICKSTART}"
+    chosen.append(f"{what} {path} ({why})")
+    return path
 
 
-def load_models(args, device, need_ar=True):
-    """-> (tokenizer, ar or None) in eval mode, the AR model in bf16 on CUDA as released. A missing
-    --ar: yours or the shipped one (`yours_or_shipped`); a missing --tokenizer: the one whose codes
-    the AR model learned (its record), or without an AR model yours or the shipped one. One printed
-    line says which."""
-    def load(flag, path, command, loader, *options):
-        if not Path(path).is_file():
-            fail(f"no checkpoint at {path}; `{command}` creates it, or pass {flag} PATH")
-        try:
-            return loader(path, *options, device=device)
-        # a wrong or damaged file
-        except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as error:
-            fail(f"{flag} {path} cannot be loaded: {str(error).splitlines()[0]}")
-    chosen, ar, ar_path, tokenizer_path = [], None, args.ar, args.tokenizer
+def load(flag, path, command, loader, device, *options):
+    """A checkpoint through `loader`; a missing or damaged file ends the run with one line."""
+    if not Path(path).is_file():
+        fail(f"no checkpoint at {path}; `{command}` creates it, or pass {flag} PATH")
+    try:
+        return loader(path, *options, device=device)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        fail(f"{flag} {path} cannot be loaded: {str(error).splitlines()[0]}")
+
+
+def load_pair(args, device, need_ar=True):
+    """-> (tokenizer, ar or None) in eval mode, the AR model in bf16 on CUDA as released. Without
+    --ar: yours or the shipped one; without --tokenizer: the one whose codes the AR model learned
+    (its record), or without an AR model yours or the shipped one. One printed line says which."""
+    ar, chosen, tokenizer_path = None, [], args.tokenizer
     if need_ar:
-        if ar_path is None:
-            ar_path, why = yours_or_shipped("ar.pt", "python train_ar.py")
-            chosen.append(f"AR model {ar_path} ({why})")
-        ar = load("--ar", ar_path, "python train_ar.py", dar.load_ar, args.config)
+        ar_path = args.ar or default_file("ar.pt", "python train_ar.py", chosen, "AR model")
+        ar = load("--ar", ar_path, "python train_ar.py", dar.load_ar, device, args.config)
     if tokenizer_path is None and ar is not None:
         if ar.codes_of is None:
-            fail(f"--ar {ar_path} does not record which tokenizer's codes it learned: pass "
+            fail(f"--ar {ar.file} does not record which tokenizer's codes it learned: pass "
                  "--tokenizer")
         tokenizer_path = os.path.relpath(ar.codes_of["path"])
         chosen.append(f"tokenizer {tokenizer_path} (whose codes it learned)")
-        if not Path(tokenizer_path).is_file():
-            fail(f"--ar {ar_path} learned the codes of {tokenizer_path}, which is not there: pass "
-                 "--tokenizer")
-    elif tokenizer_path is None:
-        tokenizer_path, why = yours_or_shipped("tokenizer.pt", "python train_tokenizer.py")
-        chosen.append(f"tokenizer {tokenizer_path} ({why})")
+    tokenizer_path = tokenizer_path or default_file("tokenizer.pt", "python train_tokenizer.py",
+                                                    chosen, "tokenizer")
     if chosen:
-        print("pair: " + ", ".join(chosen) if ar is not None else chosen[0])
-    tokenizer = load("--tokenizer", tokenizer_path, "python train_tokenizer.py", dar.load_tokenizer)
+        print(("pair: " if ar is not None else "") + ", ".join(chosen))
+    tokenizer = load("--tokenizer", tokenizer_path, "python train_tokenizer.py",
+                     dar.load_tokenizer, device)
     if ar is not None:
         try:
             dar.check_pair(ar, tokenizer)
         except ValueError as error:
-            fail(f"--ar {ar_path} and --tokenizer {tokenizer_path}: {error}")
+            fail(f"--ar {ar.file} and --tokenizer {tokenizer_path}: {error}")
         at_release_precision(ar, device, args.precision)
     return tokenizer, ar
 
 
-def output_folder(ar):
-    """Pictures go next to the AR checkpoint, except for the shipped pair: out/tiny, outside
-    the repository's files."""
-    folder = ar.file.parent
-    return QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
+def preset_pair(text, device, precision):
+    """--config TOKENIZER:AR -> (tokenizer, AR model) with random weights, placed as `load_pair`
+    places them."""
+    names = text.split(":")
+    if len(names) != 2 or names[0] not in dar.TOKENIZER_PRESETS or names[1] not in dar.AR_PRESETS:
+        fail(f"--config: expected TOKENIZER:AR with TOKENIZER one of "
+             f"{', '.join(dar.TOKENIZER_PRESETS)} and AR one of {', '.join(dar.AR_PRESETS)}, got "
+             f"{text!r}")
+    # sampling needs no REPA head
+    tokenizer = dar.Tokenizer(dar.replace(dar.TOKENIZER_PRESETS[names[0]], repa_dim=0))
+    ar = dar.LlamaAR(dar.AR_PRESETS[names[1]])
+    try:
+        dar.check_pair(ar, tokenizer)
+    except ValueError as error:
+        fail(f"--config {text}: {error}")
+    at_release_precision(ar.to(device).eval(), device, precision)
+    return tokenizer.to(device).eval(), ar
 
 
 def at_release_precision(ar, device, precision):
@@ -321,31 +304,22 @@ def at_release_precision(ar, device, precision):
         ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
 
 
-def is_builtin(ar):
-    return ar is not None and ar.cfg.num_classes == len(dar.SHAPE_CLASSES)
+def class_names(ar):
+    """The AR model's class names: the built-in data's, else "class I"."""
+    builtin = ar.cfg.num_classes == len(dar.SHAPE_CLASSES)
+    return list(dar.SHAPE_CLASSES) if builtin else [f"class {i}" for i in range(ar.cfg.num_classes)]
 
 
-def class_name(ar, label):
-    return dar.SHAPE_CLASSES[label] if is_builtin(ar) else f"class {label}"
-
-
-def parse_labels(text, ar):
-    """'0,3,plus' -> [0, 3, 6]; each must be one of the AR model's classes."""
-    labels = []
-    for item in text.split(","):
-        item = item.strip()
-        if is_builtin(ar) and item in dar.SHAPE_CLASSES:
-            labels.append(dar.SHAPE_CLASSES.index(item))
-            continue
-        try:
-            label = int(item)
-        except ValueError:
-            names = f" or a shape name ({', '.join(dar.SHAPE_CLASSES)})" if is_builtin(ar) else ""
-            fail(f"--labels: {item!r} is not a class id{names}")
-        if not 0 <= label < ar.cfg.num_classes:
-            fail(f"--labels: class {label} is outside the AR model's {ar.cfg.num_classes} classes "
-                 f"(0-{ar.cfg.num_classes - 1})")
-        labels.append(label)
+def parse_labels(items, ar):
+    """--labels ['0', '3', 'plus'] -> [0, 3, 6]: ids or names of the AR model's classes."""
+    names, C = class_names(ar), ar.cfg.num_classes
+    labels = [names.index(item) if item in names else int(item) if item.isdigit() else C
+              for item in items]
+    for item, label in zip(items, labels):
+        if label >= C:
+            listed = f", or {', '.join(names)}" if names[0] != "class 0" else ""
+            fail(f"--labels: class {item} is outside the AR model's {C} classes (ids 0-{C - 1}"
+                 f"{listed})")
     return labels
 
 
@@ -356,29 +330,34 @@ def sampling_options(args):
                 compile=args.compile)
 
 
+def picture_path(args, ar, name):
+    """--out, else out/tiny/<name> for the shipped pair or <the AR checkpoint's folder>/<name>."""
+    folder = ar.file.parent
+    folder = QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
+    return Path(args.out or folder / name)
+
+
 def picture(args, tokenizer, ar, device):
-    """The default mode: one row per sample, the previews after groups 1..K (the K-th
-    is the image)."""
+    """The default mode: one row per sample, the previews after groups 1..K (the K-th is the
+    image)."""
     default = list(DIT_CLASSES) if ar.cfg.num_classes == 1000 else \
         list(range(min(ar.cfg.num_classes, 10)))
-    labels = parse_labels(args.labels, ar) if args.labels is not None else default
+    labels = parse_labels(args.labels, ar) if args.labels else default
     rows = args.n or len(labels)
     labels = [labels[i % len(labels)] for i in range(rows)]
     K, G = tokenizer.cfg.num_groups, tokenizer.cfg.group_size
     generator = dar.generators(range(args.seed, args.seed + rows), device)
-    sampled_groups = dar.sample(ar, tokenizer, labels, generator=generator,
-                                **sampling_options(args))
     previews, start = [], time.perf_counter()
-    for sampled in sampled_groups:
+    for sampled in dar.sample(ar, tokenizer, labels, generator=generator,
+                              **sampling_options(args)):
         previews.append(sampled.preview)
         if args.stream:
             milliseconds = 1000 * (synchronized_time(device) - start)
             print(f"group {sampled.group + 1}/{K}: {sampled.tokens.shape[1]:4d} tokens, t = "
                   f"{sampled.t:.3f}, preview ready at {milliseconds:7.1f} ms")
-    path = Path(args.out or output_folder(ar) / "samples.png")
-    names = [class_name(ar, label) for label in labels]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dar.labelled_grid(torch.stack(previews, 1), names, dar.preview_names(K, G)).save(path)
+    path, names = picture_path(args, ar, "samples.png"), [class_names(ar)[i] for i in labels]
+    dar.save_picture(dar.labelled_grid(torch.stack(previews, 1), names,
+                                       dar.preview_names(K, G)), path)
     if args.gif:
         dar.save_forming_gif(torch.stack(previews, 1), names, G, path.with_suffix(".gif"))
         print(path.with_suffix(".gif"))
@@ -389,85 +368,49 @@ def load_reference(text, image_size):
     """--layout-from: an image file, or 'builtin:I' (held-out built-in image I) -> (1, 3, H, W)."""
     if text.startswith("builtin:"):
         index = text.split(":", 1)[1]
-        if not index.isdigit():
-            fail(f"--layout-from: expected builtin:INDEX with INDEX an integer >= 0, got {text!r}")
-        index = int(index)
-        return dar.BuiltinShapes(index + 1, image_size,
-                                 seed=dar.EVALUATOR_REFERENCE_SEED)[index][0][None]
+        if not index.isdigit() or int(index) > 10 ** 9:
+            fail(f"--layout-from: expected builtin:INDEX with INDEX an integer in [0, 10^9], got "
+                 f"{text!r}")
+        return dar.BuiltinShapes(int(index) + 1, image_size,
+                                 seed=dar.EVALUATOR_REFERENCE_SEED)[int(index)][0][None]
     try:
         with Image.open(text) as image:
             image = image.convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         fail(f"--layout-from: cannot read {text} as an image ({error})")
     return dar.pil_to_tensor(dar.center_crop(image, image_size))[None]
 
 
-def layout_prefix_counts(args, tokenizer, ar):
-    """--prefix-tokens, checked: counts in [0, N], and an AR model that writes the coarse tokens
-    first."""
-    num_tokens = tokenizer.cfg.num_tokens
+def prefix_counts(args, tokenizer, ar):
+    """--prefix-tokens, each in [0, N], for an AR model that writes the coarse tokens first."""
+    N = tokenizer.cfg.num_tokens
     if ar.cfg.reverse:
         fail(f"{ar.file} writes the fine tokens first (--reverse); layout control needs the coarse "
              "ones first")
-    try:
-        counts = [int(value) for value in args.prefix_tokens.split(",")]
-    except ValueError:
-        fail(f"--prefix-tokens: expected comma-separated counts, got {args.prefix_tokens!r}")
-    if any(not 0 <= count <= num_tokens for count in counts):
-        fail(f"--prefix-tokens {args.prefix_tokens}: each count must lie in [0, {num_tokens}] (the "
-             f"tokenizer has N = {num_tokens})")
-    return counts
+    if max(args.prefix_tokens) > N:
+        fail(f"--prefix-tokens {','.join(map(str, args.prefix_tokens))}: each count must lie in "
+             f"[0, {N}] (the tokenizer has N = {N})")
+    return args.prefix_tokens
 
 
 def layout_control(args, tokenizer, ar, device):
     """Fig. 5: the reference's first n tokens, the rest sampled under each label; a row per n. Every
     cell uses the same seed, so within a row only the label changes."""
-    prefix_counts = layout_prefix_counts(args, tokenizer, ar)
+    counts = prefix_counts(args, tokenizer, ar)
     reference = load_reference(args.layout_from, tokenizer.cfg.image_size).to(device)
     codes = tokenizer.encode(reference)
-    labels = parse_labels(args.labels, ar) if args.labels is not None else \
+    labels = parse_labels(args.labels, ar) if args.labels else \
         list(range(min(ar.cfg.num_classes, 5)))
     rows = []
-    for count in prefix_counts:
-        prefix = codes[:, :count].expand(len(labels), count)
-        *_, last = dar.sample(ar, tokenizer, labels, prefix=prefix,
-                              generator=dar.generators([args.seed] * len(labels), device),
-                              **sampling_options(args))
+    for count in counts:
+        prefix = codes[:, :count].expand(len(labels), -1)
+        *_, last = dar.sample(ar, tokenizer, labels, prefix=prefix, **sampling_options(args),
+                              generator=dar.generators([args.seed] * len(labels), device))
         rows.append(torch.cat([reference, last.image]))
-    path = Path(args.out or output_folder(ar) / "layout.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dar.labelled_grid(torch.stack(rows), [f"{count} tokens kept" for count in prefix_counts],
-                      ["reference"] + [class_name(ar, label) for label in labels]).save(path)
+    path = picture_path(args, ar, "layout.png")
+    dar.save_picture(dar.labelled_grid(torch.stack(rows), [f"{n} tokens kept" for n in counts],
+                                       ["reference"] + [class_names(ar)[i] for i in labels]), path)
     return path
-
-
-def sample_batch(args, tokenizer, ar):
-    """--fid, --eval: make(indices) -> (images, asked-for labels), `dar.class_balanced_samples`."""
-    if args.preview_groups is not None and not 1 <= args.preview_groups <= tokenizer.cfg.num_groups:
-        fail(f"--preview-groups {args.preview_groups}: must lie in [1, {tokenizer.cfg.num_groups}]")
-    return dar.class_balanced_samples(ar, tokenizer, args.seed, args.preview_groups,
-                                      **sampling_options(args))
-
-
-def reconstruction_batch(args, tokenizer):
-    """--reconstruct: (make(indices) -> (reconstructions, labels), number of images, the
-    dataset)."""
-    size = tokenizer.cfg.image_size
-    if args.reconstruct == "builtin":
-        dataset = dar.BuiltinShapes(args.n or 1000, size, seed=dar.EVALUATOR_REFERENCE_SEED)
-    else:
-        try:
-            dataset = dar.ImageFolder(args.reconstruct, size)
-            dataset.read(0)
-        except ValueError as error:
-            fail(f"--reconstruct {args.reconstruct}: {error}")
-    make = reconstructions(tokenizer, dataset, args.seed, solver=args.solver,
-                               steps=args.denoising_steps, compile=args.compile)
-    return make, min(len(dataset), args.n or len(dataset)), dataset
-
-
-def load_evaluator(path, image_size):
-    return dar.load_toy_evaluator(path, image_size, flag="--evaluator")
 
 
 def spread_text(figure, form):
@@ -478,23 +421,22 @@ def spread_text(figure, form):
 def toy_eval(args, tokenizer, ar, device):
     """--eval: the toy metric of the samples, or of the reconstructions (--reconstruct builtin), or
     Fig. 5 measured (--layout-from builtin)."""
-    if ar is not None and not is_builtin(ar):
-        fail(f"--eval measures models of the built-in shapes ({len(dar.SHAPE_CLASSES)} classes); "
+    if ar is not None and ar.cfg.num_classes != len(dar.SHAPE_CLASSES):
+        fail(f"--eval measures models of the built-in data ({len(dar.SHAPE_CLASSES)} classes); "
              f"{ar.file} has {ar.cfg.num_classes}. For ImageNet, use --fid and the ADM evaluator")
-    evaluator = load_evaluator(args.evaluator, tokenizer.cfg.image_size).to(device)
+    size = tokenizer.cfg.image_size
+    evaluator = dar.load_toy_evaluator(args.evaluator, size, flag="--evaluator").to(device)
     if args.layout_from:
-        references = dar.builtin_images(args.n or 50, tokenizer.cfg.image_size,
-                                        dar.EVALUATOR_REFERENCE_SEED)[0]
-        results = []
-        for kept in layout_prefix_counts(args, tokenizer, ar):
-            row = dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
-                                     **sampling_options(args))
+        rows = []
+        references = dar.builtin_images(args.n or 50, size, dar.EVALUATOR_REFERENCE_SEED)[0]
+        for kept in prefix_counts(args, tokenizer, ar):
+            rows.append(dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
+                                           **sampling_options(args)))
             print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class "
-                  f"as asked {spread_text(row['class_as_asked'], '.1%')}, shape centroid "
-                  f"{row['centroid_px']:.1f} px from the reference's, both colours kept "
-                  f"{row['colours_kept']:.1%}")
-            results.append(row)
-        return results
+                  f"as asked {spread_text(rows[-1]['class_as_asked'], '.1%')}, shape centroid "
+                  f"{rows[-1]['centroid_px']:.1f} px from the reference's, both colours kept "
+                  f"{rows[-1]['colours_kept']:.1%}")
+        return rows
     layouts = []  # of reconstructions: does each keep its image's layout (dar.layout_agreement)?
     if args.reconstruct:
         reconstruct, total, dataset = reconstruction_batch(args, tokenizer)
@@ -506,11 +448,11 @@ def toy_eval(args, tokenizer, ar, device):
                                                 images))
             return images, labels
     else:
-        make, total, what = sample_batch(args, tokenizer,
-                                         ar), args.n or 1000, f"samples (guidance {args.guidance}"
-        what += f", previews after {args.preview_groups} groups)" if args.preview_groups else ")"
+        make, total = sample_batch(args, tokenizer, ar), args.n or 1000
+        what = f"samples (guidance {args.guidance}" + (
+            f", previews after {args.preview_groups} groups)" if args.preview_groups else ")")
     what += f", {args.denoising_steps} steps" if args.denoising_steps else ""
-    scores = dar.toy_metrics(evaluator, make, total, args.batch_size, tokenizer.cfg.image_size)
+    scores = dar.toy_metrics(evaluator, make, total, args.batch_size, size)
     print(f"{total} {what}: accuracy {spread_text(scores['accuracy'], '.1%')}, toy FID "
           f"{spread_text(scores['toy_fid'], '.2f')} (real held-out images: accuracy "
           f"{spread_text(scores['real_accuracy'], '.1%')}, toy FID "
@@ -526,16 +468,48 @@ def toy_eval(args, tokenizer, ar, device):
     return scores
 
 
-def sample_files(args, tokenizer, ar, rank, world_size, device):
+def sample_batch(args, tokenizer, ar):
+    """--fid, --eval: make(indices) -> (images, asked-for labels), `dar.class_balanced_samples`."""
+    if args.preview_groups is not None and args.preview_groups > tokenizer.cfg.num_groups:
+        fail(f"--preview-groups {args.preview_groups}: must lie in [1, {tokenizer.cfg.num_groups}]")
+    return dar.class_balanced_samples(ar, tokenizer, args.seed, args.preview_groups,
+                                      **sampling_options(args))
+
+
+def reconstruction_batch(args, tokenizer):
+    """--reconstruct: make(indices) -> (decodes of those images, labels), how many, the dataset.
+    Image i is decoded from noise of its own generator, seeded --seed + i."""
+    size, device = tokenizer.cfg.image_size, tokenizer.sampling_times.device
+    if args.reconstruct == "builtin":
+        dataset = dar.BuiltinShapes(args.n or 1000, size, seed=dar.EVALUATOR_REFERENCE_SEED)
+    else:
+        try:
+            dataset = dar.ImageFolder(args.reconstruct, size)
+            dataset.read(0)
+        except ValueError as error:
+            fail(f"--reconstruct {args.reconstruct}: {error}")
+
+    def make(indices):
+        images, labels = zip(*(dataset[index] for index in indices))
+        codes = tokenizer.encode(torch.stack(images).to(device))
+        generator = dar.generators([args.seed + i for i in indices], device)
+        return tokenizer.decode(codes, generator=generator, solver=args.solver,
+                                steps=args.denoising_steps, compile=args.compile), \
+            torch.tensor(labels)
+    return make, min(len(dataset), args.n or len(dataset)), dataset
+
+
+# ---- the files of --fid and --reconstruct --------------------------------------------------------
+
+def sample_files(args, tokenizer, ar, rank, world_size):
     """--fid / --reconstruct: the PNGs of this process's share, then (rank 0) the .npz files."""
     make, total, dataset = ((sample_batch(args, tokenizer, ar), args.fid, None)
-                            if args.fid is not None
-                            else reconstruction_batch(args, tokenizer))
+                            if args.fid is not None else reconstruction_batch(args, tokenizer))
     folder = Path(args.out)
     if rank == 0:
         check_files_folder(folder, tokenizer.cfg.image_size)
-        settings = file_settings(args, tokenizer, ar, total, dataset)
-        dar.check_record(folder / "settings.json", settings, f"--out {folder}")
+        dar.check_record(folder / "settings.json", file_settings(args, tokenizer, ar, total,
+                                                                 dataset), f"--out {folder}")
     if world_size > 1:
         torch.distributed.barrier()
     made = write_pngs(make, total, folder, rank, world_size, args.batch_size)
@@ -543,13 +517,14 @@ def sample_files(args, tokenizer, ar, rank, world_size, device):
         torch.distributed.barrier()
     if rank == 0:
         print(f"{folder}: {total} PNGs ({made} made now by process 0) -> "
-              f"{pack_npz(folder, total)}")
+              f"{pack(folder, total, make)}")
         if dataset is not None and getattr(dataset, "skipped", 0):
             print(f"{dataset.skipped} unreadable files were skipped (the next readable file stood "
                   "in)")
         if dataset is not None:
-            print(f"the {total} centre crops it encoded -> "
-                  f"{pack_reference(dataset, total, folder)} (rFID: evaluator.py "
+            crops = (dar.to_uint8(dataset[i][0]).permute(1, 2, 0).numpy() for i in range(total))
+            path = save_npz(crops, total, folder.parent / f"{folder.name}-reference.npz")
+            print(f"the {total} centre crops it encoded -> {path} (rFID: evaluator.py "
                   f"{folder.name}-reference.npz {folder.name}.npz)")
     if world_size > 1:
         torch.distributed.destroy_process_group()
@@ -568,7 +543,7 @@ def check_files_folder(folder, image_size):
             with Image.open(png) as image:
                 size = image.size
         except OSError:
-            size = None  # a truncated file (a killed run): rewritten below
+            size = None  # a damaged file: made again
         if size is not None and size != (image_size, image_size):
             fail(f"--out {folder}: {png.name} is {size[0]}x{size[1]}, not the "
                  f"{image_size}x{image_size} images this run makes; choose another folder")
@@ -589,127 +564,56 @@ def file_settings(args, tokenizer, ar, total, dataset):
                                                    "preview_groups", "precision")}}
 
 
-def preset_pair(text, device, precision):
-    """--config TOKENIZER:AR -> (tokenizer, AR model) with random weights, in eval mode, as
-    load_models places them."""
-    names = text.split(":")
-    if len(names) != 2 or names[0] not in dar.TOKENIZER_PRESETS or names[1] not in dar.AR_PRESETS:
-        fail("--config: expected TOKENIZER:AR with TOKENIZER one of "
-             f"{', '.join(dar.TOKENIZER_PRESETS)} and AR one of {', '.join(dar.AR_PRESETS)}, got "
-             f"{text!r}")
-    # sampling needs no REPA head
-    tokenizer = dar.Tokenizer(dar.replace(dar.TOKENIZER_PRESETS[names[0]], repa_dim=0))
-    ar = dar.LlamaAR(dar.AR_PRESETS[names[1]])
-    try:
-        dar.check_pair(ar, tokenizer)
-    except ValueError as error:
-        fail(f"--config {text}: {error}")
-    ar = ar.to(device).eval()
-    at_release_precision(ar, device, precision)
-    return tokenizer.to(device).eval(), ar
-
-
-def batch_sizes(text):
-    """--benchmark's comma-separated positive batch sizes."""
-    try:
-        sizes = [int(size) for size in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        fail(f"--benchmark: expected comma-separated positive batch sizes, got {text!r}")
-    return sizes
-
-
-def benchmark(args, tokenizer, ar, device, weights):
-    """--benchmark: benchmark_sampler per batch size, printed as a table under the settings and
-    the AR floor."""
-    sizes = batch_sizes(args.benchmark)
-    options = sampling_options(args)
-    ar_dtype, tokenizer_dtype = (next(model.parameters()).dtype for model in (ar, tokenizer))
-    S = args.denoising_steps or tokenizer.cfg.decode_steps
-    print(f"sampler benchmark: {weights} | {device.type}, AR {str(ar_dtype)[6:]}, tokenizer "
-          f"{str(tokenizer_dtype)[6:]}{' (TF32)' if device.type == 'cuda' and args.tf32 else ''}, "
-          f"{'compiled' if args.compile else 'eager'}, guidance {args.guidance}, {args.solver}, "
-          f"{S} steps, N = {tokenizer.cfg.num_tokens} tokens; median of {args.repeat} runs after a "
-          "warm-up")
-    ar_bytes = sum(p.numel() * p.element_size() for p in ar.parameters())
-    bandwidth = memory_bandwidth(device)
-    print(f"AR weights {ar_bytes / 1e6:.1f} MB, read once per token at {bandwidth:.1f} GB/s "
-          "(measured: the best of 5 sums of a 1 GiB tensor): at least "
-          f"{1000 * ar_bytes / bandwidth / 1e9:.2f} ms per token")
-    print("batch  images/s  AR ms/token  D_FM ms/step  AR share  D_FM share  peak memory")
-    rows = []
-    for batch in sizes:
-        row = benchmark_sampler(ar, tokenizer, batch, args.repeat, args.seed, **options)
-        peak = row["peak_memory_gib"]
-        peak = "n/a (CPU)" if peak is None else f"{peak:.2f} GiB"
-        print(f"{batch:5d}  {row['images_per_s']:8.2f}  {row['ar_ms_per_token']:11.2f}  "
-              f"{row['diffusion_ms_per_step']:12.2f}  {row['ar_share']:8.0%}  "
-              f"{row['diffusion_share']:10.0%}  {peak}")
-        rows.append(row)
-    return rows
-
-
-# ---- the files of --fid and --reconstruct, and the timing of --benchmark -------------------------
-
-def reconstructions(tokenizer, dataset, seed=0, **options):
-    """-> make(indices) = (the tokenizer's decodes of those dataset images, their labels); image i
-    is decoded from noise of its own generator, seeded seed + i. options: `Tokenizer.decode`'s."""
-    device = tokenizer.sampling_times.device
-
-    def make(indices):
-        images, labels = zip(*(dataset[index] for index in indices))
-        codes = tokenizer.encode(torch.stack(images).to(device))
-        generator = dar.generators([seed + i for i in indices], device)
-        return tokenizer.decode(codes, generator=generator, **options), torch.tensor(labels)
-    return make
-
-
 def write_pngs(make, total, folder, rank=0, world_size=1, batch_size=64):
-    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images (B, 3, H, W) in [-1,
-    1], labels). This process makes i = rank, rank + world_size, ...; images whose PNG exists are
-    kept, so an interrupted run continues. Each PNG is written under a temporary name and renamed,
-    so none is ever truncated. -> how many this process made."""
+    """Images 0..total-1 as folder/NNNNNN.png, from make(indices) -> (images in [-1, 1], labels).
+    This process makes i = rank, rank + world_size, ...; a PNG that exists is kept, so an
+    interrupted run continues after one listing of the folder. -> how many this process made."""
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(rank, total, world_size) if not (folder / f"{i:06d}.png").exists()]
-    # the temporaries of an interrupted write
-    for stale in (path for i in todo for path in folder.glob(f"{i:06d}.png.*tmp")):
-        stale.unlink()
+    names = {path.name for path in folder.iterdir()}
+    todo = [i for i in range(rank, total, world_size) if f"{i:06d}.png" not in names]
+    for name in names:  # this process's temporaries of an interrupted write
+        if name.endswith(".tmp") and name[:6].isdigit() and int(name[:6]) % world_size == rank:
+            (folder / name).unlink()
     for start in tqdm(range(0, len(todo), batch_size), desc=f"{folder}", disable=rank != 0,
                       dynamic_ncols=True):
         indices = todo[start:start + batch_size]
-        images, _ = make(indices)
-        pixels = dar.to_uint8(images.float().cpu()).permute(0, 2, 3, 1).numpy()    # (B, H, W, 3)
-        for index, image in zip(indices, pixels):
-            temporary = folder / f"{index:06d}.png.{os.getpid()}.tmp"
-            Image.fromarray(image).save(temporary, format="PNG")
-            os.replace(temporary, folder / f"{index:06d}.png")
+        for index, image in zip(indices, make(indices)[0]):
+            dar.save_picture(Image.fromarray(pixels(image)), folder / f"{index:06d}.png")
     return len(todo)
 
 
-def pack_npz(folder, total):
-    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3),
-    in index order."""
-    first = np.asarray(Image.open(folder / f"{0:06d}.png").convert("RGB"))
-    images = np.empty((total, *first.shape), dtype=np.uint8)
-    for index in range(total):
-        images[index] = np.asarray(Image.open(folder / f"{index:06d}.png").convert("RGB"))
-    path = folder.parent / f"{folder.name}.npz"
-    np.savez(path, arr_0=images)
+def pixels(image):
+    """An image (3, H, W) in [-1, 1] -> uint8 (H, W, 3), as the release converts it."""
+    return dar.to_uint8(image.float().cpu()).permute(1, 2, 0).numpy()
+
+
+def pack(folder, total, make):
+    """The ADM evaluator's input: <folder>.npz with arr_0 = uint8 (total, H, W, 3), in index order;
+    a damaged PNG is made again first."""
+    def image(index):
+        path = folder / f"{index:06d}.png"
+        try:
+            with Image.open(path) as png:
+                return np.asarray(png.convert("RGB"))
+        except OSError:
+            dar.save_picture(Image.fromarray(pixels(make([index])[0][0])), path)
+            return image(index)
+    return save_npz((image(index) for index in range(total)), total,
+                    folder.parent / f"{folder.name}.npz")
+
+
+def save_npz(images, total, path):
+    """uint8 images (H, W, 3) -> path, arr_0 = (total, H, W, 3), written through a temporary."""
+    first = next(images)
+    array = np.empty((total, *first.shape), dtype=np.uint8)
+    array[0] = first
+    for index, image in enumerate(images, 1):
+        array[index] = image
+    dar.write_atomically(path, lambda file: np.savez(file, arr_0=array))
     return path
 
 
-def pack_reference(dataset, total, folder):
-    """rFID's real side: <folder>-reference.npz, arr_0 = uint8 (total, H, W, 3), the centre crops
-    that were encoded, in the order of <folder>.npz (scored against the original files instead, the
-    same reconstructions get a worse rFID than the paper's protocol)."""
-    crops = np.empty((total, dataset.image_size, dataset.image_size, 3), dtype=np.uint8)
-    for index in range(total):
-        crops[index] = dar.to_uint8(dataset[index][0]).permute(1, 2, 0).numpy()
-    path = folder.parent / f"{folder.name}-reference.npz"
-    np.savez(path, arr_0=crops)
-    return path
-
+# ---- --benchmark ---------------------------------------------------------------------------------
 
 def synchronized_time(device):
     if device.type == "cuda":
@@ -717,21 +621,10 @@ def synchronized_time(device):
     return time.perf_counter()
 
 
-def memory_bandwidth(device):
-    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A
-    one-token AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
-    x, best = torch.ones(2 ** 28, device=device), float("inf")
-    for _ in range(5):
-        start = synchronized_time(device)
-        x.sum()
-        best = min(best, synchronized_time(device) - start)
-    return x.numel() * x.element_size() / best / 1e9
-
-
 def median_time(run, repeat, device):
-    """-> (the median seconds of `repeat` calls of run() after one warm-up call, the last call's
-    output)."""
-    run()  # the warm-up: it compiles, with compile=True
+    """-> (the median seconds of `repeat` calls of run() after one warm-up call, which compiles
+    with --compile; the last call's output)."""
+    run()
     times = []
     for _ in range(repeat):
         start = synchronized_time(device)
@@ -740,36 +633,65 @@ def median_time(run, repeat, device):
     return sorted(times)[len(times) // 2], output
 
 
+def memory_bandwidth(device):
+    """GB/s at which this device reads memory: the best of 5 sums of a 1 GiB float32 tensor. A
+    one-token AR step reads every weight once, so weight bytes / this is its floor at batch 1."""
+    x = torch.ones(2 ** 28, device=device)
+    return x.numel() * x.element_size() / min(median_time(x.sum, 1, device)[0]
+                                              for _ in range(5)) / 1e9
+
+
 @torch.no_grad()
 def benchmark_sampler(ar, tokenizer, batch, repeat=3, seed=0, **options):
-    """Time `sample` at one batch size: a warm-up run (compiling, with compile=True), then the
-    median of `repeat` runs. D_FM's share is timed apart, as `tokenizer.decode` of the sampled
-    tokens with the same steps; the AR model's is the rest (so it includes the sampler's own Python
-    work). -> a dict of the figures."""
+    """Time `dar.sample` at one batch size: the median of `repeat` runs after a warm-up. D_FM's
+    share is timed apart, as `tokenizer.decode` of the sampled tokens with the same steps; the AR
+    model's is the rest (with the sampler's own Python work). -> a dict of the figures."""
     device = tokenizer.sampling_times.device
     N, S = tokenizer.cfg.num_tokens, options.get("steps") or tokenizer.cfg.decode_steps
     labels = torch.arange(batch, device=device) % ar.cfg.num_classes
-    sampling = lambda: list(dar.sample(ar, tokenizer, labels,
-                                   generator=torch.Generator(device).manual_seed(seed), **options))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    total, sampled_groups = median_time(sampling, repeat, device)
-    decoding, _ = median_time(lambda: tokenizer.decode(sampled_groups[-1].tokens,
-                                                       solver=options.get("solver", "adams2"),
-                                                       steps=options.get("steps"),
-                                                       compile=options.get("compile", False)),
+    total, sampled_groups = median_time(lambda: list(dar.sample(
+        ar, tokenizer, labels, generator=torch.Generator(device).manual_seed(seed), **options)),
+        repeat, device)
+    decode = {key: options[key] for key in ("solver", "steps", "compile") if key in options}
+    decoding, _ = median_time(lambda: tokenizer.decode(sampled_groups[-1].tokens, **decode),
                               repeat, device)
-    return dict(batch=batch, images_per_s=batch / total,
-                ar_ms_per_token=1000 * (total - decoding) / N,
-                diffusion_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
-                diffusion_share=decoding / total,
-                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if device.type == "cuda" else None)
+    return dict(batch=batch, images_per_s=batch / total, ar_ms_per_token=1000 * (total - decoding)
+                / N, diffusion_ms_per_step=1000 * decoding / S, ar_share=(total - decoding) / total,
+                diffusion_share=decoding / total, peak_memory_gib=torch.cuda.max_memory_allocated(
+                    device) / 2 ** 30 if device.type == "cuda" else None)
+
+
+def benchmark(args, tokenizer, ar, device, weights):
+    """--benchmark: `benchmark_sampler` per batch size, printed as a table under the settings and
+    the AR floor."""
+    ar_dtype, tokenizer_dtype = (next(model.parameters()).dtype for model in (ar, tokenizer))
+    print(f"sampler benchmark: {weights} | {device.type}, AR {str(ar_dtype)[6:]}, tokenizer "
+          f"{str(tokenizer_dtype)[6:]}{' (TF32)' if device.type == 'cuda' and args.tf32 else ''}, "
+          f"{'compiled' if args.compile else 'eager'}, guidance {args.guidance}, {args.solver}, "
+          f"{args.denoising_steps or tokenizer.cfg.decode_steps} steps, N = "
+          f"{tokenizer.cfg.num_tokens} tokens; median of {args.repeat} runs after a warm-up")
+    ar_bytes = sum(p.numel() * p.element_size() for p in ar.parameters())
+    bandwidth = memory_bandwidth(device)
+    print(f"AR weights {ar_bytes / 1e6:.1f} MB, read once per token at {bandwidth:.1f} GB/s "
+          "(measured: the best of 5 sums of a 1 GiB tensor): at least "
+          f"{1000 * ar_bytes / bandwidth / 1e9:.2f} ms per token")
+    print("batch  images/s  AR ms/token  D_FM ms/step  AR share  D_FM share  peak memory")
+    rows = []
+    for batch in args.benchmark:
+        rows.append(benchmark_sampler(ar, tokenizer, batch, args.repeat, args.seed,
+                                      **sampling_options(args)))
+        peak = rows[-1]["peak_memory_gib"]
+        print(f"{batch:5d}  {rows[-1]['images_per_s']:8.2f}  {rows[-1]['ar_ms_per_token']:11.2f}  "
+              f"{rows[-1]['diffusion_ms_per_step']:12.2f}  {rows[-1]['ar_share']:8.0%}  "
+              f"{rows[-1]['diffusion_share']:10.0%}  "
+              f"{'n/a (CPU)' if peak is None else f'{peak:.2f} GiB'}")
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_modes(args)
     rank, world_size, device = dar.setup_distributed(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -777,7 +699,7 @@ def main(argv=None):
         tokenizer, ar = preset_pair(args.config, device, args.precision)
         return benchmark(args, tokenizer, ar, device,
                          f"random weights of the presets {args.config} (not trained)")
-    tokenizer, ar = load_models(args, device, need_ar=args.reconstruct is None)
+    tokenizer, ar = load_pair(args, device, need_ar=args.reconstruct is None)
     with torch.no_grad():
         if args.benchmark is not None:
             return benchmark(args, tokenizer, ar, device,
@@ -785,9 +707,8 @@ def main(argv=None):
         if args.eval:
             return toy_eval(args, tokenizer, ar, device)
         if args.fid is not None or args.reconstruct is not None:
-            return sample_files(args, tokenizer, ar, rank, world_size, device)
-        draw = layout_control if args.layout_from else picture
-        path = draw(args, tokenizer, ar, device)
+            return sample_files(args, tokenizer, ar, rank, world_size)
+        path = (layout_control if args.layout_from else picture)(args, tokenizer, ar, device)
         print(path)
         return path
 

@@ -237,11 +237,11 @@ def main(args):
             tokens = tokens.flip(1) if args.reverse else tokens
             # dropout and label dropout follow the samples, not the process layout
             torch.manual_seed(dar.stream_seed(args.seed, stream.first_position(step, micro), 1))
-            if world_size > 1:  # DDP all-reduces the gradients in the last micro-step only
-                trained.require_backward_grad_sync = micro == args.grad_accum - 1
-            with autocast:
-                loss = dar.next_token_loss(trained(tokens, labels), tokens)             # Eq. (6)
-            (loss / args.grad_accum).backward()
+            # DDP all-reduces the gradients in the last micro-step only
+            with dar.gradient_sync(trained, micro == args.grad_accum - 1):
+                with autocast:
+                    loss = dar.next_token_loss(trained(tokens, labels), tokens)         # Eq. (6)
+                (loss / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -310,7 +310,7 @@ def save_samples(model, tokenizer, args, path):
              for label in labels.tolist()]
     previews = torch.stack([sampled.preview for sampled in sampled_groups], dim=1)
     columns = dar.preview_names(tokenizer.cfg.num_groups, tokenizer.cfg.group_size)
-    dar.labelled_grid(previews, names, columns).save(path)
+    dar.save_picture(dar.labelled_grid(previews, names, columns), path)
 
 
 @torch.no_grad()

@@ -286,10 +286,10 @@ def reconstruct(tokenizer, head, codes, noise=None):
     return tokenizer.decode(codes, noise=noise)
 
 
-def watch(args, done, global_batch, tokenizer, learner_ema, first_stage, held_out, shown, log):
+def watch(args, done, global_batch, tokenizer, head, held_out, shown, log):
     """Every --eval-every steps the held-out figures, every --sample-every the picture (`draw`); in
-    the first stage the code head's images stand for the reconstructions."""
-    head = learner_ema.head if first_stage else None
+    the first stage (head: the code head's EMA) the code head's images stand for the
+    reconstructions."""
     if held_out and (done % args.eval_every == 0 or done == args.steps):
         held_out.evaluate(tokenizer, head, done, done * global_batch, log)
     if done % args.sample_every == 0 or done == args.steps:
@@ -308,7 +308,8 @@ def draw(tokenizer, head, held_out, shown, args, step):
     rows = ["held out" if held_out is not None else "training image",
             "code head" if head is not None else "reconstructed"]
     picture = torch.stack([images, reconstruct(tokenizer, head, tokenizer.encode(images), noise)])
-    dar.labelled_grid(picture, rows, names).save(args.out / f"reconstructions_{step:07d}.png")
+    dar.save_picture(dar.labelled_grid(picture, rows, names),
+                     args.out / f"reconstructions_{step:07d}.png")
 
 
 CURVE_COLUMNS = ("step", "images", "stage", "background_kept", "colours_kept", "centroid_px",
@@ -485,28 +486,32 @@ def main(args):
     checkpoint_path = args.out / "tokenizer.pt"
     rank, world_size, device, autocast, log = dar.training_setup(args, checkpoint_path)
 
-    # ---- data, model and optimizer
+    # ---- data, model, the networks of the loss
     cfg = dar.TOKENIZER_PRESETS[args.config]
     cfg = replace(cfg, repa_dim=0) if args.repa_weight == 0 else cfg  # no REPA: no untrained head
     dataset = dar.training_images(args, cfg.image_size, "tokenizer")
     recipe = miniature_recipe(args)
-    model, code_path, restarts, shown = build(args, cfg, recipe, dataset, device, log)
-    learner = code_path or model  # every parameter the optimizer trains
-    learner_ema = copy.deepcopy(learner).eval().requires_grad_(False)
-    ema = learner_ema.tokenizer if code_path else learner_ema
-    optimizer = torch.optim.AdamW(learner.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay)
-    start_step = resume(args, checkpoint_path, learner, learner_ema, optimizer, restarts, log)
+    model, head, restarts, shown = build(args, cfg, recipe, dataset, device, log)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    start_step = resumed_step(args, checkpoint_path)
     perceptual, repa_target, teacher, held_out = loss_networks(args, cfg, device, rank, start_step)
+    if args.code_path_steps and start_step <= args.code_path_steps:  # the CPU miniature's stage 1
+        train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, start_step,
+                        (rank, world_size, device, autocast, log), (held_out, shown, log))
+    if args.freeze == "encoder":  # the miniature, after its first stage
+        freeze_encoder(model, ema)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay)
+    if start_step > args.code_path_steps:
+        resume(args, checkpoint_path, model, ema, optimizer, restarts, log)
+    start_step = max(start_step, args.code_path_steps)
+    trained = dar.wrap_for_training(model, args.compile, world_size, device)
     stream, batches = dar.training_batches(args, dataset, world_size, rank, start_step, args.steps)
     global_batch = args.batch_size * args.grad_accum * world_size
-    # ---- the loop; the CPU miniature first trains its code path alone (--code-path-steps)
-    step_log = dar.StepLog(log, args.log_every, start_step, args.steps, disable=rank != 0)
-    trained, losses = None, {}
+
+    # ---- the loop of Eq. (7)
+    step_log, losses = dar.StepLog(log, args.log_every, start_step, args.steps, rank != 0), {}
     for step in range(start_step, args.steps):
-        first_stage = step < args.code_path_steps
-        if trained is None or step == args.code_path_steps:  # a stage begins: what the step trains
-            trained = begin_stage(args, model, code_path, ema, first_stage, world_size, device)
         lr = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr  # release: warm-up
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
@@ -514,19 +519,16 @@ def main(args):
             images = next(batches)[0].to(device, non_blocking=True)
             # the time u and noise x_0 of Eq. (3) follow the samples, not the process layout
             torch.manual_seed(dar.stream_seed(args.seed, stream.first_position(step, micro), 1))
-            if world_size > 1:  # DDP all-reduces the gradients in the last micro-step only
-                trained.require_backward_grad_sync = micro == args.grad_accum - 1
-            with autocast:
-                if first_stage:  # the CPU miniature: the code head's loss, no diffusion
-                    losses = trained(images, teacher, args.teacher_weight)
-                else:  # Eq. (7)
+            # DDP all-reduces the gradients in the last micro-step only
+            with dar.gradient_sync(trained, micro == args.grad_accum - 1):
+                with autocast:
                     losses = trained(images, perceptual, repa_target, args.lpips_weight,
                                      args.repa_weight)
-            (losses["loss"] / args.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(learner.parameters(), args.grad_clip)
+                (losses["loss"] / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        dar.update_ema(learner_ema, learner, args.ema)
+        dar.update_ema(ema, model, args.ema)
         done = step + 1
         if restarts and done % recipe.codebook_restart == 0:  # none while the codebook is frozen
             restarts.restart()
@@ -534,79 +536,110 @@ def main(args):
         # ---- log (the last micro-batch's losses), evaluate and draw (the EMA weights), save
         step_log(done, global_batch, losses, lr)
         if rank == 0:
-            watch(args, done, global_batch, ema, learner_ema, first_stage, held_out, shown, log)
+            watch(args, done, global_batch, ema, None, held_out, shown, log)
         if rank == 0 and (done % args.save_every == 0 or done == args.steps):
-            save(args, checkpoint_path, cfg, optimizer, done, recipe, learner, learner_ema,
-                 restarts)
+            save(args, checkpoint_path, cfg, model, ema, optimizer, done, recipe, restarts)
     step_log.close()
     dar.finish_training(args, checkpoint_path, rank, world_size, log)
     return model, losses  # for notebooks and tests
 
 
+def train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, start_step, setup,
+                    watching):
+    """The CPU miniature's first stage: --code-path-steps of the code path (encoder -> VQ -> causal
+    decoder) against the code head (`CodePath`), no diffusion; the loop of Eq. (7)'s shape, with
+    its own AdamW."""
+    rank, world_size, device, autocast, log = setup
+    path, steps = args.out / "tokenizer.pt", args.code_path_steps
+    code_path = CodePath(model, head, recipe.target_blur, recipe.teacher_from, recipe.own_step,
+                         recipe.first_group_weight)
+    code_path_ema = CodePath(ema, copy.deepcopy(head).requires_grad_(False)).eval()
+    optimizer = torch.optim.AdamW(code_path.parameters(), lr=args.lr, betas=tuple(args.betas),
+                                  weight_decay=args.weight_decay)
+    if start_step:
+        resume(args, path, model, ema, optimizer, restarts, log, code_path_ema.head, head)
+    trained = dar.wrap_for_training(code_path, args.compile, world_size, device,
+                                    find_unused_parameters=True)
+    stream, batches = dar.training_batches(args, dataset, world_size, rank, start_step, steps)
+    global_batch = args.batch_size * args.grad_accum * world_size
+    step_log, losses = dar.StepLog(log, args.log_every, start_step, args.steps, rank != 0), {}
+    for step in range(start_step, steps):
+        lr = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        for micro in range(args.grad_accum):
+            images = next(batches)[0].to(device, non_blocking=True)
+            torch.manual_seed(dar.stream_seed(args.seed, stream.first_position(step, micro), 1))
+            with dar.gradient_sync(trained, micro == args.grad_accum - 1):
+                with autocast:
+                    losses = trained(images, teacher, args.teacher_weight)
+                (losses["loss"] / args.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(code_path.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dar.update_ema(code_path_ema, code_path, args.ema)
+        done = step + 1
+        if restarts and done % recipe.codebook_restart == 0:
+            restarts.restart()
+        step_log(done, global_batch, losses, lr)
+        if rank == 0:
+            watch(args, done, global_batch, ema, code_path_ema.head, *watching)
+        if rank == 0 and (done % args.save_every == 0 or done == steps):
+            save(args, path, model.cfg, model, ema, optimizer, done, recipe, restarts, head,
+                 code_path_ema.head)
+    step_log.close()
+
+
 def build(args, cfg, recipe, dataset, device, log):
     """-> the tokenizer (the release's, or built by the CPU miniature's recipe), the miniature's
-    first-stage `CodePath` (the tokenizer and a code head; None without --code-path-steps), its
-    codebook restarts (or None), and the first 8 images, the pictures' inputs. Their range is
-    checked here, once per run: the training step does not sync for it."""
+    code head (None without --code-path-steps) and codebook restarts (or None), and the first 8
+    images, the pictures' inputs. Their range is checked here, once per run: the training step
+    does not sync for it."""
     model = (dar.miniature_tokenizer(cfg, recipe) if recipe else dar.Tokenizer(cfg)).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     shown = torch.stack([dataset[i][0] for i in range(8)]).to(device)
     model.encode(shown)  # checks the images, once per run
-    code_path = None
-    if args.code_path_steps:
-        head = CodeHead(cfg, recipe.teacher_features)
-        code_path = CodePath(model, head, recipe.target_blur, recipe.teacher_from,
-                                 recipe.own_step, recipe.first_group_weight).to(device)
+    head = CodeHead(cfg, recipe.teacher_features).to(device) if args.code_path_steps else None
     restarts = dar.CodebookRestarts(model.quantizer) if recipe and recipe.codebook_restart else None
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    return model, code_path, restarts, shown
+    return model, head, restarts, shown
 
 
-def begin_stage(args, model, code_path, ema, first_stage, world_size, device):
-    """-> what the steps of a stage call: the code path in the miniature's first stage, else the
-    tokenizer (after the first stage, --freeze encoder holds the encoder and the codebook at their
-    EMA values)."""
-    if not first_stage and args.freeze == "encoder":
-        freeze_encoder(model, ema)
-    return dar.wrap_for_training(code_path if first_stage else model, args.compile, world_size,
-                                 device, find_unused_parameters=code_path is not None)
-
-
-def save(args, path, cfg, optimizer, done, recipe, learner, learner_ema, restarts):
+def save(args, path, cfg, model, ema, optimizer, done, recipe, restarts, head=None, head_ema=None):
     """The training checkpoint. The CPU miniature's also says how to build it, and holds for an
-    exact resume the code head (and its EMA) and the codebook use since the last restart."""
+    exact resume the codebook use since the last restart and, in its first stage, the code head and
+    its EMA."""
     entries = {"builder": "miniature", "recipe": asdict(recipe)} if recipe else {}
-    model, ema = learner, learner_ema
-    if isinstance(learner, CodePath):
-        model, ema = learner.tokenizer, learner_ema.tokenizer
-        entries.update(code_head=learner.head.state_dict(),
-                       code_head_ema=learner_ema.head.state_dict())
+    if head is not None:
+        entries.update(code_head=head.state_dict(), code_head_ema=head_ema.state_dict())
     if restarts is not None:
         entries.update(codebook_use=restarts.use)
     dar.save_training_checkpoint(path, "tokenizer", cfg, model, ema, optimizer, done, args,
                                  **entries)
 
 
-def resume(args, path, learner, learner_ema, optimizer, restarts, log):
-    """--resume: the tokenizer, its EMA, the optimizer, and the miniature's code head and codebook
-    use; -> the step to continue from (0 without --resume)."""
-    if not args.resume:
-        return 0
-    two_stage = isinstance(learner, CodePath)
+def resumed_step(args, path):
+    """--resume: the step the checkpoint reached (0 without --resume); the stage it belongs to
+    loads it (`resume`)."""
     try:
-        checkpoint = dar.resume_training(path, "tokenizer", learner.tokenizer if two_stage
-                                         else learner,
-                                         learner_ema.tokenizer if two_stage else learner_ema,
-                                         optimizer, args)
+        return dar.training_checkpoint(path, "tokenizer", args)["step"] if args.resume else 0
     except ValueError as error:
         raise dar.BadInput(str(error)) from None
-    if two_stage:
-        learner.head.load_state_dict(checkpoint["code_head"])
-        learner_ema.head.load_state_dict(checkpoint["code_head_ema"])
+
+
+def resume(args, path, model, ema, optimizer, restarts, log, head_ema=None, head=None):
+    """--resume: the tokenizer, its EMA, the optimizer (the code path's in the first stage, with
+    the code head and its EMA) and the codebook use."""
+    try:
+        checkpoint = dar.resume_training(path, "tokenizer", model, ema, optimizer, args)
+    except ValueError as error:
+        raise dar.BadInput(str(error)) from None
+    if head is not None:
+        head.load_state_dict(checkpoint["code_head"])
+        head_ema.load_state_dict(checkpoint["code_head_ema"])
     if restarts is not None:
         restarts.use.copy_(checkpoint["codebook_use"])
     log(f"resumed {path} at step {checkpoint['step']}")
-    return checkpoint["step"]
 
 
 if __name__ == "__main__":

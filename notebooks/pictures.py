@@ -1,5 +1,6 @@
-"""The notebooks' display setting: every PIL picture a cell shows is stored once, as a 256-colour PNG (PIL would
-also add a JPEG copy), so that notebooks committed with their outputs stay small. Not part of the model."""
+"""The notebooks' display setting: every PIL picture a cell shows is stored once, as a 256-colour
+PNG (PIL would also add a JPEG copy), so that notebooks committed with their outputs stay small.
+Not part of the model."""
 import io
 
 from PIL import Image
@@ -8,7 +9,7 @@ from PIL import Image
 def store_each_picture_once():
     """In Jupyter, show PIL pictures as one compact PNG; outside Jupyter: nothing."""
     try:
-        from IPython import get_ipython  # present wherever Jupyter runs; not a requirement of the package
+        from IPython import get_ipython  # wherever Jupyter runs; not a requirement of the package
     except ImportError:
         return
     shell = get_ipython()
