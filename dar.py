@@ -110,16 +110,12 @@ class TokenizerConfig:
 
 
 TOKENIZER_PRESETS = {
-    # the released D-AR-tokenizer_v1.pt: 307,444,672 params (300,099,776 without the REPA head;
-    # D_FM alone 185,129,664, the paper's "185M")
+    # the released D-AR-tokenizer_v1.pt: 307,444,672 parameters, D_FM the paper's "185M"
     "v1": TokenizerConfig(),
-    # appendix A.4's lightweight ablation tokenizer: width 512, diffusion depth 8: 113,433,536
-    # params
+    # appendix A.4's lightweight ablation tokenizer: 113,433,536 parameters
     "ablation": TokenizerConfig(encoder_dim=512, decoder_dim=512, diffusion_dim=512,
                                 diffusion_depth=8),
-    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,677,360 params
-    # (2,562,096 without the REPA head; built by the CPU miniature's recipe, with its conv stem:
-    # 2,764,336 and 2,649,072)
+    # for CPUs and tests: 32 x 32 images, 64 tokens in K = 8 groups of 8: 2,677,360 parameters
     "tiny": TokenizerConfig(
         image_size=32, patch_size=4, encoder_dim=128, encoder_depth=2, num_tokens=64, num_groups=8,
         codebook_size=256, table_size=64, decoder_dim=128, decoder_depth=2, diffusion_dim=128,
@@ -129,42 +125,33 @@ TOKENIZER_PRESETS = {
 
 
 def layer_norm(x):
-    """The parameter-free LayerNorm N(.) the release uses around attention and on
-    outputs (eps 1e-6)."""
+    """The parameter-free LayerNorm N(.) the release puts around attention and on outputs."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
 def rope_2d(height, width, head_dim, theta):
-    """2D RoPE angles (appendix A.2) for a height x width grid, flattened row-major.
-
-    A head's hd features form hd/2 adjacent pairs; the first half of the pairs rotates by row * w_j,
-    the second half by column * w_j, with w_j = theta^(-4j/hd). Returns cos, sin: (L, hd/2) float32.
-    """
+    """2D RoPE angles (appendix A.2) of a height x width grid, row-major: of a head's hd/2 feature
+    pairs the first half rotates by row * w_j, the second by column * w_j, w_j = theta^(-4j/hd).
+    -> cos, sin: (L, hd/2) float32."""
     pairs_per_axis = head_dim // 4
     freqs = theta ** (-torch.arange(pairs_per_axis, dtype=torch.float64) / pairs_per_axis)
     rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64),
                                 torch.arange(width, dtype=torch.float64), indexing="ij")
-    # (L, hd/2)
-    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], 1)  # (L, hd/2)
     # release: angles in float64, tables in float32
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each adjacent feature pair (a, b) of x (B, nh, L, hd) by its angle: (a, b) -> e^{i
-    phi}(a + ib)."""
+    """Rotate each feature pair (a, b) of x (..., L, hd) by its angle: e^{i phi} (a + ib)."""
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)             # (B, nh, L, hd/2) each
     rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)                            # (B, nh, L, hd)
 
 
 class Attention(nn.Module):
-    """Tokenizer attention with QK-norm (appendix A.2); self-attention, or
-    cross-attention with `context`.
-
-    QK-norm is a LayerNorm (with weight and bias) over each 64-wide head of q and k, shared across
-    heads, applied before RoPE.
-    """
+    """Tokenizer attention, self- or cross- (to `context`), with QK-norm (appendix A.2): a LayerNorm
+    with weight and bias over each 64-wide head of q and k, shared by the heads, before RoPE."""
 
     def __init__(self, dim, head_dim=64):
         super().__init__()
@@ -383,14 +370,9 @@ def unshift_time(t, beta):
 
 
 def condition_group(t, num_groups, beta, form="release"):
-    """Eq. (5): condition schedule c(t) = g_{ceil(t' K)}; returns the 0-based group index
-    for times t.
-
-    form="paper":   ceil(t' K) - 1 (1-based g_1..g_K as written in Eq. (5); t' = 0 is clamped to
-    group 0). form="release": round(t' K) clamped to K - 1. The released model is trained and
-    sampled this way (grid point i/K sits in the middle of group i's training interval), so its
-    tokens mean this.
-    """
+    """Eq. (5): the condition schedule c(t) = g_{ceil(t' K)}, as the 0-based group index of times t.
+    form="paper": ceil(t' K) - 1, with t' = 0 in group 0. form="release": round(t' K), at most
+    K - 1: the released model is trained and sampled so (grid point i/K mid-way in group i)."""
     u = unshift_time(t, beta)
     if form == "paper":
         return (torch.ceil(u * num_groups).long() - 1).clamp(0, num_groups - 1)
@@ -421,11 +403,9 @@ def sampling_times(num_steps, beta):
 
 def step_groups(num_steps, num_groups):
     """Eq. (5) on a decode of S steps, release form: step i (at u_i = i/S, before the time shift)
-    reads group round(u_i K) (halves up, as `condition_group`), at most K - 1. S = K: step i reads
-    group i; otherwise a group drives several steps or none (S = 6, K = 4: groups 0, 1, 1, 2, 3, 3).
-    -> (S,) int64, non-decreasing."""
-    # from u directly, as released: no shift round trip
-    u = torch.arange(num_steps, dtype=torch.float64) / num_steps
+    reads group round(u_i K) (halves up), at most K - 1. S = K: step i reads group i; else a group
+    drives several steps or none (S = 6, K = 4: 0, 1, 1, 2, 3, 3). -> (S,) int64, non-decreasing."""
+    u = torch.arange(num_steps, dtype=torch.float64) / num_steps  # from u, as released
     return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)
 
 
@@ -445,10 +425,8 @@ def solver_step(x, v, v_prev, dt, solver):
 
 
 def compiled(step):
-    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) under torch.compile,
-    one graph: CUDA graphs on a GPU ("reduce-overhead", as the release compiles its sampler).
-    torch keeps the compiled code on the function's code object, so later calls reuse it: the
-    no_grad wrapper is unwrapped, else both steps would share its code object."""
+    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) as one compiled graph,
+    CUDA graphs on a GPU as released; no_grad's wrapper unwrapped, so each keeps its own code."""
     on_cuda = next(step.__self__.parameters()).is_cuda
     plain = inspect.unwrap(step.__func__).__get__(step.__self__)  # callers run under no_grad
     return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
@@ -514,9 +492,8 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, init_std, gate_init):
-        """The release's initialisation, for training from scratch (layers not named keep PyTorch's
-        default):
-        the blocks' Linear weights ~ N(0, init_std) truncated, their residual gates = gate_init."""
+        """The release's initialisation for training from scratch: the blocks' Linear weights ~
+        N(0, init_std) truncated, residual gates = gate_init; other layers keep PyTorch's."""
         for layer in [*self.encoder_layers, *self.decoder_layers, *self.diffusion.blocks]:
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
@@ -647,11 +624,9 @@ class Tokenizer(nn.Module):
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
     def training_conditions(self, images, u=None):
-        """Eq. (1) and (5) for one training step: tokens of the images, their conditions z', a time
-        per image and the group c(t) it reads. u: Eq. (5)'s t' per image (U[0, 1) when None); the
-        network sees t = shift(u). -> t (B,), the quantised tokens z_q (B, N, C), all conditions z'
-        (B, N, D), c(t) (B, G, D), l_VQ over the tokens up to each image's group, the codebook
-        fraction in use."""
+        """Eq. (1) and (5) for one training step, u: Eq. (5)'s t' per image (U[0, 1) when None) ->
+        t = shift(u) (B,), the tokens z_q (B, N, C), all conditions z' (B, N, D), c(t) (B, G, D),
+        l_VQ over the tokens up to each image's group, and the codebook fraction in use."""
         cfg = self.cfg
         # (B, N, C), (B, N), (B, N)
         z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))
@@ -672,17 +647,12 @@ class Tokenizer(nn.Module):
 
     def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5,
                 u=None):
-        """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (lambda_1 = lambda_2 = 0.5
-        in the paper).
-
-        perceptual(images, fakes) -> per-image distances, e.g. lpips.LPIPS(net="vgg"); the LPIPS
-            term is computed on the jump estimate x_hat_1 (as released) and only when this is given.
-        repa_target(images) -> (B, repa_grid^2, repa_dim) target features, e.g. DINOv2-B patch
-            tokens; the REPA term (1 - cosine similarity) is computed only when this is given.
-        u: Eq. (5)'s t' per image (U[0, 1) when None).
-        Returns a dict: "loss" (the total, to backpropagate) and detached "fm", "vq", "lpips",
-        "repa", and "usage" (the fraction of the codebook used in this batch).
-        """
+        """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (paper: both lambdas 0.5).
+        perceptual(images, fakes) -> per-image distances (lpips.LPIPS(net="vgg")), read on the jump
+        estimate x_hat_1 as released; repa_target(images) -> (B, repa_grid^2, repa_dim) features
+        (DINOv2-B patch tokens) for 1 - cosine similarity; each term only when given. u: Eq. (5)'s
+        t' per image (U[0, 1) when None). -> {"loss"; detached "fm", "vq", "lpips", "repa", and
+        "usage", the fraction of the codebook this batch uses}."""
         cfg = self.cfg
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
@@ -723,12 +693,10 @@ class ARConfig:
     num_tokens: int = 256        # N: tokens per image (the class token is one more position)
     num_classes: int = 1000      # the class embedding has one more row: the null class for CFG
     rope_theta: float = 10000.0
-    # release: dropout on the input sequence, after each attention and FFN,
-    token_dropout: float = 0.1
-    # and class-label dropout (which also trains the null class for CFG)
-    residual_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    label_dropout: float = 0.1
+    token_dropout: float = 0.1     # release: dropout on the input sequence,
+    residual_dropout: float = 0.1  # after each attention,
+    ffn_dropout: float = 0.1       # after each feed-forward,
+    label_dropout: float = 0.1     # and of the class label (which trains the null class of CFG)
     reverse: bool = False  # trained on the reversed, fine-to-coarse order (Table 7's ablation)
 
     @property
@@ -845,13 +813,9 @@ def next_token_loss(logits, tokens):
 
 
 class LlamaAR(nn.Module):
-    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the
-    tokens (no changes).
-
-    Input sequence [y; z_1 .. z_{N-1}]: the class label y is one prefix token at position 0, so the
-    output at position i predicts z_{i+1} (0-based: logits[:, i] predicts tokens[:, i]). Row
-    `num_classes` of the class table is the null class y_0 used for classifier-free guidance.
-    """
+    """Eq. (6): p(z_1..z_N | y) = prod_i p(z_i | y, z_<i), a vanilla Llama over the tokens.
+    The sequence [y; z_1 .. z_{N-1}] puts the class y at position 0, so logits[:, i] predicts
+    tokens[:, i]. The class table's row `num_classes` is the null class, for guidance (CFG)."""
 
     def __init__(self, cfg: ARConfig):
         super().__init__()
@@ -944,21 +908,17 @@ class LlamaAR(nn.Module):
 
 def guidance_scales(guidance, num_tokens):
     """Classifier-free guidance scale per token: a number, or the release's linear schedule (start,
-    end) over the N tokens (token 0 uses start, token N-1 end; the paper uses (1.1, 8.0) for L,
-    (1.1, 10.0) for XL)."""
-    start, end = guidance if isinstance(guidance, (tuple, list)) else (guidance, guidance)
-    # release: a schedule starting at exactly 1.0 is nudged to 1.001 to switch guidance on; we need
-    # no nudge
+    end) from token 0 to token N-1 (paper: (1.1, 8.0) for D-AR-L, (1.1, 10.0) for D-AR-XL)."""
+    start, end = map(float, guidance if isinstance(guidance, (tuple, list)) else (guidance,) * 2)
+    # release: a schedule starting at exactly 1.0 is nudged to 1.001 to turn guidance on; not here
     return torch.linspace(start, end, num_tokens).tolist()
 
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
     """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus
-    (top-p) filtering, then one draw from what is left. top_k = 1 is greedy.
-
-    The draw inverts the cumulative distribution at one uniform number per row: `uniform` (B,)
-    when given (`sample` draws them per sample, so that a sample does not depend on its batch),
-    else from `generator`."""
+    (top-p) filtering, then one draw from what is left (top_k = 1: greedy). The draw inverts the
+    cumulative distribution at one uniform number per row: `uniform` (B,) when given (`sample`
+    draws them per sample, so that a sample does not depend on its batch), else from `generator`."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -981,14 +941,11 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, un
 
 @dataclass
 class SampledGroup:
-    """What `sample` yields once group `group` of the tokens is written and has driven
-    its diffusion steps."""
-    group: int               # its index, 0..K-1 (Eq. 5's g_{group + 1})
-    # (B, (group + 1) G) the tokens so far, in the tokenizer's coarse-to-fine order
-    tokens: torch.Tensor
-    t: float                 # the diffusion time reached (1 after the last group)
-    # (B, 3, H, W) the preview: the solver's last step extended to t = 1, in image space
-    preview: torch.Tensor
+    """What `sample` yields once group `group` is written and has driven its diffusion steps."""
+    group: int              # its index, 0..K-1 (Eq. 5's g_{group + 1})
+    tokens: torch.Tensor    # (B, (group + 1) G) the tokens so far, in coarse-to-fine order
+    t: float                # the diffusion time reached (1 after the last group)
+    preview: torch.Tensor   # (B, 3, H, W) the solver's last step extended to t = 1
     image: torch.Tensor = None  # (B, 3, H, W) the final image, after the last group only
 
 
@@ -996,7 +953,6 @@ class SampledGroup:
 def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top_p=1.0, prefix=None,
            solver="adams2", noise=None, generator=None, steps=None, compile=False):
     """§3.3: D-AR sampling, a generator of one `SampledGroup` per group (the last has `.image`).
-
     The AR model writes the tokens one by one (Eq. 6); once group k is complete, D_FM takes the
     steps it drives (Eq. 5, 8) and yields a preview, the solver's last step extended to t = 1
     (Euler: the jump estimate; AB2: the release's, Table 5). The image is `tokenizer.decode`'s.
@@ -1006,12 +962,11 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
         kept fixed (layout control, Fig. 5), whose steps run first; not for a reversed-order model.
     noise: x_0 (B, 3, H, W), scaled by data_std. generator (on the models' device): one, or a list
         of B (each sample then independent of its batch). steps: S diffusion steps (default K).
-    compile: the one-token AR step and the denoising step compiled (`compiled`), same numbers.
-    """
+    compile: the one-token AR step and the denoising step compiled (`compiled`), same numbers."""
     N, K, G = tokenizer.cfg.num_tokens, tokenizer.cfg.num_groups, tokenizer.cfg.group_size
     device = tokenizer.sampling_times.device
-    labels, prefix, scales = sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature,
-                                            top_k, top_p, solver)
+    labels, prefix, scales, temperature, top_k, top_p = sampler_inputs(
+        ar, tokenizer, labels, prefix, guidance, temperature, top_k, top_p, solver)
     B, n, guided = len(labels), prefix.shape[1], any(scale != 1.0 for scale in scales)
     x = tokenizer.initial_noise(B, noise, generator, device)  # x_0: one generator per sample?
 
@@ -1053,15 +1008,21 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
 
 
 def sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature, top_k, top_p, solver):
-    """`sample`'s inputs as tensors on the models' device, each checked before any work (a
-    ValueError naming it): -> labels (B,), prefix (B, n) int64, the guidance scale per token."""
+    """`sample`'s inputs as tensors on the models' device and numbers, each checked before any work
+    (a ValueError naming it): -> labels (B,), prefix (B, n) int64, the guidance scale per token,
+    temperature, top_k, top_p."""
     N, V, C = tokenizer.cfg.num_tokens, tokenizer.cfg.codebook_size, ar.cfg.num_classes
     device = tokenizer.sampling_times.device
     labels = torch.as_tensor(labels, device=device)                            # (B,)
     prefix = torch.as_tensor([[]] * len(labels) if prefix is None else prefix, device=device)
     B, n = len(labels), prefix.shape[-1]
     prefix = prefix.long() if n == 0 else prefix  # an empty list is float32
-    scales = guidance_scales(guidance, N)
+    try:  # numbers given as text are read as numbers
+        scales, temperature, top_k, top_p = guidance_scales(guidance, N), *map(float, (
+            temperature, top_k, top_p))
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance, temperature, top_k and top_p must be numbers, got "
+                         f"{guidance!r}, {temperature!r}, {top_k!r}, {top_p!r}") from None
     for bad, message in (
             ((ar.cfg.vocab_size, ar.cfg.num_tokens) != (V, N), f"the AR model "
              f"({ar.cfg.vocab_size} ids, {ar.cfg.num_tokens} tokens) does not match the tokenizer "
@@ -1085,7 +1046,7 @@ def sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature, top_k, 
              "AR model writes last")):
         if bad:
             raise ValueError(message)
-    return labels, prefix.long(), scales
+    return labels, prefix.long(), scales, temperature, int(top_k), top_p
 
 
 def guide(logits, scale):
@@ -1267,8 +1228,7 @@ TEXTURE_CLASSES = ("rows", "columns", "diagonals", "antidiagonals", "checks", "f
 
 
 def texture_tiles():
-    """-> (10, 4, 4) bool, one tile per `TEXTURE_CLASSES` entry (True: the pattern darkens the
-    pixel)."""
+    """-> (10, 4, 4) bool, one tile per `TEXTURE_CLASSES` entry; True where the pattern darkens."""
     y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
     dots = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     zigzag = torch.tensor([0, 1, 2, 1])
@@ -1401,6 +1361,53 @@ def ten_crop(image, size, view):
     return image.crop((left, top, left + size, top + size))
 
 
+def image_files(root):
+    """The one image-folder walker (root/<class>/<image>): -> sorted class names, the files as
+    (path, label, size, mtime), and how many entries it passed over. Hidden entries (".name") are
+    ignored; a link that leads nowhere or in a loop, a name that is not UTF-8 or an entry it may
+    not read is passed over (counted); a folder or a class without images is a ValueError."""
+    root, passed_over, classes, files = Path(root), 0, [], []
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+
+    def entries(folder):
+        nonlocal passed_over
+        try:
+            found = sorted((entry for entry in os.scandir(folder)
+                            if not entry.name.startswith(".")), key=lambda entry: entry.name)
+        except OSError:
+            passed_over += 1
+            return []
+        named = [entry for entry in found if entry.name.encode("utf-8", "surrogateescape")
+                 .decode("utf-8", "replace") == entry.name]
+        passed_over += len(found) - len(named)
+        return named
+    for folder in entries(root):
+        try:
+            is_class = folder.is_dir()  # follows a link; a broken link or a loop is no folder
+        except OSError:
+            is_class = False
+        if not is_class:
+            continue
+        images = []
+        for entry in entries(folder.path):
+            try:
+                stat = entry.stat()  # follows a link: a broken one or a loop raises
+            except OSError:
+                passed_over += 1
+                continue
+            if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
+                images.append((Path(entry.path), len(classes), stat.st_size, stat.st_mtime_ns))
+        if not images:
+            raise ValueError(f"class folder {folder.path} holds no readable images")
+        classes.append(folder.name)
+        files += images
+    if not files:
+        raise ValueError(f"{root} holds no images in class sub-folders (expected "
+                         f"{root}/<class>/<image>.jpg)")
+    return classes, files, passed_over
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """An ImageNet-style folder (root/<class>/<image>): sorted class names -> labels
     0..C-1, PIL only.
@@ -1411,20 +1418,12 @@ class ImageFolder(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, image_size, augment=None):
-        root = Path(root)
-        if not root.is_dir():
-            raise ValueError(f"image folder {root} does not exist")
         if augment not in (None, "tokenizer", "ar"):
             raise ValueError(f"unknown augmentation {augment!r}; use 'tokenizer', 'ar' or None")
-        self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-        self.files = [(path, label) for label, name in enumerate(self.classes)
-                      for path in sorted((root / name).iterdir())
-                      if path.suffix.lower() in IMAGE_EXTENSIONS]
-        if not self.files:
-            raise ValueError(f"{root} holds no images in class sub-folders (expected "
-                             f"{root}/<class>/<image>.jpg)")
-        self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
-        self.root, self.unreadable = root, set()
+        self.root, self.image_size, self.augment = Path(root), image_size, augment
+        self.classes, self.files, self.passed_over = image_files(self.root)
+        self.num_classes, self.unreadable = len(self.classes), set()
+        self.class_names = self.classes
 
     @property
     def skipped(self):  # how many files were found unreadable (per process), each counted once
@@ -1433,12 +1432,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def fingerprint(self):
         """The folder's content as a rerun must find it: the SHA-256 of every image file's path
         (relative to the root: its class), size and modification time."""
-        digest = hashlib.sha256()
-        for path, _ in self.files:
-            stat = path.stat()
-            line = f"{path.relative_to(self.root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
-            digest.update(line.encode())
-        return digest.hexdigest()
+        lines = (f"{path.relative_to(self.root)}\t{size}\t{mtime}\n"
+                 for path, _, size, mtime in self.files)
+        return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
     @property
     def views(self):  # distinct augmented versions of one image that a codes cache must hold
@@ -1449,7 +1445,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def read(self, index):
         for attempt in range(len(self.files)):
-            path, label = self.files[(index + attempt) % len(self.files)]
+            path, label, *_ = self.files[(index + attempt) % len(self.files)]
             try:
                 return open_rgb(path), label
             except (OSError, ValueError, Image.DecompressionBombError) as error:
@@ -1702,8 +1698,7 @@ def number_in(text, low=None, high=None, low_open=False, high_open=False, intege
 
 
 def flag_type(*bounds, **options):
-    """An argparse type: `number_in` with these bounds; a bad value ends the run with argparse's
-    one line."""
+    """An argparse type: `number_in` with these bounds; a bad value ends the run with one line."""
     def parse(text):
         try:
             return number_in(text, *bounds, **options)
@@ -1716,6 +1711,7 @@ def flag_type(*bounds, **options):
 COUNT, SIZE = flag_type(0, integer=True), flag_type(1, integer=True)  # counts from 0, sizes from 1
 SEED = flag_type(0, 2 ** 32 - 1, integer=True)  # the seeds derived from it stay below 2^63
 RATE, WEIGHT = flag_type(0, low_open=True), flag_type(0)                # > 0, >= 0
+SCALE = flag_type(0, 100)  # a guidance scale or a temperature: beyond 100 the logits overflow
 FRACTION = flag_type(0, 1, high_open=True)                              # [0, 1)
 
 
@@ -1748,7 +1744,8 @@ def load_checkpoint_file(path, mmap=True):
 
 
 def load_state_strict(model, state, what):
-    """load_state_dict that names the first missing key, unexpected key or shape mismatch."""
+    """load_state_dict that names the first missing key, unexpected key, shape mismatch or tensor
+    that is not finite (a damaged or diverged file)."""
     expected = model.state_dict()
     for key in expected:
         if key not in state:
@@ -1759,6 +1756,8 @@ def load_state_strict(model, state, what):
         if tensor.shape != expected[key].shape:
             raise ValueError(f"{what}: key {key!r} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[key].shape)}")
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise ValueError(f"{what}: {key!r} holds values that are not finite (NaN or inf)")
     model.load_state_dict(state)
 
 
@@ -1947,6 +1946,9 @@ def load_ar(path, config=None, device="cpu"):
     if ckpt.get("kind") == "ar":
         if config is not None:
             raise ValueError(f"{path} stores its own configuration; do not pass `config`")
+        unknown = set(ckpt["config"]) - {f.name for f in fields(ARConfig)}
+        if unknown:
+            raise ValueError(f"{path}: unknown AR config keys {sorted(unknown)}")
         cfg = ARConfig(**ckpt["config"])
         weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     elif "kind" in ckpt or isinstance(ckpt.get("config"), _ForeignObject):
@@ -1965,7 +1967,7 @@ def load_ar(path, config=None, device="cpu"):
     load_state_strict(model, weights, f"AR checkpoint {path}")
     # ours: the tokenizer it learned; release: None
     model.codes_of = read_tokenizer_record(ckpt.get("tokenizer"), path)
-    model.file = Path(path)
+    model.file, model.class_names = Path(path), ckpt.get("classes")  # ours: the data's class names
     return model.to(device).eval()
 
 
@@ -2121,10 +2123,10 @@ def exported_from(path):
 def training_setup(args, checkpoint_path):
     """Processes, device and precision of a training run: -> rank, world size, device, the autocast
     context (bf16 on CUDA, none on the CPU, where fp32 keeps runs exact), a rank-0 log function.
-    Rank 0 first claims --out (`claim_run_folder`); the initial weights are seeded."""
-    if os.environ.get("RANK", "0") == "0":
-        claim_run_folder(args.out, checkpoint_path, args.resume, args.overwrite)
+    Rank 0 claims --out (`claim_run_folder`); the initial weights are seeded."""
     rank, world_size, device = setup_distributed(args.device)
+    if rank == 0:
+        claim_run_folder(args.out, checkpoint_path, args.resume, args.overwrite)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else contextlib.nullcontext()
@@ -2161,8 +2163,7 @@ def finish_training(args, checkpoint_path, rank, world_size, log):
 class StepLog:
     """The training log and its progress bar: every `every` steps (and at step `total`) a line of
     the step's losses, the learning rate and the images per second since the last line. Reading the
-    losses is the step's one host sync; a non-finite loss stops the run there, before the next save,
-    so the last saved checkpoint stays good."""
+    losses is the step's one host sync; a loss that is no longer finite stops the run there."""
 
     def __init__(self, log, every, start, total, disable):
         self.log, self.every, self.total = log, every, total
@@ -2176,8 +2177,8 @@ class StepLog:
             return
         terms = {name: float(value.detach()) for name, value in losses.items()}
         if not all(math.isfinite(value) for value in terms.values()):
-            raise SystemExit(f"step {done}: a loss became non-finite ({terms}); stopping before "
-                             f"the next save, so the last saved checkpoint is the last good one.")
+            raise BadInput(f"step {done}: a loss is no longer finite ({terms}); stopping before "
+                           "the next save (try a lower --lr)")
         rate = self.images / (time.time() - self.start)
         self.progress.set_postfix({name: f"{value:.3f}" for name, value in terms.items()})
         self.log(f"step {done}: " + " ".join(f"{name} {value:.4f}" for name, value in terms.items())
@@ -2204,6 +2205,9 @@ def update_ema(ema, model, decay):
 def setup_distributed(device="auto"):
     """-> (rank, world_size, device). Launched by torchrun (RANK set): DDP, NCCL on CUDA and gloo on
     CPU. Otherwise one plain process and no torch.distributed call at all."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: this machine has no CUDA device that torch can use "
+                       f"(torch {torch.__version__}); use --device cpu")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
@@ -2238,16 +2242,29 @@ def wrap_for_training(model, compile_model, world_size, device, find_unused_para
 def save_training_checkpoint(path, kind, cfg, model, ema, optimizer, step, args, **entries):
     """What the training scripts save (`save_checkpoint`): tensors and plain values only (the seed
     replaces RNG states, since every random draw of training is seeded by the position of its
-    samples in the stream); `entries` adds a script's own (plain values and state dicts)."""
-    save_checkpoint({"kind": kind, "config": asdict(cfg), "model": model.state_dict(),
-                     **({"ema": ema.state_dict()} if ema is not None else {}),
+    samples in the stream); `entries` adds a script's own. Weights that are no longer finite are
+    never saved: the run stops with one line naming the last finite checkpoint, kept on disk."""
+    weights = [model.state_dict(), ema.state_dict() if ema is not None else {}]
+    if not all_finite(weights):  # one host read per save
+        last = f"{path} (step {load_checkpoint_file(path)['step']})" if Path(path).exists() \
+            else "none was saved"
+        raise BadInput(f"step {step}: the weights are no longer finite (the run diverged; try a "
+                       f"lower --lr); nothing saved, the last finite checkpoint is {last}")
+    save_checkpoint({"kind": kind, "config": asdict(cfg), "model": weights[0],
+                     **({"ema": weights[1]} if ema is not None else {}),
                      "optimizer": optimizer.state_dict(), "step": step, "seed": args.seed,
                      "args": {key: setting_text(value) for key, value in vars(args).items()},
                      **entries}, path)
 
 
+def all_finite(states):
+    """Whether every floating-point tensor of these state dicts is finite (one host read)."""
+    tensors = [t for state in states for t in state.values() if t.is_floating_point()]
+    return not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
 # what a shared file keeps of a training checkpoint, besides the weights
-EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe", "tokenizer")
+EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe", "tokenizer", "classes")
 
 
 def export_weights(checkpoint_path, path, command):
@@ -2271,8 +2288,7 @@ def export_weights(checkpoint_path, path, command):
 
 def training_checkpoint(path, kind, args):
     """The checkpoint that --resume continues: one of `kind` written by `save_training_checkpoint`,
-    trained with this run's settings (`check_same_run`); a wrong file is a ValueError naming its
-    kind."""
+    trained with this run's settings (`check_same_run`); else a ValueError naming what it is."""
     try:
         checkpoint = load_checkpoint_file(path, mmap=False)  # the optimizer state changes in place
     except ValueError as error:
@@ -2554,8 +2570,8 @@ class ToyEvaluator(nn.Module):
 
 
 def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS, data="builtin"):
-    """-> a `ToyEvaluator` whose member i is train_shape_classifier(seed=, data_seed= members[i],
-    augment=True)."""
+    """-> a `ToyEvaluator` whose member i is `train_shape_classifier` with augment=True and the
+    seed and data seed of members[i]."""
     evaluator = ToyEvaluator(len(members))
     for member, (seed, data_seed) in zip(evaluator.members, members):
         member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed,
@@ -2711,8 +2727,8 @@ def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options
 
 def frechet_distance(features_a, features_b):
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (n, d), in float64
-    NumPy. tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a^(1/2) S_b
-    S_a^(1/2)."""
+    NumPy. Its trace term is the sum of the square roots of the eigenvalues of the symmetric
+    S_a^(1/2) S_b S_a^(1/2)."""
     a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     eigenvalues, eigenvectors = np.linalg.eigh(cov_a)

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     sampling.add_argument("--guidance", type=guidance_flag, default=4.0,
                           help="classifier-free guidance scale, or 'start,end' for the linear "
                           "schedule (paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
-    sampling.add_argument("--temperature", type=dar.WEIGHT, default=1.0)
+    sampling.add_argument("--temperature", type=dar.SCALE, default=1.0)
     sampling.add_argument("--top-k", type=dar.COUNT, default=0, help="0: off")
     sampling.add_argument("--top-p", type=dar.flag_type(0, 1, low_open=True), default=1.0,
                           help="in (0, 1]; 1: off")
@@ -147,7 +147,7 @@ def guidance_flag(text):
     if len(parts) > 2:
         raise argparse.ArgumentTypeError(f"expected a scale or 'start,end', got {text!r}")
     try:
-        scales = [dar.number_in(part, 0) for part in parts]
+        scales = [dar.number_in(part, 0, 100) for part in parts]
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"each scale {error} (in {text!r})") from None
     return scales[0] if len(scales) == 1 else tuple(scales)
@@ -183,6 +183,8 @@ def check_flags(args):
         (args.eval and args.benchmark is not None, "--benchmark times the sampler alone: leave out "
          "--eval"),
         (args.out == "", "--out: an empty path; name a file or a folder"),
+        (args.eval and args.n == 1 and not args.layout_from, "--eval --n: at least 2 images, the "
+         "fewest a toy FID can compare"),
         (args.eval and args.fid is not None, "--eval measures samples, --reconstruct builtin or "
          "--layout-from builtin; not --fid"),
         (args.eval and args.layout_from not in (None, "builtin"), "--eval --layout-from measures "
@@ -281,8 +283,7 @@ def load_pair(args, device, need_ar=True):
 
 
 def preset_pair(text, device, precision):
-    """--config TOKENIZER:AR -> (tokenizer, AR model) with random weights, placed as `load_pair`
-    places them."""
+    """--config TOKENIZER:AR -> (tokenizer, AR model) of random weights, placed as `load_pair`."""
     names = text.split(":")
     if len(names) != 2 or names[0] not in dar.TOKENIZER_PRESETS or names[1] not in dar.AR_PRESETS:
         fail(f"--config: expected TOKENIZER:AR with TOKENIZER one of "
@@ -305,9 +306,11 @@ def at_release_precision(ar, device, precision):
 
 
 def class_names(ar):
-    """The AR model's class names: the built-in data's, else "class I"."""
-    builtin = ar.cfg.num_classes == len(dar.SHAPE_CLASSES)
-    return list(dar.SHAPE_CLASSES) if builtin else [f"class {i}" for i in range(ar.cfg.num_classes)]
+    """The AR model's class names, as its checkpoint records them (an older file of 10 classes: the
+    built-in shapes'); else "class I"."""
+    names = getattr(ar, "class_names", None) or (list(dar.SHAPE_CLASSES) if ar.cfg.num_classes == 10
+                                                 else None)
+    return names or [f"class {i}" for i in range(ar.cfg.num_classes)]
 
 
 def parse_labels(items, ar):
@@ -338,8 +341,7 @@ def picture_path(args, ar, name):
 
 
 def picture(args, tokenizer, ar, device):
-    """The default mode: one row per sample, the previews after groups 1..K (the K-th is the
-    image)."""
+    """The default mode: a row per sample, its previews after groups 1..K (the K-th: the image)."""
     default = list(DIT_CLASSES) if ar.cfg.num_classes == 1000 else \
         list(range(min(ar.cfg.num_classes, 10)))
     labels = parse_labels(args.labels, ar) if args.labels else default
@@ -421,9 +423,9 @@ def spread_text(figure, form):
 def toy_eval(args, tokenizer, ar, device):
     """--eval: the toy metric of the samples, or of the reconstructions (--reconstruct builtin), or
     Fig. 5 measured (--layout-from builtin)."""
-    if ar is not None and ar.cfg.num_classes != len(dar.SHAPE_CLASSES):
-        fail(f"--eval measures models of the built-in data ({len(dar.SHAPE_CLASSES)} classes); "
-             f"{ar.file} has {ar.cfg.num_classes}. For ImageNet, use --fid and the ADM evaluator")
+    if ar is not None and class_names(ar) != list(dar.SHAPE_CLASSES):
+        fail(f"--eval measures models of the built-in shapes; {ar.file} learned other classes "
+             f"({', '.join(class_names(ar)[:3])}, ...): use --fid and an evaluator of its data")
     size = tokenizer.cfg.image_size
     evaluator = dar.load_toy_evaluator(args.evaluator, size, flag="--evaluator").to(device)
     if args.layout_from:

@@ -1016,7 +1016,7 @@ def test_image_folder_labels_augmentations_and_corrupt_files(tmp_path):
         images = [data[i] for i in range(4)]
     assert data.skipped == 1 and len(images) == 4
     (tmp_path / "empty" / "cats").mkdir(parents=True)
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match="holds no (readable )?images"):
         dar.ImageFolder(tmp_path / "empty", 32)
     with pytest.raises(ValueError, match="does not exist"):
         dar.ImageFolder(tmp_path / "missing", 32)
@@ -1301,9 +1301,36 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
         losses = real_forward(self, *args, **kwargs)
         return {**losses, "loss": losses["loss"] * float("nan")}
     monkeypatch.setattr(dar.Tokenizer, "forward", poisoned)
-    with pytest.raises(SystemExit, match="a loss became non-finite"):
+    with pytest.raises(SystemExit, match="a loss is no longer finite"):
         train_tokenizer.main(tokenizer_args(tmp_path, "--steps", "4", "--resume"))
     assert torch.load(tmp_path / "tokenizer.pt", weights_only=True)["step"] == 2
+
+
+def test_no_non_finite_state_is_saved_or_loaded_and_a_missing_device_is_named(tmp_path, capsys):
+    """Nothing non-finite: a diverging run saves no NaN weights and names the last finite
+    checkpoint; loaders refuse NaN weights and unknown config keys; --device cuda without CUDA is
+    one line."""
+    argv = ["--steps", "8", "--lr", "1e30", "--save-every", "2", "--log-every", "8"]
+    line = one_line_refusal(lambda: train_tokenizer.main(tokenizer_args(tmp_path / "run", *argv)),
+                            capsys)
+    assert "the weights are no longer finite" in line and "the last finite checkpoint is" in line
+    if (tmp_path / "run" / "tokenizer.pt").exists():
+        saved = torch.load(tmp_path / "run" / "tokenizer.pt", weights_only=True)
+        assert dar.all_finite([saved["model"], saved["ema"]]) and f"(step {saved['step']})" in line
+    damaged = torch.load(SHIPPED["tokenizer"], weights_only=True)
+    damaged["model"]["quant_in.weight"][0, 0] = float("nan")
+    torch.save(damaged, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="'quant_in.weight' holds values that are not finite"):
+        dar.load_tokenizer(tmp_path / "nan.pt")
+    unknown = torch.load(SHIPPED["ar"], weights_only=True)
+    unknown["config"]["colour"] = "red"
+    torch.save(unknown, tmp_path / "ar.pt")
+    with pytest.raises(ValueError, match=r"unknown AR config keys \['colour'\]"):
+        dar.load_ar(tmp_path / "ar.pt")
+    if not torch.cuda.is_available():  # on a CUDA machine the refused case does not arise
+        line = one_line_refusal(lambda: train_tokenizer.main(
+            tokenizer_args(tmp_path / "gpu", "--device", "cuda", "--steps", "1")), capsys)
+        assert "--device cuda: this machine has no CUDA device" in line
 
 
 def ddp_worker(rank, world_size, port, argv):
@@ -2571,6 +2598,14 @@ def one_line_refusal(run, capsys):
         ("sample", ["--guidance", "nan"], "--guidance: each scale must be a finite number >= 0"),
         ("sample", ["--guidance", "inf"], "--guidance: each scale must be a finite number >= 0"),
         ("sample", ["--guidance", "-1"], "--guidance: each scale must be a finite number >= 0"),
+        # numbers ranged where they are parsed: nothing overflows later
+        ("sample", ["--guidance", "3e38"], "--guidance: each scale must be a finite number >= 0 "
+         "and <= 100"),
+        ("ar", ["--sample-guidance", "1e39"], "--sample-guidance: must be a finite number >= 0 and "
+         "<= 100"),
+        ("ar", ["--epochs", "1e308"], "--epochs: must be a finite number > 0 and <= 1000000"),
+        ("sample", ["--eval", "--n", "1"], "--eval --n: at least 2 images"),
+        ("sample", ["--out", ""], "--out: an empty path"),
         ("sample", ["--temperature", "nan"], "--temperature: must be a finite number >= 0"),
         ("sample", ["--top-p", "0"], "--top-p: must be a finite number > 0 and <= 1"),
         ("sample", ["--top-p", "1.5"], "--top-p: must be a finite number > 0 and <= 1"),
@@ -2745,7 +2780,7 @@ def test_an_image_folder_is_known_by_its_content_and_counts_a_bad_file_once(tmp_
     write_folder(tmp_path / "data")
     (tmp_path / "data" / "cats" / "broken.png").write_bytes(b"not a png")
     data = dar.ImageFolder(tmp_path / "data", 32)
-    broken = [i for i, (path, _) in enumerate(data.files) if path.name == "broken.png"][0]
+    broken = [i for i, (path, *_) in enumerate(data.files) if path.name == "broken.png"][0]
     with pytest.warns(UserWarning):
         data.read(broken)
     data.read(broken)
@@ -2819,6 +2854,55 @@ def test_resumable_outputs_refuse_a_rerun_with_other_settings(
     ):
         # another dataset: not the seed-0 codes
         build(1)
+
+
+def test_one_image_folder_walker_passes_over_what_it_cannot_read(tmp_path, trained_pair):
+    """Image folders: hidden folders are no class, a dangling link, a link loop and a name that
+    is not UTF-8 are passed over and counted, an empty class is refused; the AR checkpoint records
+    its data's class names."""
+    root = tmp_path / "images"
+    for name in ("cat", "dog", ".ipynb_checkpoints"):
+        (root / name).mkdir(parents=True)
+    for i, name in enumerate(("cat", "dog")):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, dtype=np.uint8)).save(root / name / "a.png")
+    (root / "cat" / "gone.png").symlink_to(root / "nowhere.png")      # a dangling link
+    (root / "dog" / "loop.png").symlink_to(root / "dog" / "loop.png")  # a link to itself
+    os.close(os.open(os.fsencode(root / "cat") + b"/\xff.png", os.O_CREAT | os.O_WRONLY))
+    data = dar.ImageFolder(root, 8)
+    assert data.classes == ["cat", "dog"] and len(data) == 2 and data.passed_over == 3
+    assert len(data.fingerprint()) == 64 and data[1][1] == 1
+    (root / "bird").mkdir()
+    with pytest.raises(ValueError, match="class folder .*bird holds no readable images"):
+        dar.ImageFolder(root, 8)
+    assert dar.load_ar(trained_pair[3]).class_names == list(dar.SHAPE_CLASSES)
+
+
+def test_fid_resume_lists_its_folder_once_and_remakes_a_damaged_png(tmp_path, monkeypatch):
+    """The resume scan is linear: one listing of the folder and one header read per PNG, whatever
+    is left to do (it was a glob per missing image); a truncated PNG is made again at packing."""
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    calls = {"listings": 0, "opens": 0}
+    real_iterdir, real_open = Path.iterdir, sample.Image.open
+    monkeypatch.setattr(Path, "iterdir", lambda self: calls.update(
+        listings=calls["listings"] + 1) or real_iterdir(self))
+    monkeypatch.setattr(sample.Image, "open", lambda *a, **k: calls.update(
+        opens=calls["opens"] + 1) or real_open(*a, **k))
+    for total in (40, 160):
+        folder = tmp_path / str(total)
+        folder.mkdir()
+        for i in range(0, total, 2):  # half made
+            Image.fromarray(pixels).save(folder / f"{i:06d}.png")
+        (folder / "settings.json").write_text("{}")
+        calls.update(listings=0, opens=0)
+        sample.check_files_folder(folder, 32)
+        made = sample.write_pngs(lambda indices: (torch.zeros(len(indices), 3, 32, 32), None),
+                                 total, folder, batch_size=1000)
+        assert made == total // 2 and calls == {"listings": 1, "opens": total // 2}
+    (folder / "000003.png").write_bytes((folder / "000003.png").read_bytes()[:40])  # truncated
+    path = sample.pack(folder, 160, lambda indices: (torch.ones(len(indices), 3, 32, 32), None))
+    packed = np.load(path)["arr_0"]
+    assert packed.shape == (160, 32, 32, 3) and (packed[3] == 255).all()  # made again
+    assert (packed[1] == 128).all() and (packed[2] == 0).all()  # as written: made, and found
 
 
 def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):

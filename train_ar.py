@@ -9,8 +9,8 @@
 Each config brings its recipe (RECIPES below: the paper's values for B/L/XL/XXL); any flag overrides
 it. The global batch is --batch-size x --grad-accum x the number of processes. Tokens are computed
 on the fly by the tokenizer (EMA weights, float32), or once per augmentation view with
---cache-codes. The checkpoint records the tokenizer file (path and SHA-256), which sample.py then
-uses.
+--cache-codes. The checkpoint records the tokenizer file (path and SHA-256) and the data's class
+names, which sample.py then uses.
 """
 import copy
 import math
@@ -42,7 +42,7 @@ RECIPES = {
 def parse_args(argv=None):
     parser = dar.Parser(__doc__)
     recipe = dar.add_training_flags(parser, RECIPES)
-    recipe.add_argument("--epochs", type=dar.RATE)
+    recipe.add_argument("--epochs", type=dar.flag_type(0, 10 ** 6, low_open=True))
     recipe.add_argument("--dropout", type=dar.flag_type(0, 1, high_open=True),
                         help="dropout on the tokens, residuals "
                         "and FFNs (release: 0.1); the class label's dropout (for guidance) stays "
@@ -63,7 +63,7 @@ def parse_args(argv=None):
                           help="linear decay over this last fraction of training (paper: the last "
                                "50 of 300 epochs)")
     watch = parser.add_argument_group("watching it learn")
-    watch.add_argument("--sample-guidance", type=dar.WEIGHT, default=4.0,
+    watch.add_argument("--sample-guidance", type=dar.SCALE, default=4.0,
                        help="guidance scale of the --sample-every "
                        "pictures and --eval-samples")
     watch.add_argument("--eval-samples", type=dar.COUNT, default=None,
@@ -96,8 +96,7 @@ def parse_args(argv=None):
 
 def choose_tokenizer(given, out):
     """--config tiny without --tokenizer: yours (<out>/tokenizer.pt, from `python
-    train_tokenizer.py`) if it exists, else the shipped one; -> the path and the line that says
-    which."""
+    train_tokenizer.py`) if it exists, else the shipped one; -> its path and a line naming it."""
     own, shipped = Path(out) / "tokenizer.pt", os.path.relpath(dar.SHIPPED_TINY / "tokenizer.pt")
     if given is not None:
         return given, f"the tokens of {given}"
@@ -110,8 +109,9 @@ def choose_tokenizer(given, out):
 class CachedCodes(torch.utils.data.Dataset):
     """The tokens of every (view, image), memory-mapped: codes (views, n, N), labels (n,)."""
 
-    def __init__(self, codes, labels, num_classes):
-        self.codes, self.labels, self.num_classes = codes, labels, num_classes
+    def __init__(self, codes, labels, class_names):
+        self.codes, self.labels, self.class_names = codes, labels, class_names
+        self.num_classes = len(class_names)
 
     def __len__(self):
         return self.codes.shape[1]
@@ -175,7 +175,7 @@ def cache_codes(tokenizer, tokenizer_path, dataset, folder, rank, world_size, de
     if codes.shape != shape or labels.shape != (shape[1],):
         raise dar.BadInput(f"--cache-codes: {codes_path} holds {codes.shape}, not {shape}; delete "
                            f"{folder} to rebuild it")
-    return CachedCodes(codes, labels, dataset.num_classes)
+    return CachedCodes(codes, labels, list(dataset.class_names))
 
 
 def tokenizer_and_data(args, rank, world_size, device):
@@ -213,6 +213,7 @@ def main(args):
     # ---- model, EMA (the paper keeps none), AdamW (weight decay on matrices, not on norm weights)
     cfg = ar_config(args, tokenizer, dataset.num_classes)
     model = dar.LlamaAR(cfg).to(device)
+    model.class_names = list(dataset.class_names)  # recorded in the checkpoint
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else None
     optimizer = dar.ar_optimizer(model, args.lr, args.betas, args.weight_decay)
     global_batch = args.batch_size * args.grad_accum * world_size
@@ -255,7 +256,7 @@ def main(args):
             watch(ema or model, tokenizer, evaluator, args, done, done * global_batch, log)
         if rank == 0 and (done % args.save_every == 0 or done == total_steps):
             dar.save_training_checkpoint(checkpoint_path, "ar", cfg, model, ema, optimizer, done,
-                                         args, tokenizer=learned)
+                                         args, tokenizer=learned, classes=model.class_names)
     step_log.close()
     dar.finish_training(args, checkpoint_path, rank, world_size, log)
     return model, loss  # for notebooks and tests (the last loss; None if no step ran)
@@ -306,8 +307,7 @@ def save_samples(model, tokenizer, args, path):
     generator = torch.Generator(device).manual_seed(args.seed)
     sampled_groups = list(dar.sample(model.eval(), tokenizer, labels, guidance=args.sample_guidance,
                                      generator=generator))
-    names = [dar.SHAPE_CLASSES[label] if args.data == "builtin" else f"class {label}"
-             for label in labels.tolist()]
+    names = [model.class_names[label] for label in labels.tolist()]
     previews = torch.stack([sampled.preview for sampled in sampled_groups], dim=1)
     columns = dar.preview_names(tokenizer.cfg.num_groups, tokenizer.cfg.group_size)
     dar.save_picture(dar.labelled_grid(previews, names, columns), path)

@@ -148,8 +148,7 @@ MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from
 
 
 def miniature_recipe(args):
-    """--config tiny: the MiniatureRecipe with the flags' overrides; None (the release's tokenizer)
-    otherwise."""
+    """--config tiny: the MiniatureRecipe with the flags' overrides; else None (the release's)."""
     if args.config != "tiny":
         return None
     recipe = dar.MiniatureRecipe(teacher_features=dar.ShapeClassifier.widths[-1]
@@ -287,9 +286,8 @@ def reconstruct(tokenizer, head, codes, noise=None):
 
 
 def watch(args, done, global_batch, tokenizer, head, held_out, shown, log):
-    """Every --eval-every steps the held-out figures, every --sample-every the picture (`draw`); in
-    the first stage (head: the code head's EMA) the code head's images stand for the
-    reconstructions."""
+    """Every --eval-every steps the held-out figures, every --sample-every the picture (`draw`). In
+    the first stage `head` is the code head's EMA, whose images stand for the reconstructions."""
     if held_out and (done % args.eval_every == 0 or done == args.steps):
         held_out.evaluate(tokenizer, head, done, done * global_batch, log)
     if done % args.sample_every == 0 or done == args.steps:
