@@ -334,10 +334,14 @@ def sampling_options(args):
 
 
 def picture_path(args, ar, name):
-    """--out, else out/tiny/<name> for the shipped pair or <the AR checkpoint's folder>/<name>."""
+    """--out, else out/tiny/<name> for the shipped pair or <the AR checkpoint's folder>/<name>;
+    a folder that cannot be written ends the run before any sampling."""
     folder = ar.file.parent
     folder = QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
-    return Path(args.out or folder / name)
+    path = Path(args.out or folder / name)
+    if not writable(path.parent):
+        fail(f"{path.parent} cannot be created or written: pass --out FILE.png")
+    return path
 
 
 def picture(args, tokenizer, ar, device):
@@ -349,6 +353,7 @@ def picture(args, tokenizer, ar, device):
     labels = [labels[i % len(labels)] for i in range(rows)]
     K, G = tokenizer.cfg.num_groups, tokenizer.cfg.group_size
     generator = dar.generators(range(args.seed, args.seed + rows), device)
+    path, names = picture_path(args, ar, "samples.png"), [class_names(ar)[i] for i in labels]
     previews, start = [], time.perf_counter()
     for sampled in dar.sample(ar, tokenizer, labels, generator=generator,
                               **sampling_options(args)):
@@ -357,7 +362,6 @@ def picture(args, tokenizer, ar, device):
             milliseconds = 1000 * (synchronized_time(device) - start)
             print(f"group {sampled.group + 1}/{K}: {sampled.tokens.shape[1]:4d} tokens, t = "
                   f"{sampled.t:.3f}, preview ready at {milliseconds:7.1f} ms")
-    path, names = picture_path(args, ar, "samples.png"), [class_names(ar)[i] for i in labels]
     dar.save_picture(dar.labelled_grid(torch.stack(previews, 1), names,
                                        dar.preview_names(K, G)), path)
     if args.gif:
@@ -398,7 +402,7 @@ def prefix_counts(args, tokenizer, ar):
 def layout_control(args, tokenizer, ar, device):
     """Fig. 5: the reference's first n tokens, the rest sampled under each label; a row per n. Every
     cell uses the same seed, so within a row only the label changes."""
-    counts = prefix_counts(args, tokenizer, ar)
+    counts, path = prefix_counts(args, tokenizer, ar), picture_path(args, ar, "layout.png")
     reference = load_reference(args.layout_from, tokenizer.cfg.image_size).to(device)
     codes = tokenizer.encode(reference)
     labels = parse_labels(args.labels, ar) if args.labels else \
@@ -409,7 +413,6 @@ def layout_control(args, tokenizer, ar, device):
         *_, last = dar.sample(ar, tokenizer, labels, prefix=prefix, **sampling_options(args),
                               generator=dar.generators([args.seed] * len(labels), device))
         rows.append(torch.cat([reference, last.image]))
-    path = picture_path(args, ar, "layout.png")
     dar.save_picture(dar.labelled_grid(torch.stack(rows), [f"{n} tokens kept" for n in counts],
                                        ["reference"] + [class_names(ar)[i] for i in labels]), path)
     return path
@@ -536,7 +539,10 @@ def sample_files(args, tokenizer, ar, rank, world_size):
 def check_files_folder(folder, image_size):
     """A --fid / --reconstruct folder holds only what this command makes: PNGs there without its
     record (settings.json), or of another size, end the run before any sampling."""
-    pngs = sorted(folder.glob("[0-9]" * 6 + ".png"))
+    pngs, packed = sorted(folder.glob("[0-9]" * 6 + ".png")), folder.parent / f"{folder.name}.npz"
+    if packed.exists() and not (folder / "settings.json").exists():
+        fail(f"--out {folder}: {packed} exists, but no record of the run that made it; move it "
+             "away or choose another --out")
     if pngs and not (folder / "settings.json").exists():
         fail(f"--out {folder} holds {len(pngs)} PNGs that no run of sample.py recorded "
              f"(settings.json); choose an empty folder")

@@ -2898,11 +2898,22 @@ def test_fid_resume_lists_its_folder_once_and_remakes_a_damaged_png(tmp_path, mo
         made = sample.write_pngs(lambda indices: (torch.zeros(len(indices), 3, 32, 32), None),
                                  total, folder, batch_size=1000)
         assert made == total // 2 and calls == {"listings": 1, "opens": total // 2}
+    (tmp_path / "gone.npz").write_bytes(b"an earlier run's file")  # its folder deleted since
+    with pytest.raises(dar.BadInput, match="gone.npz exists, but no record of the run"):
+        sample.check_files_folder(tmp_path / "gone", 32)
     (folder / "000003.png").write_bytes((folder / "000003.png").read_bytes()[:40])  # truncated
     path = sample.pack(folder, 160, lambda indices: (torch.ones(len(indices), 3, 32, 32), None))
     packed = np.load(path)["arr_0"]
     assert packed.shape == (160, 32, 32, 3) and (packed[3] == 255).all()  # made again
     assert (packed[1] == 128).all() and (packed[2] == 0).all()  # as written: made, and found
+
+
+def test_a_picture_folder_that_cannot_be_written_is_refused_before_sampling(
+        trained_pair, sampler_calls, monkeypatch, capsys):
+    # root ignores permission bits here, so the folder's answer is stood in for
+    monkeypatch.setattr(sample, "writable", lambda folder: False)
+    line = one_line_refusal(lambda: sample.main(trained_pair), capsys)
+    assert "cannot be created or written: pass --out FILE.png" in line and not sampler_calls
 
 
 def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):
