@@ -2589,11 +2589,8 @@ def one_line_refusal(run, capsys):
         ("tokenizer", ["--resume", "--overwrite"], "give one"),
         ("ar", ["--epochs", "0"], "--epochs: must be a finite number > 0"),
         ("ar", ["--epochs", "-1"], "--epochs: must be a finite number > 0"),
-        (
-            "ar",
-            ["--decay-fraction", "2"],
-            "--decay-fraction: must be a finite number >= 0 and <= 1",
-        ),
+        ("ar", ["--decay-fraction", "2"],
+         "--decay-fraction: must be a finite number >= 0 and <= 1"),
         ("ar", ["--tokenizer", "/no/such.pt"], "--tokenizer: no checkpoint at /no/such.pt"),
         ("sample", ["--guidance", "nan"], "--guidance: each scale must be a finite number >= 0"),
         ("sample", ["--guidance", "inf"], "--guidance: each scale must be a finite number >= 0"),
@@ -2610,11 +2607,8 @@ def one_line_refusal(run, capsys):
         ("sample", ["--top-p", "0"], "--top-p: must be a finite number > 0 and <= 1"),
         ("sample", ["--top-p", "1.5"], "--top-p: must be a finite number > 0 and <= 1"),
         ("sample", ["--top-k", "-5"], "--top-k: must be an integer >= 0"),
-        (
-            "sample",
-            ["--denoising-steps", "1.5"],
-            "--denoising-steps: must be an integer >= 1, got '1.5'",
-        ),
+        ("sample", ["--denoising-steps", "1.5"],
+         "--denoising-steps: must be an integer >= 1, got '1.5'"),
         ("sample", ["--fid", "3", "--labels", "3", "--out", "x"], "--labels is not read by --fid"),
         ("sample", ["--out", "picture"], "a picture is written to a file name ending in .png"),
         # flags that the chosen mode would ignore, empty lists, counts that disagree, seeds out
@@ -2914,6 +2908,37 @@ def test_a_picture_folder_that_cannot_be_written_is_refused_before_sampling(
     monkeypatch.setattr(sample, "writable", lambda folder: False)
     line = one_line_refusal(lambda: sample.main(trained_pair), capsys)
     assert "cannot be created or written: pass --out FILE.png" in line and not sampler_calls
+
+
+def test_every_file_is_written_through_a_temporary_and_a_rename(tmp_path, trained_pair):
+    """A picture --out that is a symlink to a checkpoint replaces the link, never the checkpoint;
+    no temporary is left behind."""
+    checkpoint = tmp_path / "precious.pt"
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "link.png").symlink_to(checkpoint)
+    sample.main([*trained_pair, "--n", "1", "--out", str(tmp_path / "link.png")])
+    assert checkpoint.read_bytes() == b"weights" and not (tmp_path / "link.png").is_symlink()
+    assert Image.open(tmp_path / "link.png").size[0] > 0 and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="empty path"):
+        dar.write_atomically(Path(""), "text")
+
+
+def test_the_api_converts_or_names_its_inputs(official, official_ar, expected):
+    """encode, decode and sample take numpy arrays, lists, integer dtypes and numbers as text; what
+    they cannot take (NaN pixels, fractional ids, one generator for several images) is named."""
+    images, codes = expected["images"], expected["codes"]
+    assert torch.equal(official.encode(images.numpy()), codes)
+    assert torch.equal(official.conditions(codes.tolist()), official.conditions(codes))
+    assert torch.equal(official.conditions(codes.to(torch.uint8)), official.conditions(codes))
+    as_text = dict(guidance="2", temperature="1", top_k="0", top_p="1")
+    a, b = (list(dar.sample(official_ar, official, [0, 1], generator=dar.generators([0, 1], "cpu"),
+                            **options))[-1].image for options in (as_text, dict(guidance=2.0)))
+    assert torch.equal(a, b)
+    for bad, message in ((dict(guidance="x"), "must be numbers"),
+                         (dict(prefix=[[1.5], [2.5]]), "token ids"),
+                         (dict(generator=[torch.Generator()]), "one generator per sample")):
+        with pytest.raises(ValueError, match=message):
+            next(dar.sample(official_ar, official, [0, 1], **bad))
 
 
 def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):

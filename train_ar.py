@@ -238,8 +238,7 @@ def main(args):
             tokens = tokens.flip(1) if args.reverse else tokens
             # dropout and label dropout follow the samples, not the process layout
             torch.manual_seed(dar.stream_seed(args.seed, stream.first_position(step, micro), 1))
-            # DDP all-reduces the gradients in the last micro-step only
-            with dar.gradient_sync(trained, micro == args.grad_accum - 1):
+            with dar.gradient_sync(trained, micro == args.grad_accum - 1):  # DDP: the last one
                 with autocast:
                     loss = dar.next_token_loss(trained(tokens, labels), tokens)         # Eq. (6)
                 (loss / args.grad_accum).backward()
