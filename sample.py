@@ -201,8 +201,9 @@ def check_flags(args):
         (writes_files and args.out is None, f"{mode} writes a folder of PNGs: pass --out DIR"),
         ("RANK" in os.environ and not writes_files, "only --fid and --reconstruct are shared out "
          "over processes; run the other modes without torchrun"),
-        (args.out is not None and picture and not args.out.lower().endswith(".png"), f"--out "
-         f"{args.out}: a picture is written to a file name ending in .png"),
+        (args.out is not None and picture and (not args.out.lower().endswith(".png") or Path(
+            args.out).is_dir()), f"--out {args.out}: a picture is written to a file name ending "
+         "in .png"),
         (args.out is not None and writes_files and Path(args.out).is_file(), f"--out {args.out} "
          "is a file: --fid and --reconstruct write a folder"),
         (args.reconstruct not in (None, "builtin") and not Path(args.reconstruct).is_dir(),
