@@ -382,8 +382,8 @@ def condition_group(t, num_groups, beta, form="release"):
 
 
 def flow_interpolant(x0, x1, t):
-    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0 (t
-    broadcast per sample)."""
+    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0
+    (t broadcast per sample)."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return t * x1 + (1 - t) * x0, x1 - x0
 
@@ -395,9 +395,9 @@ def jump_estimate(x_t, t, v):
 
 
 def sampling_times(num_steps, beta):
-    """Eq. (8): t_i = (i/S) / (i/S + beta (1 - i/S)), i = 0..S-1, followed by t_S = 1; float32, (S +
-    1,).
-    The paper decodes with S = K steps; the release's `num_denoising_steps` may set another S."""
+    """Eq. (8): t_i = (i/S) / (i/S + beta (1 - i/S)), i = 0..S-1, followed by t_S = 1;
+    float32, (S + 1,). The paper decodes with S = K steps; the release's `num_denoising_steps`
+    may set another S."""
     return shift_time(torch.arange(num_steps + 1, dtype=torch.float32) / num_steps, beta)
 
 
@@ -516,8 +516,8 @@ class Tokenizer(nn.Module):
 
     # ---- Eq. (1): encoder and quantiser --------------------------------------------------------
     def encoder_features(self, images):
-        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f (B, N,
-        C), before quantisation."""
+        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f
+        (B, N, C), before quantisation."""
         B, N = images.shape[0], self.cfg.num_tokens
         patches = layer_norm(self.patchify(images).flatten(2).transpose(1, 2))     # (B, L, D)
         queries = self.query_linear(self.query_embedding.weight[:N]).expand(B, -1, -1)  # (B, N, D)
@@ -562,9 +562,9 @@ class Tokenizer(nn.Module):
     # ---- Eq. (2)-(4), (8): decoding with D_FM, the pixel diffusion transformer -------------------
     @torch.no_grad()
     def velocity(self, x_t, t, cond):
-        """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the
-        network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v (B,
-        3, H, W)."""
+        """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time
+        the network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v
+        (B, 3, H, W)."""
         size, G, D = self.cfg.image_size, self.cfg.group_size, self.cfg.decoder_dim
         if x_t.shape[1:] != (3, size, size) or cond.shape != (x_t.shape[0], G, D):
             raise ValueError(f"x_t (B, 3, {size}, {size}) and cond, one group of conditions (B, "
@@ -587,8 +587,8 @@ class Tokenizer(nn.Module):
         return torch.as_tensor(noise).to(device)  # the release draws x_0 on the CPU
 
     def schedule(self, steps=None):
-        """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads (Eq.
-        5) (S,). steps=None: the config's S (K unless the file says otherwise)."""
+        """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads
+        (Eq. 5) (S,). steps=None: the config's S (K unless the file says otherwise)."""
         if steps is None or steps == self.cfg.decode_steps:
             return self.sampling_times, self.step_groups
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -606,10 +606,9 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None, compile=False):
-        """Tokens (B, N) -> images (B, 3, H, W) by S steps of the Eq. (8) schedule (S = `steps`,
-        default the config's, K as released), step i conditioned on group `step_groups`[i] of z'
-        (Eq. 5). `noise` is x_0 in the scaled pixel space (drawn with `generator` if None);
-        compile=True compiles the step (`compiled`)."""
+        """Tokens (B, N) -> images (B, 3, H, W) by S steps of Eq. (8) (S = `steps`, default the
+        config's: K as released), step i conditioned on group `step_groups`[i] of z' (Eq. 5).
+        `noise`: x_0 in the scaled pixel space (else drawn with `generator`); compile: `compiled`."""
         cond, N = self.conditions(codes), self.cfg.num_tokens                         # (B, N, D)
         if cond.shape[1] != N or solver not in SOLVERS:
             raise ValueError(f"decode takes all N = {N} tokens and a solver of {SOLVERS}, got "
@@ -888,9 +887,9 @@ class LlamaAR(nn.Module):
 
     @torch.no_grad()
     def next_logits(self, h, positions, caches):
-        """Cached forward of embeddings h (B, T, D) at `positions` (T,) -> logits of the last
-        position, i.e. for the next token (B, V). The sampler prefills the class token (and a
-        prefix) with it."""
+        """Cached forward of embeddings h (B, T, D) at `positions` (T,) -> logits of the
+        last position, i.e. for the next token (B, V). The sampler prefills the class token
+        (and a prefix) with it."""
         return self.transformer(h, positions, caches)[:, -1]
 
     @torch.no_grad()
@@ -907,8 +906,9 @@ class LlamaAR(nn.Module):
 
 
 def guidance_scales(guidance, num_tokens):
-    """Classifier-free guidance scale per token: a number, or the release's linear schedule (start,
-    end) from token 0 to token N-1 (paper: (1.1, 8.0) for D-AR-L, (1.1, 10.0) for D-AR-XL)."""
+    """Classifier-free guidance scale per token: a number, or the release's linear
+    schedule (start, end) from token 0 to token N-1 (paper: (1.1, 8.0) for D-AR-L,
+    (1.1, 10.0) for D-AR-XL)."""
     start, end = map(float, guidance if isinstance(guidance, (tuple, list)) else (guidance,) * 2)
     # release: a schedule starting at exactly 1.0 is nudged to 1.001 to turn guidance on; not here
     return torch.linspace(start, end, num_tokens).tolist()
@@ -917,8 +917,8 @@ def guidance_scales(guidance, num_tokens):
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
     """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus
     (top-p) filtering, then one draw from what is left (top_k = 1: greedy). The draw inverts the
-    cumulative distribution at one uniform number per row: `uniform` (B,) when given (`sample`
-    draws them per sample, so that a sample does not depend on its batch), else from `generator`."""
+    cumulative distribution at one uniform number per row: `uniform` (B,) when given (`sample` draws
+    them per sample, so that a sample does not depend on its batch), else from `generator`."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -1238,8 +1238,8 @@ def texture_tiles():
 
 
 class BuiltinTextures(torch.utils.data.Dataset):
-    """A procedural dataset whose class lives in the fine detail, as fur does in Fig.
-    5 (no download).
+    """A procedural dataset whose class lives in the fine detail, as fur does in
+    Fig. 5 (no download).
 
     The layout is coarse and independent of the class: an ellipse of random radii and position, and
     two different colours of `SHAPE_COLOURS` for the background and the object. The class
@@ -1304,9 +1304,9 @@ BUILTIN_DATA = {"builtin": BuiltinShapes, "textures": BuiltinTextures}
 
 
 def open_rgb(path):
-    """An image file as 8-bit RGB: 16- and 32-bit greyscale keep their contrast (scaled, not
-    clipped), float images are read as [0, 1], transparency is composited on white, CMYK and
-    palettes are converted, an animation gives its first frame."""
+    """An image file as 8-bit RGB: 16- and 32-bit greyscale keep their contrast
+    (scaled, not clipped), float images are read as [0, 1], transparency is composited
+    on white, CMYK and palettes are converted, an animation gives its first frame."""
     with Image.open(path) as image:
         image.seek(0)
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -1456,8 +1456,8 @@ class ImageFolder(torch.utils.data.Dataset):
         raise ValueError(f"no readable image in {len(self.files)} files")
 
     def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields; (index, seed,
-        view) picks an AR view explicitly (for a codes cache)."""
+        """key: an index, or (index, augmentation seed) as `TrainingStream` yields;
+        (index, seed, view) picks an AR view explicitly (for a codes cache)."""
         index, seed, *view = key if isinstance(key, tuple) else (key, 0)
         image, label = self.read(index)
         rng = random.Random(seed)
@@ -1480,10 +1480,10 @@ class TrainingStream(torch.utils.data.Sampler):
     """Which samples every process sees at every step: a pure function of (seed, step).
 
     Step s consumes global positions [s GB, (s + 1) GB) of an endless stream (GB = batch x
-    grad_accum x world size); position p is sample perm_e[p mod n] of epoch e = p // n, with a fresh
-    permutation per epoch. Micro-batch m of rank r takes the slice starting at `first_position(s,
-    m)`, so the same samples meet the same augmentation and noise seeds whatever the number of
-    processes, and a resumed run continues exactly.
+    grad_accum x world size); position p is sample perm_e[p mod n] of epoch e = p // n, with a
+    fresh permutation per epoch. Micro-batch m of rank r takes the slice starting at
+    `first_position(s, m)`, so the same samples meet the same augmentation and noise seeds whatever
+    the number of processes, and a resumed run continues exactly.
     """
 
     def __init__(self, num_samples, batch_size, grad_accum, world_size, rank, seed, start_step,
@@ -1724,8 +1724,8 @@ class _ForeignObject:
 
 def load_checkpoint_file(path, mmap=True):
     """torch.load with weights_only=True, allowing only plain data plus the two foreign
-    objects the official files contain: an argparse.Namespace and a config_util.Config (read
-    as plain attributes)."""
+    objects the official files contain: an argparse.Namespace and a config_util.Config
+    (read as plain attributes)."""
     allowed = [argparse.Namespace, (_ForeignObject, "config_util.Config")]
     legacy = not zipfile.is_zipfile(path)  # torch's legacy (non-zip) format: no memory map
     try:
@@ -1854,9 +1854,9 @@ OFFICIAL_AR_KEYS = {"cls_embedding.embedding_table.": "class_embedding."}
 
 
 def official_ar_state(ckpt):
-    """The state dict inside an official AR file, read as the official sampler does (`model`,
-    then `module`, then `state_dict`, then the file itself), with compile/DDP prefixes stripped
-    and keys renamed."""
+    """The state dict inside an official AR file, read as the official sampler does
+    (`model`, then `module`, then `state_dict`, then the file itself), with compile/DDP
+    prefixes stripped and keys renamed."""
     state = next((ckpt[key] for key in ("model", "module", "state_dict")
                   if isinstance(ckpt.get(key), dict)), ckpt)
     converted = {}
@@ -1935,10 +1935,10 @@ def load_tokenizer(path, device="cpu"):
 def load_ar(path, config=None, device="cpu"):
     """Load an AR checkpoint -- ours or an official release file (detected) -- in eval mode.
 
-    Ours: {"kind": "ar", "config": dict, "model": state, optional "ema": state}; uses "ema" when
-    present. Official (`D-AR-L-360K.pt`, ...): the configuration is not stored; `config` (an
-    ARConfig or a preset name) gives it, else it is inferred from the shapes with 64-wide heads and
-    N = 256.
+    Ours: {"kind": "ar", "config": dict, "model": state, optional "ema": state}; uses "ema"
+    when present. Official (`D-AR-L-360K.pt`, ...): the configuration is not stored; `config`
+    (an ARConfig or a preset name) gives it, else it is inferred from the shapes with 64-wide
+    heads and N = 256.
     """
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
@@ -2240,10 +2240,11 @@ def wrap_for_training(model, compile_model, world_size, device, find_unused_para
 
 
 def save_training_checkpoint(path, kind, cfg, model, ema, optimizer, step, args, **entries):
-    """What the training scripts save (`save_checkpoint`): tensors and plain values only (the seed
-    replaces RNG states, since every random draw of training is seeded by the position of its
-    samples in the stream); `entries` adds a script's own. Weights that are no longer finite are
-    never saved: the run stops with one line naming the last finite checkpoint, kept on disk."""
+    """What the training scripts save (`save_checkpoint`): tensors and plain values only
+    (the seed replaces RNG states, since every random draw of training is seeded by the
+    position of its samples in the stream); `entries` adds a script's own. Weights that are
+    no longer finite are never saved: the run stops with one line naming the last finite
+    checkpoint, kept on disk."""
     weights = [model.state_dict(), ema.state_dict() if ema is not None else {}]
     if not all_finite(weights):  # one host read per save
         last = f"{path} (step {load_checkpoint_file(path)['step']})" if Path(path).exists() \
@@ -2268,10 +2269,11 @@ EXPORTED_ENTRIES = ("kind", "config", "step", "builder", "recipe", "tokenizer", 
 
 
 def export_weights(checkpoint_path, path, command):
-    """Write a training checkpoint as a small file to share: the EMA weights alone (the model's
-    where the run kept no EMA), floats in half precision (the loaders cast them back to float32),
-    the entries that say how to build the model, the arguments of the training run and `command`,
-    the invocation that exported it. No optimizer state, and nothing that only training uses."""
+    """Write a training checkpoint as a small file to share: the EMA weights
+    alone (the model's where the run kept no EMA), floats in half precision
+    (the loaders cast them back to float32), the entries that say how to build
+    the model, the arguments of the training run and `command`, the invocation
+    that exported it. No optimizer state, and nothing that only training uses."""
     checkpoint = load_checkpoint_file(checkpoint_path)
     weights = checkpoint.get("ema") or checkpoint["model"]
     # an AR model's tokenizer, its path now relative to the exported file
@@ -2305,8 +2307,9 @@ def training_checkpoint(path, kind, args):
 
 
 def resume_training(path, kind, model, ema, optimizer, args):
-    """Load `training_checkpoint` into model, ema (or None) and optimizer; -> the checkpoint (its
-    "step", and the script's own entries). A wrong file: ValueError naming its first bad key."""
+    """Load `training_checkpoint` into model, ema (or None) and optimizer; -> the
+    checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming
+    its first bad key."""
     checkpoint = training_checkpoint(path, kind, args)
     load_state_strict(model, checkpoint["model"], f"--resume {path}")
     if ema is not None:
@@ -2553,10 +2556,10 @@ EVALUATOR_MEMBERS = ((0, 11), (1, 12), (2, 13), (3, 14), (4, 15))
 
 
 class ToyEvaluator(nn.Module):
-    """The toy evaluator: an ensemble of `ShapeClassifier`s of different seeds, each trained (with
-    `soften`) on images of its own. Every figure it gives is reported as the members' mean and
-    range, so that a result does not hinge on one classifier. forward / features: (M, B, classes)
-    logits / (M, B, 128) pooled features."""
+    """The toy evaluator: an ensemble of `ShapeClassifier`s of different seeds, each trained
+    (with `soften`) on images of its own. Every figure it gives is reported as the members'
+    mean and range, so that a result does not hinge on one classifier. forward / features:
+    (M, B, classes) logits / (M, B, 128) pooled features."""
 
     def __init__(self, num_members=len(EVALUATOR_MEMBERS)):
         super().__init__()
@@ -2592,9 +2595,9 @@ def save_toy_evaluator(path, image_size=32, data="builtin"):
 
 
 def load_toy_evaluator(path, image_size, data="builtin", flag=None):
-    """The toy evaluator of the built-in data, trained once (about 2 minutes on 2 CPU cores) and
-    cached at `path`. A file that is no such evaluator: ValueError, or with `flag` (the command
-    line's) a one-line BadInput naming it."""
+    """The toy evaluator of the built-in data, trained once (about 2 minutes on 2 CPU
+    cores) and cached at `path`. A file that is no such evaluator: ValueError, or with
+    `flag` (the command line's) a one-line BadInput naming it."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the toy evaluator once -> {path}")
@@ -2669,11 +2672,11 @@ def toy_metrics(evaluator, make, total, batch_size, image_size):
 
 
 def shape_layout(images):
-    """Where the shape of a built-in image is and which colours it has, read from the pixels alone:
-    the background is the median colour of the border, the shape the pixels that differ from it by
-    more than 0.5 (mean over channels). images (B, 3, H, W) -> centroid (B, 2) in pixels (row,
-    column), background and shape colours (B, 3) snapped to the nearest of `SHAPE_COLOURS` (centroid
-    NaN if no shape)."""
+    """Where the shape of a built-in image is and which colours it has, read from the pixels
+    alone: the background is the median colour of the border, the shape the pixels that differ
+    from it by more than 0.5 (mean over channels). images (B, 3, H, W) -> centroid (B, 2) in
+    pixels (row, column), background and shape colours (B, 3) snapped to the nearest of
+    `SHAPE_COLOURS` (centroid NaN if no shape)."""
     B, _, H, W = images.shape
     border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0],
                         images[..., 1:-1, -1]], -1)
@@ -2706,9 +2709,9 @@ def layout_agreement(references, images):
 def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options):
     """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample
     every class from one seed per reference (seed + r). -> how often the evaluator sees the
-    asked-for class (a `spread`), how far the shape's centroid lies from the reference's (pixels;
-    the image size where no shape is found), and how often the shape and background colours are the
-    reference's (`shape_layout`). kept = 0: the chance level."""
+    asked-for class (a `spread`), how far the shape's centroid lies from the reference's
+    (pixels; the image size where no shape is found), and how often the shape and background
+    colours are the reference's (`shape_layout`). kept = 0: the chance level."""
     C = ar.cfg.num_classes
     device = tokenizer.sampling_times.device
     codes, labels = tokenizer.encode(references.to(device)), torch.arange(C, device=device)

@@ -15,12 +15,13 @@ the paper's FIDs are computed from, the toy metric of the built-in data and the 
     python sample.py --benchmark 1,4,16 --compile # images/s, ms per token and per step
     python sample.py --benchmark 1,64 --config ablation:B         # random weights, no download
 
-Without --ar: the AR model `python train_ar.py` wrote to out/tiny when it exists, else the shipped
-one in weights/tiny; without --tokenizer: the tokenizer whose codes that AR model learned (its
-checkpoint records the file and its SHA-256; another tokenizer is refused). One printed line says
-which. Sample i of --fid and --eval asks for class i mod C and draws its noise and tokens from its
-own generator, seeded with --seed + i, so its tokens do not depend on the batch size or the number
-of processes (its pixels may differ by a rounding step: batched kernels sum in other orders).
+Without --ar: the AR model `python train_ar.py` wrote to out/tiny when it exists, else the
+shipped one in weights/tiny; without --tokenizer: the tokenizer whose codes that AR model
+learned (its checkpoint records the file and its SHA-256; another tokenizer is refused). One
+printed line says which. Sample i of --fid and --eval asks for class i mod C and draws its noise
+and tokens from its own generator, seeded with --seed + i, so its tokens do not depend on the
+batch size or the number of processes (its pixels may differ by a rounding step: batched kernels
+sum in other orders).
 """
 import argparse
 import os
@@ -559,8 +560,8 @@ def check_files_folder(folder, image_size):
 
 
 def file_settings(args, tokenizer, ar, total, dataset):
-    """What determines the images of a --fid / --reconstruct folder, as absolute facts (file
-    digests, the folder's content): a rerun with other settings is refused."""
+    """What determines the images of a --fid / --reconstruct folder, as absolute facts
+    (file digests, the folder's content): a rerun with other settings is refused."""
     models = {"tokenizer": tokenizer.digest(), **({"ar": dar.cached_digest(ar.file)}
                                                   if args.fid is not None else {})}
     source = "fid" if args.fid is not None else "reconstruct builtin"

@@ -197,9 +197,9 @@ def load_repa_target(device):
 
 
 def loss_networks(args, cfg, device, rank, start_step):
-    """The frozen networks the run reads: LPIPS, the REPA target, the miniature's teacher (each
-    None when its weight is 0), and --eval-every's held-out set (None when off, and on every
-    rank but 0)."""
+    """The frozen networks the run reads: LPIPS, the REPA target, the miniature's teacher
+    (each None when its weight is 0), and --eval-every's held-out set (None when off, and on
+    every rank but 0)."""
     perceptual = load_lpips(device) if args.lpips_weight > 0 else None
     repa_target = load_repa_target(device) if args.repa_weight > 0 else None
     teacher = load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
@@ -278,8 +278,8 @@ class HeldOut:
 
 @torch.no_grad()
 def reconstruct(tokenizer, head, codes, noise=None):
-    """The images of `codes` as the run has learned them: decoded, or in the first stage (head
-    given, D_FM untrained) the code head's output from the last group."""
+    """The images of `codes` as the run has learned them: decoded, or in the first stage
+    (head given, D_FM untrained) the code head's output from the last group."""
     if head is not None:
         return head(tokenizer.conditions(codes)[:, -tokenizer.cfg.group_size:])
     return tokenizer.decode(codes, noise=noise)
@@ -461,8 +461,8 @@ def freeze_encoder(model, ema):
 
 
 def load_teacher(path, image_size, device, data="builtin"):
-    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed (never
-    the evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
+    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed
+    (never the evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the code head's teacher once -> {path}")
