@@ -212,7 +212,8 @@ def check_flags(args):
         *((path and Path(path).is_dir(), f"--{flag} {path} is a folder, not a checkpoint")
           for flag, path in (("tokenizer", args.tokenizer), ("ar", args.ar),
                              ("evaluator", args.evaluator)))) if bad]
-    if args.out and not writable(Path(args.out).parent if picture else Path(args.out)):
+    if not problems and args.out and not writable(Path(args.out).parent if picture
+                                                  else Path(args.out)):
         problems.append(f"--out {args.out}: its folder cannot be created or written")
     if problems:
         fail(problems[0])
