@@ -263,7 +263,7 @@ class HeldOut:
         probed = [float("nan")] * len(PROBES)
         if self.probes:  # fitted on probe_train images, scored on the rest
             probes = group_probes(tokenizer, self.probe_images, self.probe_labels,
-                                      self.probe_train)
+                                  self.probe_train)
             probed = [probes[group % tokenizer.cfg.num_groups][what] for group, what in PROBES]
         log(f"eval step {step} ({images_seen:,} images, "
             f"{'the code head' if head is not None else 'D_FM'}): background kept "
@@ -467,9 +467,9 @@ def load_teacher(path, image_size, device, data="builtin"):
     if not path.is_file():
         tqdm.write(f"training the code head's teacher once -> {path}")
         classifier = dar.train_shape_classifier(image_size, seed=dar.TEACHER_TRAIN_SEED,
-                                            data_seed=dar.TEACHER_TRAIN_SEED, data=data)
+                                                data_seed=dar.TEACHER_TRAIN_SEED, data=data)
         dar.save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
-                         "model": classifier.state_dict()}, path)
+                             "model": classifier.state_dict()}, path)
     checkpoint = dar.load_checkpoint_file(path)
     if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
             or checkpoint.get("data", "builtin") != data:
