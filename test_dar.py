@@ -1,7 +1,7 @@
 """Tests for dar.py, named after the paper's claims and the release's behaviour.
 
-Fixture tests compare with files written by the official code (testdata/official_tiny/, random
-weights).
+Fixture tests compare with files that the official code wrote from random weights
+(testdata/official_tiny/).
 """
 import ast
 import dataclasses
@@ -526,14 +526,9 @@ OFFICIAL_AR = FIXTURES / "official_ar.pt"
 
 def fixture_ar_config(expected):
     c = expected["ar_model"]
-    return dar.ARConfig(
-        dim=c["dim"],
-        depth=c["n_layer"],
-        num_heads=c["n_head"],
-        vocab_size=c["vocab_size"],
-        num_tokens=c["block_size"],
-        num_classes=c["num_classes"],
-    )
+    return dar.ARConfig(dim=c["dim"], depth=c["n_layer"], num_heads=c["n_head"],
+                        vocab_size=c["vocab_size"], num_tokens=c["block_size"],
+                        num_classes=c["num_classes"])
 
 
 @pytest.fixture(scope="module")
@@ -598,14 +593,8 @@ def test_load_ar_infers_the_config_from_shapes_with_64_wide_heads(expected):
     # the fixture's heads are 32 wide, so only an explicit config reproduces it
     ar = dar.load_ar(OFFICIAL_AR)
     c = ar.cfg
-    assert (c.dim, c.depth, c.num_heads, c.vocab_size, c.num_classes, c.num_tokens) == (
-        64,
-        2,
-        1,
-        64,
-        10,
-        256,
-    )
+    assert (c.dim, c.depth, c.num_heads, c.vocab_size, c.num_classes, c.num_tokens) == (64, 2, 1,
+                                                                                        64, 10, 256)
     with pytest.raises(ValueError, match="missing key 'layers.2."):
         dar.load_ar(OFFICIAL_AR, "B")
     with pytest.raises(ValueError, match="unknown AR preset 'GPT-L'"):
@@ -615,12 +604,8 @@ def test_load_ar_infers_the_config_from_shapes_with_64_wide_heads(expected):
 def test_own_ar_checkpoint_round_trip_uses_ema(tmp_path, official_ar, expected):
     ema = {k: v + 0.01 for k, v in official_ar.state_dict().items()}
     torch.save(
-        {
-            "kind": "ar",
-            "config": asdict(official_ar.cfg),
-            "model": official_ar.state_dict(),
-            "ema": ema,
-        },
+        {"kind": "ar", "config": asdict(official_ar.cfg), "model": official_ar.state_dict(),
+         "ema": ema},
         tmp_path / "ar.pt",
     )
     ar = dar.load_ar(tmp_path / "ar.pt")
@@ -654,13 +639,8 @@ def test_eq6_logits_are_causal_and_the_loss_is_next_token_cross_entropy(official
 
 
 def test_label_dropout_trains_the_null_class(expected):
-    cfg = replace(
-        fixture_ar_config(expected),
-        token_dropout=0.0,
-        residual_dropout=0.0,
-        ffn_dropout=0.0,
-        label_dropout=1.0,
-    )
+    cfg = replace(fixture_ar_config(expected), token_dropout=0.0, residual_dropout=0.0,
+                  ffn_dropout=0.0, label_dropout=1.0)
     ar = dar.LlamaAR(cfg)
     nn_init = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -682,8 +662,7 @@ def test_release_initialisation_zeroes_the_output_head():
 
 
 def guided_greedy_by_full_forward(ar, labels, scales):
-    """Greedy decoding that re-runs the whole sequence for every token (no cache): the slow
-    reference."""
+    """The slow reference: greedy decoding that runs the whole sequence again for each token."""
     null = torch.full_like(labels, ar.cfg.num_classes)
     tokens = torch.zeros(len(labels), 0, dtype=torch.long)
     for i, scale in enumerate(scales):
@@ -758,15 +737,8 @@ def test_streaming_with_s_steps_equals_offline_decode_and_runs_the_decoder_s_tim
     hook = official.diffusion.register_forward_hook(lambda m, args, out: decoder_calls.append(1))
     try:
         sampled = []
-        for step in dar.sample(
-            official_ar,
-            official,
-            torch.arange(3),
-            guidance=2.0,
-            noise=noise,
-            steps=steps,
-            generator=torch.Generator().manual_seed(6),
-        ):
+        for step in dar.sample(official_ar, official, torch.arange(3), guidance=2.0, noise=noise,
+                               steps=steps, generator=torch.Generator().manual_seed(6)):
             sampled.append(step)
             tokens_when_called.append((step.tokens.shape[1], len(decoder_calls)))
     finally:
@@ -778,12 +750,9 @@ def test_streaming_with_s_steps_equals_offline_decode_and_runs_the_decoder_s_tim
     groups = dar.step_groups(steps, K).tolist()
     assert tokens_when_called == [(k * G, sum(g < k for g in groups)) for k in range(1, K + 1)]
     assert sampled[-1].t == 1.0
-    torch.testing.assert_close(
-        sampled[-1].image,
-        official.decode(sampled[-1].tokens, noise, steps=steps),
-        atol=1e-5,
-        rtol=0,
-    )
+    torch.testing.assert_close(sampled[-1].image,
+                               official.decode(sampled[-1].tokens, noise, steps=steps), atol=1e-5,
+                               rtol=0)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         next(dar.sample(official_ar, official, torch.arange(3), steps=0))
 
@@ -792,15 +761,8 @@ def test_streaming_with_s_steps_equals_offline_decode_and_runs_the_decoder_s_tim
 def test_streaming_equals_offline_decode(official_ar, official, solver):
     noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     steps = list(
-        dar.sample(
-            official_ar,
-            official,
-            torch.arange(4),
-            guidance=(1.1, 4.0),
-            noise=noise,
-            solver=solver,
-            generator=torch.Generator().manual_seed(2),
-        )
+        dar.sample(official_ar, official, torch.arange(4), guidance=(1.1, 4.0), noise=noise,
+                   solver=solver, generator=torch.Generator().manual_seed(2))
     )
     assert [s.group for s in steps] == list(range(official.cfg.num_groups))
     assert [s.tokens.shape[1] for s in steps] == [official.cfg.group_size * k for k in range(1, 5)]
@@ -833,14 +795,8 @@ def test_layout_control_prefix_is_kept_and_fixes_the_first_steps(official_ar, of
         3, -1, -1, -1
     )
     steps = list(
-        dar.sample(
-            official_ar,
-            official,
-            torch.tensor([0, 4, 9]),
-            prefix=prefix,
-            noise=noise,
-            generator=torch.Generator().manual_seed(6),
-        )
+        dar.sample(official_ar, official, torch.tensor([0, 4, 9]), prefix=prefix, noise=noise,
+                   generator=torch.Generator().manual_seed(6))
     )
     assert torch.equal(steps[-1].tokens[:, :2 * G], prefix)
     for step in steps[:2]:  # groups inside the prefix: identical whatever the label
@@ -877,12 +833,8 @@ def test_compiled_sampling_gives_the_eager_tokens_and_images_without_recompiling
             torch.testing.assert_close(b.preview, a.preview, atol=1e-5, rtol=0)
         torch.testing.assert_close(fast[-1].image, eager[-1].image, atol=1e-5, rtol=0)
     assert torch.equal(fast[-1].tokens, expected["greedy_tokens_nocfg"])
-    torch.testing.assert_close(
-        official.decode(expected["codes"], noise, compile=True),
-        expected["decode_adams2"],
-        atol=1e-5,
-        rtol=0,
-    )
+    torch.testing.assert_close(official.decode(expected["codes"], noise, compile=True),
+                               expected["decode_adams2"], atol=1e-5, rtol=0)
     # one AR graph per batch shape (2 and 4), the decoder's first step and the others: not one
     # per token
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before <= 4
@@ -1043,48 +995,16 @@ SINGLE_STAGE = ["--code-path-steps", "0", "--teacher-weight", "0", "--freeze", "
 
 def tokenizer_args(out, *extra):
     return train_tokenizer.parse_args(
-        [
-            "--out",
-            str(out),
-            "--builtin-size",
-            "64",
-            "--batch-size",
-            "2",
-            "--log-every",
-            "1",
-            "--sample-every",
-            "2",
-            "--save-every",
-            "2",
-            "--eval-every",
-            "0",
-            *SINGLE_STAGE,
-            *extra,
-        ]
+        ["--out", str(out), "--builtin-size", "64", "--batch-size", "2", "--log-every", "1",
+         "--sample-every", "2", "--save-every", "2", "--eval-every", "0", *SINGLE_STAGE, *extra]
     )
 
 
 def ar_args(out, tokenizer, *extra):
     return train_ar.parse_args(
-        [
-            "--out",
-            str(out),
-            "--tokenizer",
-            str(tokenizer),
-            "--builtin-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--log-every",
-            "1",
-            "--sample-every",
-            "4",
-            "--save-every",
-            "2",
-            "--eval-samples",
-            "0",
-            *extra,
-        ]
+        ["--out", str(out), "--tokenizer", str(tokenizer), "--builtin-size", "32", "--batch-size",
+         "4", "--log-every", "1", "--sample-every", "4", "--save-every", "2", "--eval-samples", "0",
+         *extra]
     )
 
 
@@ -1110,8 +1030,7 @@ def test_a_training_step_reads_nothing_back_but_the_logged_loss(
     tmp_path, monkeypatch, script, request
 ):
     """Steps between the log lines add no host sync: a run of 8 steps reads back as often as one of
-    4 (one log
-    line, one save at the end of each; the input checks run once per run)."""
+    4 (one log line, one save at the end of each; the input checks run once per run)."""
     if script == "tokenizer":
         run = lambda steps: train_tokenizer.main(
             tokenizer_args(
@@ -1131,18 +1050,8 @@ def test_a_training_step_reads_nothing_back_but_the_logged_loss(
     else:
         tokenizer = request.getfixturevalue("trained_tokenizer")
         run = lambda steps: train_ar.main(
-            ar_args(
-                tmp_path / str(steps),
-                tokenizer,
-                "--epochs",
-                str(steps / 8),
-                "--log-every",
-                "100",
-                "--sample-every",
-                "100",
-                "--save-every",
-                "100",
-            )
+            ar_args(tmp_path / str(steps), tokenizer, "--epochs", str(steps / 8), "--log-every",
+                    "100", "--sample-every", "100", "--save-every", "100")
         )
     syncs = [host_syncs_per_run(monkeypatch, lambda: run(steps)) for steps in (4, 8)]
     assert syncs[0] == syncs[1], syncs
@@ -1167,12 +1076,8 @@ def test_train_tokenizer_writes_a_loadable_checkpoint_and_pictures(trained_token
 def test_train_ar_writes_a_loadable_checkpoint_and_samples(tmp_path, trained_tokenizer, capsys):
     train_ar.main(ar_args(tmp_path, trained_tokenizer, "--epochs", "0.5", "--eval-samples", "10"))
     ar = dar.load_ar(tmp_path / "ar.pt")
-    assert (ar.cfg.num_classes, ar.cfg.vocab_size, ar.cfg.num_tokens, ar.cfg.reverse) == (
-        10,
-        256,
-        64,
-        False,
-    )
+    assert (ar.cfg.num_classes, ar.cfg.vocab_size, ar.cfg.num_tokens, ar.cfg.reverse) == (10, 256,
+                                                                                          64, False)
     # the tiny recipe
     assert ar.cfg.token_dropout == ar.cfg.residual_dropout == ar.cfg.ffn_dropout == 0.0
     # guidance needs it
@@ -1258,8 +1163,8 @@ def killed_in_step_three(monkeypatch, run):
 
 @pytest.mark.parametrize("script", ["tokenizer", "ar"])
 def test_resume_is_exact(tmp_path, trained_tokenizer, monkeypatch, script):
-    """n steps in one go == a run killed after step k (its checkpoint) + --resume, bit for bit (CPU,
-    fp32)."""
+    """n steps in one go == a run killed after step k (its checkpoint) + --resume, bit for
+    bit (CPU, fp32)."""
     if script == "tokenizer":
         run, name = (
             lambda out, *extra: train_tokenizer.main(tokenizer_args(out, "--steps", "4", *extra)),
@@ -1334,13 +1239,8 @@ def test_no_non_finite_state_is_saved_or_loaded_and_a_missing_device_is_named(tm
 
 
 def ddp_worker(rank, world_size, port, argv):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     model, _ = train_tokenizer.main(train_tokenizer.parse_args(argv))
     out = Path(argv[argv.index("--out") + 1])
@@ -1477,16 +1377,8 @@ def test_reconstruct_writes_the_centre_crops_it_encoded_as_the_rfid_reference(tm
             folder / name / "0.png"
         )
     sample.main(
-        [
-            "--tokenizer",
-            str(OFFICIAL_TOKENIZER),
-            "--reconstruct",
-            str(folder),
-            "--out",
-            str(tmp_path / "recon"),
-            "--denoising-steps",
-            "6",
-        ]
+        ["--tokenizer", str(OFFICIAL_TOKENIZER), "--reconstruct", str(folder), "--out",
+         str(tmp_path / "recon"), "--denoising-steps", "6"]
     )
     crops = np.stack([np.asarray(dar.center_crop(Image.open(path).convert("RGB"), 32))
                       for path in sorted(folder.glob("*/*.png"))])
@@ -1517,13 +1409,8 @@ def test_fid_mode_resumes_without_redoing_finished_images(tmp_path, trained_pair
 
 
 def fid_shard_worker(rank, world_size, port, argv):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sample.main(argv)
 
@@ -1565,17 +1452,8 @@ def test_preview_groups_stop_the_ar_model_early(tmp_path, trained_pair, monkeypa
 
 def test_layout_control_keeps_the_reference_prefix(tmp_path, trained_pair, sampler_calls):
     path = sample.main(
-        [
-            *trained_pair,
-            "--layout-from",
-            "builtin:3",
-            "--prefix-tokens",
-            "0,8,24",
-            "--labels",
-            "disc,plus,7",
-            "--out",
-            str(tmp_path / "layout.png"),
-        ]
+        [*trained_pair, "--layout-from", "builtin:3", "--prefix-tokens", "0,8,24", "--labels",
+         "disc,plus,7", "--out", str(tmp_path / "layout.png")]
     )
     tokenizer = dar.load_tokenizer(trained_pair[1])
     codes = tokenizer.encode(
@@ -1766,17 +1644,8 @@ def test_eval_on_a_first_run_trains_the_evaluator_without_a_traceback(
                         lambda size, **kw: real_training(size, num_images=200, steps=20, **kw))
     monkeypatch.chdir(tmp_path)
     scores = sample.main(
-        [
-            "--tokenizer",
-            str(trained_tokenizer),
-            "--eval",
-            "--reconstruct",
-            "builtin",
-            "--n",
-            "10",
-            "--evaluator",
-            "out/evaluator.pt",
-        ]
+        ["--tokenizer", str(trained_tokenizer), "--eval", "--reconstruct", "builtin", "--n", "10",
+         "--evaluator", "out/evaluator.pt"]
     )
     assert (tmp_path / "out" / "evaluator.pt").is_file() and 0 <= scores["accuracy"]["mean"] <= 1
     assert np.isfinite(scores["toy_fid"]["mean"])
@@ -1973,10 +1842,8 @@ def test_shipped_pair_samples_the_class_asked_for_and_guidance_helps(shipped):
 
 def readme_sample_commands():
     """Every `python sample.py ...` of the README that runs on the tiny pair (not on the release's
-    files, nor
-    on the random weights of a paper-size preset, nor compiled: compiling takes about a minute, and
-    the
-    compiled sampler has its own test)."""
+    files, nor on the random weights of a paper-size preset, nor compiled: compiling takes about a
+    minute, and the compiled sampler has its own test)."""
     text = (Path(__file__).parent / "README.md").read_text()
     found = re.findall(r"^python sample\.py[^#\n]*", text, flags=re.M) + re.findall(
         r"`(python sample\.py[^`]*)`", text
@@ -1987,14 +1854,8 @@ def readme_sample_commands():
             for command in found
             if not any(
                 marker in command
-                for marker in (
-                    "D-AR-",
-                    "imagenet",
-                    "...",
-                    "--config ablation",
-                    "--config v1",
-                    "--compile",
-                )
+                for marker in ("D-AR-", "imagenet", "...", "--config ablation", "--config v1",
+                               "--compile")
             )
         }
     )
@@ -2016,15 +1877,8 @@ def test_every_readme_sample_command_runs_and_gives_what_it_says(
     if "--reverse" in command or "tiny-reverse" in command:
         (tmp_path / "out" / "tiny-reverse").mkdir()
         train_ar.main(
-            ar_args(
-                tmp_path / "out" / "tiny-reverse",
-                tmp_path / "out" / "tiny" / "tokenizer.pt",
-                "--epochs",
-                "0.25",
-                "--reverse",
-                "--sample-every",
-                "100",
-            )
+            ar_args(tmp_path / "out" / "tiny-reverse", tmp_path / "out" / "tiny" / "tokenizer.pt",
+                    "--epochs", "0.25", "--reverse", "--sample-every", "100")
         )
     # a longer run's files: the pair stands in
     for flag, name in (("--tokenizer", "tokenizer.pt"), ("--ar", "ar.pt")):
@@ -2115,10 +1969,8 @@ def test_the_papers_sections_use_nothing_defined_below_them():
 
 def test_the_training_loop_is_on_the_page_and_every_function_fits_a_screen():
     """Each training script's main shows forward, backward and the optimizer's step, defines no
-    function
-    inside its loop; no function of the module or the scripts is longer than 60 lines, no line
-    longer
-    than 100 characters."""
+    function inside its loop; no function of the module or the scripts is longer than 60 lines, no
+    line longer than 100 characters."""
     root = Path(__file__).parent
     for script in ("train_tokenizer.py", "train_ar.py"):
         tree = ast.parse((root / script).read_text())
@@ -2149,8 +2001,8 @@ def test_the_training_loop_is_on_the_page_and_every_function_fits_a_screen():
 
 
 def test_nothing_of_the_paper_names_the_cpu_miniature():
-    """dar.py's §3.1-§3.3 and utilities never use a name defined in its final section (the
-    miniature)."""
+    """dar.py's §3.1-§3.3 and utilities never use a name defined in its final
+    section (the miniature)."""
     source = (Path(__file__).parent / "dar.py").read_text()
     banner = next(i for i, line in enumerate(source.splitlines(), 1)
                   if line.startswith("#  The CPU miniature"))
@@ -2190,13 +2042,8 @@ def test_miniature_tokenizer_has_the_conv_stem_and_its_files_load_as_such(tmp_pa
         tokenizer.encoder_layers[0].gate1, torch.ones(128))
     path = tmp_path / "tokenizer.pt"
     torch.save(
-        {
-            "kind": "tokenizer",
-            "config": asdict(cfg),
-            "builder": "miniature",
-            "recipe": {"conv_stem": True},
-            "model": tokenizer.state_dict(),
-        },
+        {"kind": "tokenizer", "config": asdict(cfg), "builder": "miniature",
+         "recipe": {"conv_stem": True}, "model": tokenizer.state_dict()},
         path,
     )
     loaded = dar.load_tokenizer(path)
@@ -2232,35 +2079,14 @@ def test_codebook_restart_reseeds_only_unused_rows_from_encoder_outputs():
 
 
 def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_path, capsys):
-    """--code-path-steps: D_FM gets no update while the encoder -> code head path learns; --freeze
-    encoder:
-    afterwards the encoder and codebook stay at their EMA values while D_FM learns. The learning
-    curve is
-    written at every --eval-every; the exported file holds no code head, and says how to build the
-    model."""
-    argv = [
-        "--steps",
-        "4",
-        "--code-path-steps",
-        "2",
-        "--freeze",
-        "encoder",
-        "--teacher-weight",
-        "1",
-        "--conv-stem",
-        "--eval-every",
-        "2",
-        "--eval-images",
-        "10",
-        "--probe-images",
-        "40",
-        "--evaluator",
-        str(tmp_path / "ev.pt"),
-        "--warmup",
-        "0",
-        "--export",
-        str(tmp_path / "small.pt"),
-    ]
+    """--code-path-steps: D_FM gets no update while the encoder -> code head path learns;
+    --freeze encoder: afterwards the encoder and codebook stay at their EMA values while D_FM
+    learns. The learning curve is written at every --eval-every; the exported file holds no code
+    head, and says how to build the model."""
+    argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--teacher-weight",
+            "1", "--conv-stem", "--eval-every", "2", "--eval-images", "10", "--probe-images", "40",
+            "--evaluator", str(tmp_path / "ev.pt"), "--warmup", "0", "--export",
+            str(tmp_path / "small.pt")]
     real_update, states = dar.update_ema, []
 
     def record(ema, learner, decay):  # once per step, after the optimizer's
@@ -2324,18 +2150,8 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
 
 def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
     """The miniature's own state (code head, its EMA, the codebook use) resumes bit for bit too."""
-    argv = [
-        "--steps",
-        "4",
-        "--code-path-steps",
-        "2",
-        "--freeze",
-        "encoder",
-        "--codebook-restart",
-        "1",
-        "--warmup",
-        "0",
-    ]
+    argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--codebook-restart",
+            "1", "--warmup", "0"]
     straight = train_tokenizer.main(tokenizer_args(tmp_path / "straight", *argv))
     killed_in_step_three(
         monkeypatch, lambda: train_tokenizer.main(tokenizer_args(tmp_path / "split", *argv))
@@ -2373,12 +2189,8 @@ def test_group_probes_read_the_shipped_tokenizers_first_group():
     tokenizer = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")
     images, labels = dar.builtin_images(700, 32, train_tokenizer.PROBE_SEED)
     probes = train_tokenizer.group_probes(tokenizer, images, labels, train=500)
-    assert set(probes) == {0, 1, 3, 7} and set(probes[0]) == {
-        "class",
-        "background",
-        "object colour",
-        "position",
-    }
+    assert set(probes) == {0, 1, 3, 7} and set(probes[0]) == {"class", "background",
+                                                              "object colour", "position"}
     # the shipped codes carry the class in the first group already (the limit its model card names)
     assert probes[0]["class"] > 0.8 and probes[0]["background"] > 0.8
     shuffled = train_tokenizer.group_probes(
@@ -2428,18 +2240,8 @@ def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator
     # with all N tokens kept nothing is sampled: every label gives the reference's own
     # reconstruction
     results = sample.main(
-        [
-            *trained_pair,
-            "--eval",
-            "--layout-from",
-            "builtin",
-            "--prefix-tokens",
-            "0,64",
-            "--n",
-            "3",
-            "--evaluator",
-            str(evaluator[1]),
-        ]
+        [*trained_pair, "--eval", "--layout-from", "builtin", "--prefix-tokens", "0,64", "--n", "3",
+         "--evaluator", str(evaluator[1])]
     )
     assert [row["kept"] for row in results] == [0, 64]
     tokenizer, ensemble = dar.load_tokenizer(trained_pair[1]), evaluator[0]
@@ -2535,8 +2337,7 @@ def test_notebooks_are_committed_with_the_outputs_of_one_top_to_bottom_run():
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[notebook.stem for notebook in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom_without_jupyter(notebook, monkeypatch):
     """Each code cell in order in one fresh namespace, as Jupyter would (cwd = notebooks/), at the
-    small
-    size; a cell's last expression is evaluated and, if it is a picture, rendered to PNG."""
+    small size; a cell's last expression is evaluated and, if it is a picture, rendered to PNG."""
     monkeypatch.setenv("DAR_NOTEBOOK_QUICK", "1")
     monkeypatch.chdir(notebook.parent)
     # as Jupyter's kernel: its folder
@@ -2831,17 +2632,9 @@ def test_resumable_outputs_refuse_a_rerun_with_other_settings(
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     data, cache = dar.BuiltinShapes(8, 32, seed=0), tmp_path / "codes"
     tokenizer = dar.load_tokenizer(trained_tokenizer)
-    build = lambda seed: train_ar.cache_codes(
-        tokenizer,
-        trained_tokenizer,
-        data,
-        cache,
-        0,
-        1,
-        torch.device("cpu"),
-        4,
-        {"source": "builtin", "size": 8, "seed": seed},
-    )
+    build = lambda seed: train_ar.cache_codes(tokenizer, trained_tokenizer, data, cache, 0, 1,
+                                              torch.device("cpu"), 4,
+                                              {"source": "builtin", "size": 8, "seed": seed})
     build(0)
     with pytest.raises(
         dar.BadInput, match=r"made with data = .*'seed': 0.*this run has .*'seed': 1"
