@@ -608,7 +608,7 @@ class Tokenizer(nn.Module):
     def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None, compile=False):
         """Tokens (B, N) -> images (B, 3, H, W) by S steps of Eq. (8) (S = `steps`, default the
         config's: K as released), step i conditioned on group `step_groups`[i] of z' (Eq. 5).
-        `noise`: x_0 in the scaled pixel space (else drawn with `generator`); compile: `compiled`."""
+        `noise`: x_0 in the scaled pixel space, else drawn with `generator`; compile: `compiled`."""
         cond, N = self.conditions(codes), self.cfg.num_tokens                         # (B, N, D)
         if cond.shape[1] != N or solver not in SOLVERS:
             raise ValueError(f"decode takes all N = {N} tokens and a solver of {SOLVERS}, got "
