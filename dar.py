@@ -2306,16 +2306,13 @@ def training_checkpoint(path, kind, args):
     return checkpoint
 
 
-def resume_training(path, kind, model, ema, optimizer, args):
-    """Load `training_checkpoint` into model, ema (or None) and optimizer; -> the
-    checkpoint (its "step", and the script's own entries). A wrong file: ValueError naming
-    its first bad key."""
-    checkpoint = training_checkpoint(path, kind, args)
+def resume_training(checkpoint, path, model, ema, optimizer):
+    """Load a `training_checkpoint` read from `path` into model, ema (or None) and optimizer; a
+    wrong file: ValueError naming its first bad key."""
     load_state_strict(model, checkpoint["model"], f"--resume {path}")
     if ema is not None:
         load_state_strict(ema, checkpoint["ema"], f"--resume {path} (EMA)")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    return checkpoint
 
 
 # what a resumed run may change: how long it runs (--steps, --epochs), what it logs, draws and

@@ -519,7 +519,7 @@ def test_bad_inputs_raise_clear_value_errors(official, expected):
         official(images, repa_target=lambda x: x)
 
 
-# ==== §3.2 the AR model and §3.3 the D-AR sampler =================================================
+# ==== §3.2 the AR model and §3.3 the D-AR sampler ===============================================
 
 OFFICIAL_AR = FIXTURES / "official_ar.pt"
 

@@ -267,13 +267,14 @@ def resume(args, path, model, ema, optimizer, learned, log):
     if not args.resume:
         return 0
     try:
-        checkpoint = dar.resume_training(path, "ar", model, ema, optimizer, args)
+        checkpoint = dar.training_checkpoint(path, "ar", args)
+        if checkpoint.get("tokenizer", learned)["sha256"] != learned["sha256"]:
+            raise dar.BadInput(f"--resume: {path} learned the codes of "
+                               f"{checkpoint['tokenizer']['path']}, not of --tokenizer "
+                               f"{args.tokenizer}")
+        dar.resume_training(checkpoint, path, model, ema, optimizer)
     except ValueError as error:
         raise dar.BadInput(str(error)) from None
-    if checkpoint.get("tokenizer", learned)["sha256"] != learned["sha256"]:
-        raise dar.BadInput(f"--resume: {path} learned the codes of "
-                           f"{checkpoint['tokenizer']['path']}, not of --tokenizer "
-                           f"{args.tokenizer}")
     log(f"resumed {path} at step {checkpoint['step']}")
     return checkpoint["step"]
 

@@ -491,17 +491,17 @@ def main(args):
     recipe = miniature_recipe(args)
     model, head, restarts, shown = build(args, cfg, recipe, dataset, device, log)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    start_step = resumed_step(args, checkpoint_path)
+    checkpoint, start_step = resumed_checkpoint(args, checkpoint_path)
     perceptual, repa_target, teacher, held_out = loss_networks(args, cfg, device, rank, start_step)
     if args.code_path_steps and start_step <= args.code_path_steps:  # the CPU miniature's stage 1
-        train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, start_step,
+        train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, checkpoint,
                         (rank, world_size, device, autocast, log), (held_out, shown, log))
     if args.freeze == "encoder":  # the miniature, after its first stage
         freeze_encoder(model, ema)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay)
     if start_step > args.code_path_steps:
-        resume(args, checkpoint_path, model, ema, optimizer, restarts, log)
+        resume(checkpoint, checkpoint_path, model, ema, optimizer, restarts, log)
     start_step = max(start_step, args.code_path_steps)
     trained = dar.wrap_for_training(model, args.compile, world_size, device)
     stream, batches = dar.training_batches(args, dataset, world_size, rank, start_step, args.steps)
@@ -542,7 +542,7 @@ def main(args):
     return model, losses  # for notebooks and tests
 
 
-def train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, start_step, setup,
+def train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, checkpoint, setup,
                     watching):
     """The CPU miniature's first stage: --code-path-steps of the code path (encoder -> VQ -> causal
     decoder) against the code head (`CodePath`), no diffusion; the loop of Eq. (7)'s shape, with
@@ -554,8 +554,9 @@ def train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, 
     code_path_ema = CodePath(ema, copy.deepcopy(head).requires_grad_(False)).eval()
     optimizer = torch.optim.AdamW(code_path.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay)
-    if start_step:
-        resume(args, path, model, ema, optimizer, restarts, log, code_path_ema.head, head)
+    start_step = checkpoint["step"] if checkpoint else 0
+    if checkpoint:
+        resume(checkpoint, path, model, ema, optimizer, restarts, log, code_path_ema.head, head)
     trained = dar.wrap_for_training(code_path, args.compile, world_size, device,
                                     find_unused_parameters=True)
     stream, batches = dar.training_batches(args, dataset, world_size, rank, start_step, steps)
@@ -616,20 +617,21 @@ def save(args, path, cfg, model, ema, optimizer, done, recipe, restarts, head=No
                                  **entries)
 
 
-def resumed_step(args, path):
-    """--resume: the step the checkpoint reached (0 without --resume); the stage it belongs to
-    loads it (`resume`)."""
+def resumed_checkpoint(args, path):
+    """--resume: the checkpoint to continue (`dar.training_checkpoint`), read once, and its step;
+    else (None, 0). The stage it belongs to loads it (`resume`)."""
     try:
-        return dar.training_checkpoint(path, "tokenizer", args)["step"] if args.resume else 0
+        checkpoint = dar.training_checkpoint(path, "tokenizer", args) if args.resume else None
+        return checkpoint, checkpoint["step"] if checkpoint else 0
     except ValueError as error:
         raise dar.BadInput(str(error)) from None
 
 
-def resume(args, path, model, ema, optimizer, restarts, log, head_ema=None, head=None):
+def resume(checkpoint, path, model, ema, optimizer, restarts, log, head_ema=None, head=None):
     """--resume: the tokenizer, its EMA, the optimizer (the code path's in the first stage, with
-    the code head and its EMA) and the codebook use."""
+    the code head and its EMA) and the codebook use, from the checkpoint read at the start."""
     try:
-        checkpoint = dar.resume_training(path, "tokenizer", model, ema, optimizer, args)
+        dar.resume_training(checkpoint, path, model, ema, optimizer)
     except ValueError as error:
         raise dar.BadInput(str(error)) from None
     if head is not None:
