@@ -1211,17 +1211,19 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     assert torch.load(tmp_path / "tokenizer.pt", weights_only=True)["step"] == 2
 
 
-def test_no_non_finite_state_is_saved_or_loaded_and_a_missing_device_is_named(tmp_path, capsys):
+def test_no_non_finite_state_is_saved_or_loaded_and_a_missing_device_is_named(tmp_path, capsys,
+                                                                              monkeypatch):
     """Nothing non-finite: a diverging run saves no NaN weights and names the last finite
     checkpoint; loaders refuse NaN weights and unknown config keys; --device cuda without CUDA is
     one line."""
     argv = ["--steps", "8", "--lr", "1e30", "--save-every", "2", "--log-every", "8"]
     line = one_line_refusal(lambda: train_tokenizer.main(tokenizer_args(tmp_path / "run", *argv)),
                             capsys)
-    assert "the weights are no longer finite" in line and "the last finite checkpoint is" in line
-    if (tmp_path / "run" / "tokenizer.pt").exists():
-        saved = torch.load(tmp_path / "run" / "tokenizer.pt", weights_only=True)
-        assert dar.all_finite([saved["model"], saved["ema"]]) and f"(step {saved['step']})" in line
+    # step 2 is still finite and saved; by step 4 the weights are NaN, and nothing is saved
+    assert "step 4: the weights are no longer finite" in line
+    assert f"the last finite checkpoint is {tmp_path / 'run' / 'tokenizer.pt'} (step 2)" in line
+    saved = torch.load(tmp_path / "run" / "tokenizer.pt", weights_only=True)
+    assert saved["step"] == 2 and dar.all_finite([saved["model"], saved["ema"]])
     damaged = torch.load(SHIPPED["tokenizer"], weights_only=True)
     damaged["model"]["quant_in.weight"][0, 0] = float("nan")
     torch.save(damaged, tmp_path / "nan.pt")
@@ -1232,10 +1234,11 @@ def test_no_non_finite_state_is_saved_or_loaded_and_a_missing_device_is_named(tm
     torch.save(unknown, tmp_path / "ar.pt")
     with pytest.raises(ValueError, match=r"unknown AR config keys \['colour'\]"):
         dar.load_ar(tmp_path / "ar.pt")
-    if not torch.cuda.is_available():  # on a CUDA machine the refused case does not arise
-        line = one_line_refusal(lambda: train_tokenizer.main(
-            tokenizer_args(tmp_path / "gpu", "--device", "cuda", "--steps", "1")), capsys)
-        assert "--device cuda: this machine has no CUDA device" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a CUDA machine
+    line = one_line_refusal(lambda: train_tokenizer.main(
+        tokenizer_args(tmp_path / "gpu", "--device", "cuda", "--steps", "1")), capsys)
+    assert "--device cuda: this machine has no CUDA device" in line
+    assert not (tmp_path / "gpu").exists()  # refused before the run folder is claimed
 
 
 def ddp_worker(rank, world_size, port, argv):
@@ -2148,10 +2151,12 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     assert isinstance(dar.load_tokenizer(tmp_path / "small.pt").patchify, torch.nn.Sequential)
 
 
-def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
-    """The miniature's own state (code head, its EMA, the codebook use) resumes bit for bit too."""
-    argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--codebook-restart",
-            "1", "--warmup", "0"]
+@pytest.mark.parametrize("code_path_steps", [2, 4])
+def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch, code_path_steps):
+    """The miniature's own state (code head, its EMA, the codebook use) resumes bit for bit too:
+    killed in the first stage (4 code-path steps) or after the switch (2)."""
+    argv = ["--steps", "4", "--code-path-steps", str(code_path_steps), "--freeze", "encoder",
+            "--codebook-restart", "1", "--warmup", "0"]
     straight = train_tokenizer.main(tokenizer_args(tmp_path / "straight", *argv))
     killed_in_step_three(
         monkeypatch, lambda: train_tokenizer.main(tokenizer_args(tmp_path / "split", *argv))
@@ -2162,7 +2167,10 @@ def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch):
         torch.load(tmp_path / run / "tokenizer.pt", weights_only=True)
         for run in ("straight", "split")
     )
-    for key in ("model", "ema"):  # the kill came after the switch: a stage-2 checkpoint
+    # a first-stage checkpoint holds the code head and its EMA; one after the switch does not
+    keys = ("model", "ema") + (("code_head", "code_head_ema") if code_path_steps == 4 else ())
+    assert ("code_head" in a) == (code_path_steps == 4)
+    for key in keys:
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
     assert torch.equal(a["codebook_use"], b["codebook_use"])
 
