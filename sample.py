@@ -530,7 +530,7 @@ def sample_files(args, tokenizer, ar, rank, world_size):
             print(f"{dataset.skipped} unreadable files were skipped (the next readable file stood "
                   "in)")
         if dataset is not None:
-            crops = (dar.to_uint8(dataset[i][0]).permute(1, 2, 0).numpy() for i in range(total))
+            crops = (pixels(dataset[i][0]) for i in range(total))
             path = save_npz(crops, total, folder.parent / f"{folder.name}-reference.npz")
             print(f"the {total} centre crops it encoded -> {path} (rFID: evaluator.py "
                   f"{folder.name}-reference.npz {folder.name}.npz)")
