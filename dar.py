@@ -1660,51 +1660,41 @@ def lock_folder(folder, flag):
 
 
 def process_started(pid):
-    """When process `pid` started (clock ticks after boot, from /proc), "" if it is not running: a
-    PID that a new process reuses gets another start time. Without /proc: "alive" or ""."""
+    """When process `pid` started (clock ticks after boot, from /proc; a PID that a new process
+    reuses gets another start time), "" if it is not running. Without /proc: "alive" or ""."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        return "" if Path("/proc/self/stat").exists() else "alive" if pid_alive(pid) else ""
     except (OSError, IndexError):
-        return ""
-
-
-def pid_alive(pid):
+        if Path("/proc/self/stat").exists():
+            return ""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return ""
     except PermissionError:
-        return True
-    return pid > 0
+        pass  # alive, another user's
+    return "alive" if pid > 0 else ""
 
 
-def number_in(text, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """`text` as a finite number (an integer with `integer`) in [low, high], an end open where
-    said; else a ValueError that names the range: "must be a finite number >= 0, got 'x'"."""
-    try:
-        number = int(text) if integer else float(text)
-    except (TypeError, ValueError):
-        number = math.nan
+def flag_type(low=None, high=None, low_open=False, high_open=False, integer=False):
+    """An argparse type: a finite number (an integer with `integer`) in [low, high], an end open
+    where said; else one line that names the range: "must be a finite number >= 0, got 'x'"."""
     bounds = [f"{'>' if low_open else '>='} {low}"] * (low is not None) + \
         [f"{'<' if high_open else '<='} {high}"] * (high is not None)
-    below = low is not None and (number < low or low_open and number == low)
-    if not math.isfinite(number) or below or high is not None and (
-            number > high or high_open and number == high):
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"must be {' '.join([kind, ' and '.join(bounds)]).strip()}, got {text!r}")
-    return number
+    range_text = " ".join(["an integer" if integer else "a finite number", " and ".join(bounds)])
 
-
-def flag_type(*bounds, **options):
-    """An argparse type: `number_in` with these bounds; a bad value ends the run with one line."""
     def parse(text):
         try:
-            return number_in(text, *bounds, **options)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    parse.__name__ = "integer" if options.get("integer") else "number"
+            number = int(text) if integer else float(text)
+        except ValueError:
+            number = math.nan
+        finite = isinstance(number, int) or math.isfinite(number)  # a huge int: no float
+        below = low is not None and (number < low or low_open and number == low)
+        above = high is not None and (number > high or high_open and number == high)
+        if not finite or below or above:
+            raise argparse.ArgumentTypeError(f"must be {range_text.strip()}, got {text!r}")
+        return number
+    parse.__name__ = "integer" if integer else "number"
     return parse
 
 

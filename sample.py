@@ -15,13 +15,11 @@ the paper's FIDs are computed from, the toy metric of the built-in data and the 
     python sample.py --benchmark 1,4,16 --compile # images/s, ms per token and per step
     python sample.py --benchmark 1,64 --config ablation:B         # random weights, no download
 
-Without --ar: the AR model `python train_ar.py` wrote to out/tiny when it exists, else the
-shipped one in weights/tiny; without --tokenizer: the tokenizer whose codes that AR model
-learned (its checkpoint records the file and its SHA-256; another tokenizer is refused). One
-printed line says which. Sample i of --fid and --eval asks for class i mod C and draws its noise
-and tokens from its own generator, seeded with --seed + i, so its tokens do not depend on the
-batch size or the number of processes (its pixels may differ by a rounding step: batched kernels
-sum in other orders).
+Without --ar: yours in out/tiny (from `python train_ar.py`), else the shipped one; without
+--tokenizer: the one whose codes that AR model learned (its checkpoint records the file's SHA-256).
+Sample i of --fid and --eval asks for class i mod C, its noise and tokens drawn with the seed
+--seed + i: its tokens do not depend on the batch size or the number of processes (its pixels may
+differ by a rounding step: batched kernels sum in other orders).
 """
 import argparse
 import os
@@ -36,56 +34,45 @@ from tqdm import tqdm
 
 import dar
 
-# DiT's sample classes, shown for 1000-class models
-DIT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+DIT_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes, for 1000 classes
 QUICKSTART = Path("out/tiny")  # where `python train_tokenizer.py && python train_ar.py` write
 
 
 def parse_args(argv=None):
     parser = dar.Parser(__doc__)
     pair = parser.add_argument_group("the pair")
-    pair.add_argument("--tokenizer", help="ours or the release's (default: the tiny pair, above)")
-    pair.add_argument("--ar", help="ours or the release's (D-AR-L-360K.pt, ...); default: the "
-                      "tiny pair")
-    pair.add_argument("--config", metavar="PRESET",
-                      help="the AR preset of a release AR file (default: inferred from its shapes; "
-                      f"{', '.join(dar.AR_PRESETS)}), or with --benchmark TOKENIZER:AR, random "
-                      "weights of two presets instead of files, e.g. ablation:B or v1:L "
-                      f"(tokenizer: {', '.join(dar.TOKENIZER_PRESETS)})")
+    pair.add_argument("--tokenizer", help="ours or the release's (default: as above)")
+    pair.add_argument("--ar", help="ours or the release's, e.g. D-AR-L-360K.pt (default: as above)")
+    pair.add_argument("--config", metavar="PRESET", help=f"a release AR file's preset (default: "
+                      f"inferred; {', '.join(dar.AR_PRESETS)}); with --benchmark, TOKENIZER:AR: "
+                      f"random weights of two presets (tokenizer: "
+                      f"{', '.join(dar.TOKENIZER_PRESETS)}), e.g. v1:L")
     pair.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     pair.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                      help="the AR model's weights on CUDA (release: bf16; the tokenizer runs in "
-                      "fp32/TF32)")
+                      help="the AR model's weights on CUDA (release: bf16; the tokenizer: fp32)")
     pair.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                       help="TF32 matmuls on CUDA (release: on)")
     sampling = parser.add_argument_group("sampling, every mode (release defaults)")
-    sampling.add_argument("--labels", type=listed("class"),
-                          help="comma-separated class ids (or class names, for the built-in data)")
-    sampling.add_argument("--guidance", type=guidance_flag, default=4.0,
-                          help="classifier-free guidance scale, or 'start,end' for the linear "
-                          "schedule (paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
+    sampling.add_argument("--labels", type=listed("class"), help="class ids or names, e.g. 0,plus")
+    sampling.add_argument("--guidance", type=listed("scale", dar.SCALE), default="4.0",
+                          help="classifier-free guidance, or 'start,end' for the linear schedule "
+                          "(paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
     sampling.add_argument("--temperature", type=dar.SCALE, default=1.0)
     sampling.add_argument("--top-k", type=dar.COUNT, default=0, help="0: off")
     sampling.add_argument("--top-p", type=dar.flag_type(0, 1, low_open=True), default=1.0,
                           help="in (0, 1]; 1: off")
     sampling.add_argument("--solver", default="adams2", choices=dar.SOLVERS)
-    sampling.add_argument("--denoising-steps", type=dar.SIZE, metavar="S",
-                          help="diffusion steps of a decode (default: the tokenizer's, K = 8 as "
-                          "released); with S > K a token group drives several (Eq. 5)")
+    sampling.add_argument("--denoising-steps", type=dar.SIZE, metavar="S", help="steps of a "
+                          "decode (default: K as released); S > K: a group drives several (Eq. 5)")
     sampling.add_argument("--seed", type=dar.SEED, default=0)
-    sampling.add_argument("--compile", action="store_true",
-                          help="compile the one-token AR step and the denoising step "
-                          "(torch.compile; CUDA graphs on a GPU); the same numbers as eager")
-    sampling.add_argument("--batch-size", type=dar.SIZE, default=64,
-                          help="--fid, --reconstruct, --eval: images per batch and process "
-                          "(release FID run: 64)")
-    sampling.add_argument("--n", type=dar.SIZE,
-                          help="how many images: the picture's rows (default: one per label), "
-                          "--eval's samples (default 1000) or references (default 50), "
-                          "--reconstruct's (default: all)")
-    sampling.add_argument("--out", help="where the mode writes: the PNG of a picture, the folder "
-                          "of --fid and --reconstruct (default for a picture: out/tiny, or next "
-                          "to the AR checkpoint)")
+    sampling.add_argument("--compile", action="store_true", help="torch.compile the one-token AR "
+                          "step and the denoising step (CUDA graphs on a GPU); the same numbers")
+    sampling.add_argument("--batch-size", type=dar.SIZE, default=64, help="--fid, --reconstruct, "
+                          "--eval: images per batch and process (release: 64)")
+    sampling.add_argument("--n", type=dar.SIZE, help="images: the picture's rows (default: one per "
+                          "label), --eval's (1000; references: 50), --reconstruct's (all)")
+    sampling.add_argument("--out", help="a picture's PNG (default: out/tiny, or beside the AR "
+                          "checkpoint), or the folder of --fid and --reconstruct")
     add_mode_flags(parser)
     args = parser.parse_args(argv)
     check_flags(args)
@@ -96,91 +83,66 @@ def add_mode_flags(parser):
     """The modes (one at most; default: a picture of previews) and their own flags."""
     modes = parser.add_argument_group("modes (default: a picture of previews)")
     chosen = modes.add_mutually_exclusive_group()
-    modes.add_argument("--stream", action="store_true",
-                       help="picture: print a line per group as it arrives")
-    modes.add_argument("--gif", action="store_true",
-                       help="picture: also write it as an animated GIF of the samples forming, a "
-                       "frame per group (same name, .gif)")
-    chosen.add_argument("--layout-from", metavar="IMAGE",
-                        help="keep this image's first tokens (Fig. 5): a file, or 'builtin:I' "
-                        "(held-out built-in image I); with --eval, 'builtin' measures --n "
-                        "references")
+    modes.add_argument("--stream", action="store_true", help="picture: a line per group")
+    modes.add_argument("--gif", action="store_true", help="picture: also an animated GIF of the "
+                       "samples forming, a frame per group (same name, .gif)")
+    chosen.add_argument("--layout-from", metavar="IMAGE", help="keep this image's first tokens "
+                        "(Fig. 5): a file or 'builtin:I' (held-out image I); --eval: 'builtin'")
     modes.add_argument("--prefix-tokens", type=listed("count", dar.COUNT), default="8,16,32",
-                       help="--layout-from: counts of kept tokens, one row each")
+                       help="--layout-from: counts of kept tokens, a row each")
     chosen.add_argument("--fid", type=dar.SIZE, metavar="N",
                         help="write N class-balanced samples as PNGs and an .npz")
-    chosen.add_argument("--reconstruct", metavar="FOLDER",
-                        help="write reconstructions of an image folder ('builtin': held-out "
-                        "built-in images) as PNGs and an .npz (rFID)")
-    modes.add_argument("--eval", action="store_true",
-                       help="built-in data: toy accuracy and toy FID of the samples (with "
-                       "--reconstruct builtin: of the reconstructions; with --layout-from builtin: "
-                       "Fig. 5)")
-    modes.add_argument("--preview-groups", type=dar.SIZE, metavar="k",
-                       help="--fid, --eval: the preview after k groups instead of the image "
-                       "(Table 5)")
-    modes.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
-                       help="--eval's toy evaluator, an ensemble (shipped; trained and written "
-                       "there if missing)")
+    chosen.add_argument("--reconstruct", metavar="FOLDER", help="write reconstructions of an image "
+                        "folder ('builtin': held-out built-in images) as PNGs and an .npz (rFID)")
+    modes.add_argument("--eval", action="store_true", help="built-in data: toy accuracy and toy "
+                       "FID of the samples (of --reconstruct builtin; Fig. 5 of --layout-from "
+                       "builtin)")
+    modes.add_argument("--preview-groups", type=dar.SIZE, metavar="k", help="--fid, --eval: the "
+                       "preview after k groups instead of the image (Table 5)")
+    modes.add_argument("--evaluator", default=os.path.relpath(dar.SHIPPED_TINY / "evaluator.pt"),
+                       help="--eval's toy evaluator (trained and written there if missing)")
     chosen.add_argument("--benchmark", metavar="BATCHES", nargs="?", const=[1, 16, 64],
-                        type=listed("batch size", dar.SIZE),
-                        help="time the sampler at these comma-separated batch sizes (default "
-                        "1,16,64): images/s, AR ms per token, D_FM ms per step, their shares, "
-                        "peak memory on CUDA")
+                        type=listed("batch size", dar.SIZE), help="time the sampler at these batch "
+                        "sizes (default 1,16,64): images/s, ms per token and step, peak memory")
     modes.add_argument("--repeat", type=dar.SIZE, default=3,
                        help="--benchmark: timed runs per batch size after a warm-up")
 
 
 def listed(what, item=str):
-    """An argparse type: a comma-separated list of at least one `item`."""
+    """An argparse type: a comma-separated list of at least one `item` (a type such as dar.SIZE)."""
     def parse(text):
         items = [part.strip() for part in text.split(",") if part.strip()]
         if not items:
             raise argparse.ArgumentTypeError(f"give at least one {what}, comma-separated")
-        return [item(part) for part in items]
+        try:
+            return [item(part) for part in items]
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"each {what} {error}") from None
     parse.__name__ = what
     return parse
-
-
-def guidance_flag(text):
-    """--guidance: a scale or 'start,end', each a finite number >= 0."""
-    parts = text.split(",")
-    if len(parts) > 2:
-        raise argparse.ArgumentTypeError(f"expected a scale or 'start,end', got {text!r}")
-    try:
-        scales = [dar.number_in(part, 0, 100) for part in parts]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"each scale {error} (in {text!r})") from None
-    return scales[0] if len(scales) == 1 else tuple(scales)
-
-
-def mode_of(args):
-    """The mode the flags choose, as the command line names it."""
-    for flag in ("benchmark", "eval", "fid", "reconstruct", "layout_from"):
-        if getattr(args, flag) not in (None, False):
-            return "--" + flag.replace("_", "-")
-    return "picture"
 
 
 def check_flags(args):
     """The modes that go together, the flags each reads, and the paths, checked before anything
     loads: a flag the mode would ignore ends the run, as does an output in the way."""
-    mode, samples = mode_of(args), args.reconstruct is None
-    picture = mode in ("picture", "--layout-from")
+    mode = next((f"--{flag.replace('_', '-')}" for flag in ("benchmark", "eval", "fid",
+                 "reconstruct", "layout_from") if getattr(args, flag) not in (None, False)),
+                "the picture")
+    samples, picture = args.reconstruct is None, mode in ("the picture", "--layout-from")
     writes_files = not args.eval and (args.fid is not None or args.reconstruct is not None)
-    random_pair = args.config is not None and ":" in args.config
-    reads = {"stream": mode == "picture", "gif": mode == "picture", "labels": picture,
-             "n": mode in ("picture", "--eval", "--reconstruct"), "out": picture or writes_files,
-             "prefix_tokens": args.layout_from is not None, "evaluator": args.eval,
+    random_pair = ":" in (args.config or "")
+    reads = {"stream": mode == "the picture", "gif": mode == "the picture", "labels": picture,
+             "n": mode in ("the picture", "--eval", "--reconstruct"), "evaluator": args.eval,
+             "out": picture or writes_files, "prefix_tokens": args.layout_from is not None,
              "repeat": mode == "--benchmark", "preview_groups": args.fid is not None or (
                  args.eval and samples and not args.layout_from),
              "batch_size": mode in ("--fid", "--reconstruct") or args.eval and not args.layout_from,
-             **{flag: samples for flag in ("ar", "config", "precision", "guidance",
-                                           "temperature", "top_k", "top_p")}}
-    shown = mode if mode != "picture" else "the picture"
-    problems = [f"--{dest.replace('_', '-')} is not read by {shown}: leave it out"
+             **dict.fromkeys(("ar", "config", "precision", "guidance", "temperature", "top_k",
+                              "top_p"), samples)}
+    problems = [f"--{dest.replace('_', '-')} is not read by {mode}: leave it out"
                 for dest, read in reads.items() if dest in args.given and not read]
     problems += [message for bad, message in (
+        (len(args.guidance) > 2, "--guidance: one scale, or 'start,end' for the schedule"),
         (args.eval and args.benchmark is not None, "--benchmark times the sampler alone: leave out "
          "--eval"),
         (args.out == "", "--out: an empty path; name a file or a folder"),
@@ -202,11 +164,10 @@ def check_flags(args):
         (writes_files and args.out is None, f"{mode} writes a folder of PNGs: pass --out DIR"),
         ("RANK" in os.environ and not writes_files, "only --fid and --reconstruct are shared out "
          "over processes; run the other modes without torchrun"),
-        (args.out is not None and picture and (not args.out.lower().endswith(".png") or Path(
-            args.out).is_dir()), f"--out {args.out}: a picture is written to a file name ending "
-         "in .png"),
-        (args.out is not None and writes_files and Path(args.out).is_file(), f"--out {args.out} "
-         "is a file: --fid and --reconstruct write a folder"),
+        (args.out and picture and (args.out[-4:].lower() != ".png" or Path(args.out).is_dir()),
+         f"--out {args.out}: a picture is written to a file name ending in .png"),
+        (args.out and writes_files and Path(args.out).is_file(), f"--out {args.out} is a file: "
+         "--fid and --reconstruct write a folder"),
         (args.reconstruct not in (None, "builtin") and not Path(args.reconstruct).is_dir(),
          f"--reconstruct: no folder {args.reconstruct}"),
         *((path and Path(path).is_dir(), f"--{flag} {path} is a folder, not a checkpoint")
@@ -217,6 +178,7 @@ def check_flags(args):
         problems.append(f"--out {args.out}: its folder cannot be created or written")
     if problems:
         fail(problems[0])
+    args.guidance = args.guidance[0] if len(args.guidance) == 1 else tuple(args.guidance)
 
 
 def writable(folder):
@@ -246,10 +208,11 @@ def default_file(name, command, chosen, what):
     return path
 
 
-def load(flag, path, command, loader, device, *options):
+def load(flag, path, loader, device, *options):
     """A checkpoint through `loader`; a missing or damaged file ends the run with one line."""
     if not Path(path).is_file():
-        fail(f"no checkpoint at {path}; `{command}` creates it, or pass {flag} PATH")
+        fail(f"no checkpoint at {path}; `python train_{flag[2:]}.py` creates it, or pass {flag} "
+             "PATH")
     try:
         return loader(path, *options, device=device)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
@@ -257,13 +220,13 @@ def load(flag, path, command, loader, device, *options):
 
 
 def load_pair(args, device, need_ar=True):
-    """-> (tokenizer, ar or None) in eval mode, the AR model in bf16 on CUDA as released. Without
-    --ar: yours or the shipped one; without --tokenizer: the one whose codes the AR model learned
-    (its record), or without an AR model yours or the shipped one. One printed line says which."""
+    """-> (tokenizer, AR model or None) in eval mode (`ready`). Without --ar: yours or the shipped
+    one; without --tokenizer: the one whose codes the AR model learned (its record), or without an
+    AR model yours or the shipped one. One printed line says which."""
     ar, chosen, tokenizer_path = None, [], args.tokenizer
     if need_ar:
         ar_path = args.ar or default_file("ar.pt", "python train_ar.py", chosen, "AR model")
-        ar = load("--ar", ar_path, "python train_ar.py", dar.load_ar, device, args.config)
+        ar = load("--ar", ar_path, dar.load_ar, device, args.config)
     if tokenizer_path is None and ar is not None:
         if ar.codes_of is None:
             fail(f"--ar {ar.file} does not record which tokenizer's codes it learned: pass "
@@ -274,19 +237,13 @@ def load_pair(args, device, need_ar=True):
                                                     chosen, "tokenizer")
     if chosen:
         print(("pair: " if ar is not None else "") + ", ".join(chosen))
-    tokenizer = load("--tokenizer", tokenizer_path, "python train_tokenizer.py",
-                     dar.load_tokenizer, device)
-    if ar is not None:
-        try:
-            dar.check_pair(ar, tokenizer)
-        except ValueError as error:
-            fail(f"--ar {ar.file} and --tokenizer {tokenizer_path}: {error}")
-        at_release_precision(ar, device, args.precision)
-    return tokenizer, ar
+    tokenizer = load("--tokenizer", tokenizer_path, dar.load_tokenizer, device)
+    return ready(tokenizer, ar, f"--ar {ar.file} and --tokenizer {tokenizer_path}" if ar else "",
+                 device, args.precision)
 
 
 def preset_pair(text, device, precision):
-    """--config TOKENIZER:AR -> (tokenizer, AR model) of random weights, placed as `load_pair`."""
+    """--config TOKENIZER:AR -> (tokenizer, AR model) of random weights, as `load_pair` gives."""
     names = text.split(":")
     if len(names) != 2 or names[0] not in dar.TOKENIZER_PRESETS or names[1] not in dar.AR_PRESETS:
         fail(f"--config: expected TOKENIZER:AR with TOKENIZER one of "
@@ -294,38 +251,44 @@ def preset_pair(text, device, precision):
              f"{text!r}")
     # sampling needs no REPA head
     tokenizer = dar.Tokenizer(dar.replace(dar.TOKENIZER_PRESETS[names[0]], repa_dim=0))
-    ar = dar.LlamaAR(dar.AR_PRESETS[names[1]])
-    try:
-        dar.check_pair(ar, tokenizer)
-    except ValueError as error:
-        fail(f"--config {text}: {error}")
-    at_release_precision(ar.to(device).eval(), device, precision)
-    return tokenizer.to(device).eval(), ar
+    return ready(tokenizer.to(device), dar.LlamaAR(dar.AR_PRESETS[names[1]]).to(device),
+                 f"--config {text}", device, precision)
 
 
-def at_release_precision(ar, device, precision):
-    if device.type == "cuda" and precision == "bf16":
-        ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
+def ready(tokenizer, ar, pair, device, precision):
+    """The pair in eval mode, checked (`dar.check_pair`), the AR model in bf16 on CUDA."""
+    if ar is not None:
+        try:
+            dar.check_pair(ar, tokenizer)
+        except ValueError as error:
+            fail(f"{pair}: {error}")
+        if device.type == "cuda" and precision == "bf16":
+            ar.to(torch.bfloat16)  # release: GPT weights and KV cache in bf16, logits in float32
+        ar.eval()
+    return tokenizer.eval(), ar
 
 
 def class_names(ar):
-    """The AR model's class names, as its checkpoint records them (an older file of 10 classes: the
-    built-in shapes'); else "class I"."""
+    """The AR model's class names as its checkpoint records them (an older file of 10 classes: the
+    built-in shapes'), else "class I"."""
     names = getattr(ar, "class_names", None) or (list(dar.SHAPE_CLASSES) if ar.cfg.num_classes == 10
                                                  else None)
     return names or [f"class {i}" for i in range(ar.cfg.num_classes)]
 
 
-def parse_labels(items, ar):
-    """--labels ['0', '3', 'plus'] -> [0, 3, 6]: ids or names of the AR model's classes."""
+def parse_labels(items, ar, default):
+    """--labels ['0', '3', 'plus'] -> [0, 3, 6]: ids or names of the AR model's classes (default:
+    `default`)."""
     names, C = class_names(ar), ar.cfg.num_classes
+    if not items:
+        return list(default)
     labels = [names.index(item) if item in names else int(item) if item.isdigit() else C
               for item in items]
     for item, label in zip(items, labels):
         if label >= C:
-            listed = f", or {', '.join(names)}" if names[0] != "class 0" else ""
+            named = f", or {', '.join(names)}" if names[0] != "class 0" else ""
             fail(f"--labels: class {item} is outside the AR model's {C} classes (ids 0-{C - 1}"
-                 f"{listed})")
+                 f"{named})")
     return labels
 
 
@@ -349,13 +312,10 @@ def picture_path(args, ar, name):
 
 def picture(args, tokenizer, ar, device):
     """The default mode: a row per sample, its previews after groups 1..K (the K-th: the image)."""
-    default = list(DIT_CLASSES) if ar.cfg.num_classes == 1000 else \
-        list(range(min(ar.cfg.num_classes, 10)))
-    labels = parse_labels(args.labels, ar) if args.labels else default
-    rows = args.n or len(labels)
-    labels = [labels[i % len(labels)] for i in range(rows)]
-    K, G = tokenizer.cfg.num_groups, tokenizer.cfg.group_size
-    generator = dar.generators(range(args.seed, args.seed + rows), device)
+    C, K, G = ar.cfg.num_classes, tokenizer.cfg.num_groups, tokenizer.cfg.group_size
+    labels = parse_labels(args.labels, ar, DIT_CLASSES if C == 1000 else range(min(C, 10)))
+    labels = [labels[i % len(labels)] for i in range(args.n or len(labels))]
+    generator = dar.generators(range(args.seed, args.seed + len(labels)), device)
     path, names = picture_path(args, ar, "samples.png"), [class_names(ar)[i] for i in labels]
     previews, start = [], time.perf_counter()
     for sampled in dar.sample(ar, tokenizer, labels, generator=generator,
@@ -365,10 +325,10 @@ def picture(args, tokenizer, ar, device):
             milliseconds = 1000 * (synchronized_time(device) - start)
             print(f"group {sampled.group + 1}/{K}: {sampled.tokens.shape[1]:4d} tokens, t = "
                   f"{sampled.t:.3f}, preview ready at {milliseconds:7.1f} ms")
-    dar.save_picture(dar.labelled_grid(torch.stack(previews, 1), names,
-                                       dar.preview_names(K, G)), path)
+    previews = torch.stack(previews, 1)
+    dar.save_picture(dar.labelled_grid(previews, names, dar.preview_names(K, G)), path)
     if args.gif:
-        dar.save_forming_gif(torch.stack(previews, 1), names, G, path.with_suffix(".gif"))
+        dar.save_forming_gif(previews, names, G, path.with_suffix(".gif"))
         print(path.with_suffix(".gif"))
     return path
 
@@ -408,8 +368,7 @@ def layout_control(args, tokenizer, ar, device):
     counts, path = prefix_counts(args, tokenizer, ar), picture_path(args, ar, "layout.png")
     reference = load_reference(args.layout_from, tokenizer.cfg.image_size).to(device)
     codes = tokenizer.encode(reference)
-    labels = parse_labels(args.labels, ar) if args.labels else \
-        list(range(min(ar.cfg.num_classes, 5)))
+    labels = parse_labels(args.labels, ar, range(min(ar.cfg.num_classes, 5)))
     rows = []
     for count in counts:
         prefix = codes[:, :count].expand(len(labels), -1)
@@ -435,16 +394,8 @@ def toy_eval(args, tokenizer, ar, device):
     size = tokenizer.cfg.image_size
     evaluator = dar.load_toy_evaluator(args.evaluator, size, flag="--evaluator").to(device)
     if args.layout_from:
-        rows = []
-        references = dar.builtin_images(args.n or 50, size, dar.EVALUATOR_REFERENCE_SEED)[0]
-        for kept in prefix_counts(args, tokenizer, ar):
-            rows.append(dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
-                                           **sampling_options(args)))
-            print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class "
-                  f"as asked {spread_text(rows[-1]['class_as_asked'], '.1%')}, shape centroid "
-                  f"{rows[-1]['centroid_px']:.1f} px from the reference's, both colours kept "
-                  f"{rows[-1]['colours_kept']:.1%}")
-        return rows
+        return [layout_eval(args, tokenizer, ar, evaluator, kept)
+                for kept in prefix_counts(args, tokenizer, ar)]
     layouts = []  # of reconstructions: does each keep its image's layout (dar.layout_agreement)?
     if args.reconstruct:
         reconstruct, total, dataset = reconstruction_batch(args, tokenizer)
@@ -474,6 +425,18 @@ def toy_eval(args, tokenizer, ar, device):
               f"{scores['colours_kept']:.1%}, the shape's centroid off by "
               f"{scores['centroid_px']:.2f} px on average")
     return scores
+
+
+def layout_eval(args, tokenizer, ar, evaluator, kept):
+    """--eval --layout-from builtin: Fig. 5 measured (`dar.layout_metrics`) with `kept` tokens."""
+    references = dar.builtin_images(args.n or 50, tokenizer.cfg.image_size,
+                                    dar.EVALUATOR_REFERENCE_SEED)[0]
+    row = dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
+                             **sampling_options(args))
+    print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class as asked "
+          f"{spread_text(row['class_as_asked'], '.1%')}, shape centroid {row['centroid_px']:.1f} "
+          f"px from the reference's, both colours kept {row['colours_kept']:.1%}")
+    return row
 
 
 def sample_batch(args, tokenizer, ar):
@@ -506,8 +469,6 @@ def reconstruction_batch(args, tokenizer):
             torch.tensor(labels)
     return make, min(len(dataset), args.n or len(dataset)), dataset
 
-
-# ---- the files of --fid and --reconstruct --------------------------------------------------------
 
 def sample_files(args, tokenizer, ar, rank, world_size):
     """--fid / --reconstruct: the PNGs of this process's share, then (rank 0) the .npz files."""

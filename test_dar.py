@@ -1519,7 +1519,8 @@ def test_benchmark_measures_speed_and_shares_for_a_pair_and_for_random_preset_we
             ["--config", "tiny:tiny"],
             r"--config TOKENIZER:AR \(random weights\) is for --benchmark only",
         ),
-        (["--benchmark", "0", *trained_pair], r"--benchmark: must be an integer >= 1"),
+        (["--benchmark", "0", *trained_pair],
+         r"--benchmark: each batch size must be an integer >= 1"),
     ]:
         assert re.search(message, one_line_refusal(lambda: sample.main(argv), capsys))
 

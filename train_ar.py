@@ -69,7 +69,7 @@ def parse_args(argv=None):
     watch.add_argument("--eval-samples", type=dar.COUNT, default=None,
                        help="built-in data: at every picture, the toy "
                        "accuracy of this many samples (default 100 for tiny, 0 otherwise: off)")
-    watch.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
+    watch.add_argument("--evaluator", default=os.path.relpath(dar.SHIPPED_TINY / "evaluator.pt"),
                        help="--eval-samples' toy evaluator (shipped; trained and written there if "
                             "missing)")
     args = dar.finish_training_flags(parser, argv, RECIPES, "train_ar.py", "ar.pt")

@@ -14,6 +14,7 @@ the code path alone against a code head (--code-path-steps), then Eq. (7) on the
 """
 import argparse
 import copy
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def add_watch_flags(parser):
                        help="--eval-every also fits linear probes of the "
                        "first and last group (group_probes) on all but 500 (or a quarter) of "
                        "this many held-out images (0: no probes)")
-    watch.add_argument("--evaluator", default=str(dar.SHIPPED_TINY / "evaluator.pt"),
+    watch.add_argument("--evaluator", default=os.path.relpath(dar.SHIPPED_TINY / "evaluator.pt"),
                        help="--eval-every's toy evaluator (shipped; trained and written there if "
                        "missing); the accuracy logged is its members' mean")
 
