@@ -2152,6 +2152,30 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
     assert isinstance(dar.load_tokenizer(tmp_path / "small.pt").patchify, torch.nn.Sequential)
 
 
+def test_two_runs_of_one_seed_give_identical_weights(tmp_path, monkeypatch):
+    """The miniature's whole recipe on the textures (both stages, a teacher, every lever of the
+    first stage), run twice with one seed into two folders: the same weights, bit for bit, and a
+    record without this machine's absolute paths."""
+    monkeypatch.setattr(dar, "train_shape_classifier",
+                        lambda size, seed=0, **kw: torch.manual_seed(seed) and
+                        dar.ShapeClassifier().eval())
+    argv = ["--data", "textures", "--steps", "4", "--code-path-steps", "2", "--freeze", "encoder",
+            "--teacher-weight", "1", "--teacher-from", "last", "--own-step", "--target-blur", "1",
+            "--first-group-weight", "4", "--codebook-restart", "1", "--warmup", "0"]
+    for run in ("first", "second"):
+        train_tokenizer.main(tokenizer_args(tmp_path / run, *argv))
+    first, second = (torch.load(tmp_path / run / "tokenizer.pt", weights_only=True)
+                     for run in ("first", "second"))
+    for key in ("model", "ema"):
+        assert first[key].keys() == second[key].keys()
+        assert all(torch.equal(first[key][name], second[key][name]) for name in first[key])
+    assert torch.equal(first["codebook_use"], second["codebook_use"])
+    # no absolute path but the run's own --out (here in a temporary folder)
+    assert not [value for key, value in first["args"].items()
+                if key not in ("out", "command") and str(tmp_path) in value or value[:1] == "/"
+                and not value.startswith(str(tmp_path))]
+
+
 @pytest.mark.parametrize("code_path_steps", [2, 4])
 def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch, code_path_steps):
     """The miniature's own state (code head, its EMA, the codebook use) resumes bit for bit too:
