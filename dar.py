@@ -130,9 +130,9 @@ def layer_norm(x):
 
 
 def rope_2d(height, width, head_dim, theta):
-    """2D RoPE angles (appendix A.2) of a height x width grid, row-major: of a head's hd/2 feature
-    pairs the first half rotates by row * w_j, the second by column * w_j, w_j = theta^(-4j/hd).
-    -> cos, sin: (L, hd/2) float32."""
+    """2D RoPE angles of a height x width grid, row-major (appendix A.2).
+    Of a head's hd/2 feature pairs the first half rotates by row * w_j, the second by column * w_j,
+    w_j = theta^(-4j/hd). -> cos, sin: (L, hd/2) float32."""
     pairs_per_axis = head_dim // 4
     freqs = theta ** (-torch.arange(pairs_per_axis, dtype=torch.float64) / pairs_per_axis)
     rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64),
@@ -150,8 +150,9 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Tokenizer attention, self- or cross- (to `context`), with QK-norm (appendix A.2): a LayerNorm
-    with weight and bias over each 64-wide head of q and k, shared by the heads, before RoPE."""
+    """Tokenizer attention, self- or cross- (to `context`), with QK-norm (appendix A.2).
+    QK-norm: a LayerNorm with weight and bias over each 64-wide head of q and k, shared by the
+    heads, before RoPE."""
 
     def __init__(self, dim, head_dim=64):
         super().__init__()
@@ -206,8 +207,7 @@ class GatedBlock(nn.Module):
 
 
 def run_blocks(blocks, x, checkpointed, **kwargs):
-    """Apply blocks in turn; with `checkpointed`, recompute activations in
-    backward (saves memory)."""
+    """Apply blocks in turn; with `checkpointed`, recompute activations in backward."""
     for block in blocks:
         x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointed \
             else block(x, **kwargs)
@@ -215,12 +215,10 @@ def run_blocks(blocks, x, checkpointed, **kwargs):
 
 
 def encoder_mask(num_patches, num_queries):
-    """Attention mask of the encoder (§4): every token sees all patches; query i also sees
-    queries <= i.
-
-    Patches never see queries, so query i depends on the image and queries 1..i only: the
-    causality that lets a prefix of tokens mean the same thing whatever follows. True = may
-    attend; (L+N, L+N).
+    """The encoder's attention mask (§4): query i sees all patches and queries <= i.
+    Patches never see queries, so query i depends on the image and queries 1..i only: the causality
+    that lets a prefix of tokens mean the same thing whatever follows. (L+N) x (L+N), True where
+    attention is allowed.
     """
     mask = torch.zeros(num_patches + num_queries, num_patches + num_queries, dtype=torch.bool)
     mask[:, :num_patches] = True
@@ -280,12 +278,11 @@ class TimestepEmbedder(nn.Module):
 
 
 class DiffusionBlock(nn.Module):
-    """One block of D_FM (§4): cross-attention to c(t) feeds a per-token adaLN, with its
-    own time embedder.
-
+    """One block of D_FM (§4), modulated per token by its cross-attention to c(t).
     s = CrossAttn(N(x), cond); (shift, scale, gate) x 2 = Linear(SiLU(tau(t) + s)); x <- x + gate_a
     * SelfAttn(N(x)(1 + scale_a) + shift_a); x <- x + gate_m * MLP(N(x)(1 + scale_m) + shift_m). The
-    modulation differs per pixel token because the cross-attention output does.
+    modulation differs per pixel token because the cross-attention output does; the block has its
+    own time embedder tau.
     """
 
     def __init__(self, dim, head_dim=64):
@@ -382,29 +379,30 @@ def condition_group(t, num_groups, beta, form="release"):
 
 
 def flow_interpolant(x0, x1, t):
-    """Eq. (3): x_t = t x1 + (1 - t) x0 and its velocity v_t = dx_t/dt = x1 - x0
-    (t broadcast per sample)."""
+    """Eq. (3) and (4): x_t = t x1 + (1 - t) x0 and v_t = dx_t/dt = x1 - x0.
+    t is broadcast per sample."""
     t = t.view(-1, *([1] * (x0.dim() - 1)))
     return t * x1 + (1 - t) * x0, x1 - x0
 
 
 def jump_estimate(x_t, t, v):
-    """The jump estimate x_hat_1 = x_t + (1 - t) v: where the flow lands if v
-    stayed constant (§3.3)."""
+    """The jump estimate of §3.3: x_hat_1 = x_t + (1 - t) v.
+    Where the flow lands if v stayed constant."""
     return x_t + (1 - t.view(-1, *([1] * (x_t.dim() - 1)))) * v
 
 
 def sampling_times(num_steps, beta):
-    """Eq. (8): t_i = (i/S) / (i/S + beta (1 - i/S)), i = 0..S-1, followed by t_S = 1;
-    float32, (S + 1,). The paper decodes with S = K steps; the release's `num_denoising_steps`
-    may set another S."""
+    """Eq. (8): the decode's times t_i = (i/S) / (i/S + beta (1 - i/S)), then t_S = 1.
+    i = 0..S-1; float32, (S + 1,). The paper decodes with S = K steps; the release's
+    `num_denoising_steps` may set another S."""
     return shift_time(torch.arange(num_steps + 1, dtype=torch.float32) / num_steps, beta)
 
 
 def step_groups(num_steps, num_groups):
-    """Eq. (5) on a decode of S steps, release form: step i (at u_i = i/S, before the time shift)
-    reads group round(u_i K) (halves up), at most K - 1. S = K: step i reads group i; else a group
-    drives several steps or none (S = 6, K = 4: 0, 1, 1, 2, 3, 3). -> (S,) int64, non-decreasing."""
+    """Eq. (5) on a decode of S steps: the group of conditions each step reads.
+    Release form: step i (at u_i = i/S, before the time shift) reads group round(u_i K) (halves up),
+    at most K - 1. S = K: step i reads group i; else a group drives several steps or none
+    (S = 6, K = 4: 0, 1, 1, 2, 3, 3). -> (S,) int64, non-decreasing."""
     u = torch.arange(num_steps, dtype=torch.float64) / num_steps  # from u, as released
     return torch.floor(u * num_groups + 0.5).long().clamp(max=num_groups - 1)
 
@@ -413,9 +411,7 @@ SOLVERS = ("adams2", "euler")
 
 
 def solver_step(x, v, v_prev, dt, solver):
-    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth
-    ("adams2", the default).
-
+    """One ODE step from t_i to t_i + dt: Euler, or two-step Adams-Bashforth ("adams2").
     The release uses the constant-step weights 1.5 / -0.5 although the steps of Eq. (8) are uneven;
     we keep them to reproduce its numbers. Step 0 has no previous velocity and is an Euler step.
     """
@@ -425,8 +421,9 @@ def solver_step(x, v, v_prev, dt, solver):
 
 
 def compiled(step):
-    """A sampler step (`LlamaAR.one_token_logits`, `Tokenizer.denoise_step`) as one compiled graph,
-    CUDA graphs on a GPU as released; no_grad's wrapper unwrapped, so each keeps its own code."""
+    """A sampler step as one compiled graph (CUDA graphs on a GPU), as released.
+    The step: `LlamaAR.one_token_logits` or `Tokenizer.denoise_step`; no_grad's wrapper is
+    unwrapped, so each keeps its own code."""
     on_cuda = next(step.__self__.parameters()).is_cuda
     plain = inspect.unwrap(step.__func__).__get__(step.__self__)  # callers run under no_grad
     return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
@@ -492,8 +489,9 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, init_std, gate_init):
-        """The release's initialisation for training from scratch: the blocks' Linear weights ~
-        N(0, init_std) truncated, residual gates = gate_init; other layers keep PyTorch's."""
+        """The release's initialisation for training from scratch.
+        The blocks' Linear weights ~ N(0, init_std) truncated, residual gates = gate_init; other
+        layers keep PyTorch's."""
         for layer in [*self.encoder_layers, *self.decoder_layers, *self.diffusion.blocks]:
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
@@ -516,8 +514,8 @@ class Tokenizer(nn.Module):
 
     # ---- Eq. (1): encoder and quantiser --------------------------------------------------------
     def encoder_features(self, images):
-        """E(I, [q_1..q_N]) of Eq. (1), projected to the codebook width: f
-        (B, N, C), before quantisation."""
+        """Eq. (1) before quantisation: E(I, [q_1..q_N]), projected to the codebook width.
+        -> f (B, N, C)."""
         B, N = images.shape[0], self.cfg.num_tokens
         patches = layer_norm(self.patchify(images).flatten(2).transpose(1, 2))     # (B, L, D)
         queries = self.query_linear(self.query_embedding.weight[:N]).expand(B, -1, -1)  # (B, N, D)
@@ -529,8 +527,8 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images, values=True):
-        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, in the coarse-to-fine
-        order. values=False: no value check (a host sync), for a loop that checked its data once."""
+        """Eq. (1): images (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, coarse to fine.
+        values=False: no value check (a host sync), for a loop that checked its data once."""
         images = torch.as_tensor(images, device=self.sampling_times.device)
         size = self.cfg.image_size
         if images.shape[1:] != (3, size, size) or not images.is_floating_point() or values and (
@@ -550,8 +548,9 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def conditions(self, codes):
-        """Tokens (B, n) -> conditions z' (B, n, D) for every position. The layers are causal, so
-        the first n tokens of a sequence (n <= N) give the same z'[:, :n] as the whole sequence."""
+        """The causal layers of §3.1: tokens (B, n) -> conditions z' (B, n, D).
+        The layers are causal, so the first n tokens of a sequence (n <= N) give the same z'[:, :n]
+        as the whole sequence."""
         codes, N, V = torch.as_tensor(codes), self.cfg.num_tokens, self.cfg.codebook_size
         if codes.dim() != 2 or codes.is_floating_point() or not 0 < codes.shape[1] <= N \
                 or codes.numel() and (codes.min() < 0 or codes.max() >= V):
@@ -562,9 +561,9 @@ class Tokenizer(nn.Module):
     # ---- Eq. (2)-(4), (8): decoding with D_FM, the pixel diffusion transformer -------------------
     @torch.no_grad()
     def velocity(self, x_t, t, cond):
-        """One call of D_FM: x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time
-        the network sees (after the time shift; a float or (B,)), cond one group (B, G, D) -> v
-        (B, 3, H, W)."""
+        """One call of D_FM, the velocity of Eq. (2): x_t, t and one group cond -> v.
+        x_t (B, 3, H, W) in the scaled pixel space, t the diffusion time the network sees (after the
+        time shift; a float or (B,)), cond (B, G, D) -> v (B, 3, H, W)."""
         size, G, D = self.cfg.image_size, self.cfg.group_size, self.cfg.decoder_dim
         if x_t.shape[1:] != (3, size, size) or cond.shape != (x_t.shape[0], G, D):
             raise ValueError(f"x_t (B, 3, {size}, {size}) and cond, one group of conditions (B, "
@@ -573,8 +572,8 @@ class Tokenizer(nn.Module):
         return self.diffusion(x_t, t, cond)[0]
 
     def initial_noise(self, batch, noise=None, generator=None, device=None):
-        """x_0 of the flow (B, 3, H, W) in the scaled pixel space: `noise`, or drawn with
-        `generator` (one, or a list of one per sample)."""
+        """x_0 of the flow in Eq. (3): (B, 3, H, W) in the scaled pixel space.
+        `noise`, or drawn with `generator` (one, or a list of one per sample)."""
         size = self.cfg.image_size
         if noise is None and isinstance(generator, (list, tuple)):
             noise = torch.cat([torch.randn(1, 3, size, size, generator=g, device=device)
@@ -587,8 +586,8 @@ class Tokenizer(nn.Module):
         return torch.as_tensor(noise).to(device)  # the release draws x_0 on the CPU
 
     def schedule(self, steps=None):
-        """The S-step decode: times t_0..t_S of Eq. (8) (S + 1,) and the group each step reads
-        (Eq. 5) (S,). steps=None: the config's S (K unless the file says otherwise)."""
+        """The S-step decode: the times of Eq. (8) and the group each step reads (Eq. 5).
+        -> times t_0..t_S (S + 1,), groups (S,). steps=None: the config's S (K as released)."""
         if steps is None or steps == self.cfg.decode_steps:
             return self.sampling_times, self.step_groups
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -599,16 +598,17 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def denoise_step(self, x, t, t_next, cond, v_prev, solver):
-        """One step of a decode, from time t to t_next, conditioned on the group cond (B, G, D) =
-        c(t) of Eq. (5). Returns x at t_next and the velocity v at t (the next step's v_prev)."""
+        """One step of a decode, from t to t_next, conditioned on the group c(t) of Eq. (5).
+        cond (B, G, D). Returns x at t_next and the velocity v at t (the next step's v_prev)."""
         v, _ = self.diffusion(x, t.expand(x.shape[0]), cond)
         return solver_step(x, v, v_prev, t_next - t, solver), v
 
     @torch.no_grad()
     def decode(self, codes, noise=None, solver="adams2", generator=None, steps=None, compile=False):
-        """Tokens (B, N) -> images (B, 3, H, W) by S steps of Eq. (8) (S = `steps`, default the
-        config's: K as released), step i conditioned on group `step_groups`[i] of z' (Eq. 5).
-        `noise`: x_0 in the scaled pixel space, else drawn with `generator`; compile: `compiled`."""
+        """Decode tokens (B, N) into images (B, 3, H, W) by S steps of Eq. (8).
+        S = `steps`, default the config's (K as released); step i is conditioned on group
+        `step_groups`[i] of z' (Eq. 5). `noise`: x_0 in the scaled pixel space, else drawn with
+        `generator`; compile: `compiled`."""
         cond, N = self.conditions(codes), self.cfg.num_tokens                         # (B, N, D)
         if cond.shape[1] != N or solver not in SOLVERS:
             raise ValueError(f"decode takes all N = {N} tokens and a solver of {SOLVERS}, got "
@@ -623,9 +623,10 @@ class Tokenizer(nn.Module):
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
     def training_conditions(self, images, u=None):
-        """Eq. (1) and (5) for one training step, u: Eq. (5)'s t' per image (U[0, 1) when None) ->
-        t = shift(u) (B,), the tokens z_q (B, N, C), all conditions z' (B, N, D), c(t) (B, G, D),
-        l_VQ over the tokens up to each image's group, and the codebook fraction in use."""
+        """Eq. (1) and (5) for one training step: the time, the group c(t), l_VQ.
+        u: Eq. (5)'s t' per image (U[0, 1) when None) -> t = shift(u) (B,), the tokens z_q
+        (B, N, C), all conditions z' (B, N, D), c(t) (B, G, D), l_VQ over the tokens up to each
+        image's group, and the codebook fraction in use."""
         cfg = self.cfg
         # (B, N, C), (B, N), (B, N)
         z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))
@@ -740,9 +741,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """A static key/value cache for one attention layer (as in gpt-fast): allocated once per
-    generation, (B, nh, N + 1, hd): a slot per position (the class token and N tokens), written at
-    explicit positions; keys are stored after RoPE."""
+    """A static key/value cache for one attention layer, as in gpt-fast.
+    Allocated once per generation, (B, nh, N + 1, hd): a slot per position (the class token and N
+    tokens), written at explicit positions; keys are stored after RoPE."""
 
     def __init__(self, batch, heads, length, head_dim, dtype, device):
         self.k = torch.zeros(batch, heads, length, head_dim, dtype=dtype, device=device)
@@ -806,8 +807,8 @@ class LlamaBlock(nn.Module):
 
 
 def next_token_loss(logits, tokens):
-    """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i) over the batch and the
-    positions; logits (B, T, V) from `LlamaAR`, tokens (B, T)."""
+    """Eq. (6): the mean next-token cross-entropy -log p(z_i | y, z_<i).
+    Over the batch and the positions; logits (B, T, V) from `LlamaAR`, tokens (B, T)."""
     return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
 
@@ -837,8 +838,8 @@ class LlamaAR(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self):
-        """The release's initialisation: every Linear and Embedding ~ N(0, 0.02); the
-        output head zero."""
+        """The release's initialisation of the Llama.
+        Every Linear and Embedding ~ N(0, 0.02); the output head zero."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -850,9 +851,9 @@ class LlamaAR(nn.Module):
                          dim=1)
 
     def transformer(self, h, positions, caches=None):
-        """h (B, T, D) at `positions` (T,) -> logits (B, T, V) in float32. Without caches the
-        positions are 0..T-1 and attention is causal; with caches, keys and values are written to
-        them and reused."""
+        """The Llama's blocks and head: h (B, T, D) at `positions` (T,) -> logits (B, T, V).
+        Logits in float32. Without caches the positions are 0..T-1 and attention is causal; with
+        caches, keys and values are written to them and reused."""
         rope = (self.rope_cos[positions], self.rope_sin[positions])              # (T, hd/2) each
         mask = None if caches is None else self.cache_mask[positions]            # (T, N + 1)
         for i, layer in enumerate(self.layers):
@@ -860,8 +861,8 @@ class LlamaAR(nn.Module):
         return self.output(self.norm(h)).float()
 
     def forward(self, tokens, labels):
-        """Teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V); logits[:, i]
-        predicts tokens[:, i]."""
+        """Eq. (6)'s teacher forcing: tokens (B, T), labels (B,) -> logits (B, T, V).
+        logits[:, i] predicts tokens[:, i]."""
         V, N, C = self.cfg.vocab_size, self.cfg.num_tokens, self.cfg.num_classes
         if tokens.dim() != 2 or tokens.is_floating_point() or not 0 < tokens.shape[1] <= N \
                 or labels.shape != tokens.shape[:1] or labels.is_floating_point():
@@ -887,14 +888,13 @@ class LlamaAR(nn.Module):
 
     @torch.no_grad()
     def next_logits(self, h, positions, caches):
-        """Cached forward of embeddings h (B, T, D) at `positions` (T,) -> logits of the
-        last position, i.e. for the next token (B, V). The sampler prefills the class token
-        (and a prefix) with it."""
+        """The logits of the next token (B, V) after embeddings h (B, T, D) at `positions`.
+        A cached forward (T,); the sampler prefills the class token (and a prefix) with it."""
         return self.transformer(h, positions, caches)[:, -1]
 
     @torch.no_grad()
     def one_token_logits(self, token, position, caches):
-        """The sampler's hot step: the last token (B, 1) at `position` (1,) -> logits for the next
+        """The sampler's hot step: the last token (B, 1) at `position` -> the next logits.
         (B, V). One forward of one position; static shapes (the position is a tensor), so a compiled
         step (`compiled`) runs every position without recompiling."""
         return self.next_logits(self.tok_embeddings(token), position, caches)
@@ -906,19 +906,20 @@ class LlamaAR(nn.Module):
 
 
 def guidance_scales(guidance, num_tokens):
-    """Classifier-free guidance scale per token: a number, or the release's linear
-    schedule (start, end) from token 0 to token N-1 (paper: (1.1, 8.0) for D-AR-L,
-    (1.1, 10.0) for D-AR-XL)."""
+    """The classifier-free guidance scale of each token (§3.3).
+    A number, or the release's linear schedule (start, end) from token 0 to token N-1 (paper:
+    (1.1, 8.0) for D-AR-L, (1.1, 10.0) for D-AR-XL)."""
     start, end = map(float, guidance if isinstance(guidance, (tuple, list)) else (guidance,) * 2)
     # release: a schedule starting at exactly 1.0 is nudged to 1.001 to turn guidance on; not here
     return torch.linspace(start, end, num_tokens).tolist()
 
 
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, uniform=None):
-    """Draw one token per row of logits (B, V) as released: temperature, then top-k, then nucleus
-    (top-p) filtering, then one draw from what is left (top_k = 1: greedy). The draw inverts the
-    cumulative distribution at one uniform number per row: `uniform` (B,) when given (`sample` draws
-    them per sample, so that a sample does not depend on its batch), else from `generator`."""
+    """Draw one token per row of logits (B, V), as released.
+    Temperature, then top-k, then nucleus (top-p) filtering, then one draw from what is left
+    (top_k = 1: greedy). The draw inverts the cumulative distribution at one uniform number per row:
+    `uniform` (B,) when given (`sample` draws them per sample, so that a sample does not depend on
+    its batch), else from `generator`."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -1008,9 +1009,9 @@ def sample(ar, tokenizer, labels, *, guidance=1.0, temperature=1.0, top_k=0, top
 
 
 def sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature, top_k, top_p, solver):
-    """`sample`'s inputs as tensors on the models' device and numbers, each checked before any work
-    (a ValueError naming it): -> labels (B,), prefix (B, n) int64, the guidance scale per token,
-    temperature, top_k, top_p."""
+    """`sample`'s inputs as tensors and numbers, each checked before any work.
+    A bad one: a ValueError naming it. -> labels (B,), prefix (B, n) int64 on the models' device,
+    the guidance scale per token, temperature, top_k, top_p."""
     N, V, C = tokenizer.cfg.num_tokens, tokenizer.cfg.codebook_size, ar.cfg.num_classes
     device = tokenizer.sampling_times.device
     labels = torch.as_tensor(labels, device=device)                            # (B,)
@@ -1050,15 +1051,15 @@ def sampler_inputs(ar, tokenizer, labels, prefix, guidance, temperature, top_k, 
 
 
 def guide(logits, scale):
-    """Classifier-free guidance in logit space, as released: logits (2B, V) of the labels, then of
-    the null class -> l = l_u + s (l_c - l_u), (B, V)."""
+    """Classifier-free guidance in logit space, as released: l = l_u + s (l_c - l_u).
+    logits (2B, V): of the labels, then of the null class -> (B, V)."""
     conditional, unconditional = logits.chunk(2)
     return unconditional + scale * (conditional - unconditional)
 
 
 def token_uniforms(batch, num_tokens, generator, device):
-    """The uniform number of every token draw (`sample_token`), (B, N), drawn up front: row b from
-    sample b's generator when given a list of them, else all from one."""
+    """The uniform numbers of every token draw (`sample_token`), drawn up front.
+    (B, N): row b from sample b's generator when given a list of them, else all from one."""
     if isinstance(generator, (list, tuple)):
         return torch.stack([torch.rand(num_tokens, generator=g, device=device) for g in generator])
     return torch.rand(batch, num_tokens, generator=generator, device=device)
