@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -1593,9 +1593,27 @@ def write_atomically(path, content):
 
 
 def save_picture(image, path, **options):
-    """A PIL image to `path` (its format from the suffix: PNG, GIF, ...), atomically."""
+    """A PIL image to `path` (its format from the suffix: PNG, GIF, ...), atomically, and marked
+    as the project's: PNG text "Software" or a GIF comment reads `PICTURE_MARK` (`is_ours`)."""
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    write_atomically(path, lambda file: image.save(file, format=fmt, **options))
+    png_mark = PngImagePlugin.PngInfo()
+    png_mark.add_text("Software", PICTURE_MARK)
+    mark = {"PNG": {"pnginfo": png_mark}, "GIF": {"comment": PICTURE_MARK.encode()}}.get(fmt, {})
+    write_atomically(path, lambda file: image.save(file, format=fmt, **mark, **options))
+
+
+PICTURE_MARK = "D-AR reference (dar.save_picture)"
+
+
+def is_ours(path):
+    """Whether the file at `path` is a picture that `save_picture` wrote: the pictures of
+    sample.py replace only those."""
+    try:
+        with Image.open(path) as image:
+            marks = image.info.get("Software"), image.info.get("comment", b"").decode("latin-1")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+    return PICTURE_MARK in marks
 
 
 def check_record(path, settings, what):

@@ -301,12 +301,17 @@ def sampling_options(args):
 
 def picture_path(args, ar, name):
     """--out, else out/tiny/<name> for the shipped pair or <the AR checkpoint's folder>/<name>;
-    a folder that cannot be written ends the run before any sampling."""
+    a folder that cannot be written, or a file there that sample.py did not write (`dar.is_ours`),
+    ends the run before any sampling."""
     folder = ar.file.parent
     folder = QUICKSTART if folder.resolve() == dar.SHIPPED_TINY.resolve() else folder
     path = Path(args.out or folder / name)
     if not writable(path.parent):
         fail(f"{path.parent} cannot be created or written: pass --out FILE.png")
+    for made in [path] + [path.with_suffix(".gif")] * args.gif:
+        if made.exists() and not dar.is_ours(made):
+            fail(f"{made} exists and is not a picture of sample.py; move it away or choose "
+                 "another --out")
     return path
 
 

@@ -2736,15 +2736,26 @@ def test_a_picture_folder_that_cannot_be_written_is_refused_before_sampling(
     assert "cannot be created or written: pass --out FILE.png" in line and not sampler_calls
 
 
-def test_every_file_is_written_through_a_temporary_and_a_rename(tmp_path, trained_pair):
-    """A picture --out that is a symlink to a checkpoint replaces the link, never the checkpoint;
-    no temporary is left behind."""
-    checkpoint = tmp_path / "precious.pt"
+def test_every_file_is_written_through_a_temporary_and_a_rename(tmp_path, trained_pair, capsys):
+    """A picture --out replaces only a picture of sample.py: a file of other origin (a checkpoint
+    behind a symlink, a photo) is refused, nothing changed; a symlink to one of its pictures is
+    replaced, never its target; no temporary is left behind."""
+    checkpoint, photo, ours = tmp_path / "precious.pt", tmp_path / "photo.png", tmp_path / "ours.png"
     checkpoint.write_bytes(b"weights")
+    Image.new("RGB", (8, 8)).save(photo)
     (tmp_path / "link.png").symlink_to(checkpoint)
-    sample.main([*trained_pair, "--n", "1", "--out", str(tmp_path / "link.png")])
-    assert checkpoint.read_bytes() == b"weights" and not (tmp_path / "link.png").is_symlink()
-    assert Image.open(tmp_path / "link.png").size[0] > 0 and not list(tmp_path.glob("*.tmp"))
+    for out in (tmp_path / "link.png", photo):
+        line = one_line_refusal(lambda: sample.main([*trained_pair, "--n", "1", "--out", str(out)]),
+                                capsys)
+        assert "is not a picture of sample.py" in line
+    assert checkpoint.read_bytes() == b"weights" and Image.open(photo).size == (8, 8)
+    sample.main([*trained_pair, "--n", "1", "--out", str(ours)])
+    before = ours.read_bytes()
+    (tmp_path / "link.png").unlink()
+    (tmp_path / "link.png").symlink_to(ours)
+    sample.main([*trained_pair, "--n", "1", "--labels", "3", "--out", str(tmp_path / "link.png")])
+    assert ours.read_bytes() == before and not (tmp_path / "link.png").is_symlink()
+    assert dar.is_ours(tmp_path / "link.png") and not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="empty path"):
         dar.write_atomically(Path(""), "text")
 
