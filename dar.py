@@ -151,8 +151,7 @@ def apply_rope(x, cos, sin):
 
 class Attention(nn.Module):
     """Tokenizer attention, self- or cross- (to `context`), with QK-norm (appendix A.2).
-    QK-norm: a LayerNorm with weight and bias over each 64-wide head of q and k, shared by the
-    heads, before RoPE."""
+    QK-norm: a LayerNorm over each 64-wide head of q and of k, shared by the heads, before RoPE."""
 
     def __init__(self, dim, head_dim=64):
         super().__init__()
@@ -422,8 +421,7 @@ def solver_step(x, v, v_prev, dt, solver):
 
 def compiled(step):
     """A sampler step as one compiled graph (CUDA graphs on a GPU), as released.
-    The step: `LlamaAR.one_token_logits` or `Tokenizer.denoise_step`; no_grad's wrapper is
-    unwrapped, so each keeps its own code."""
+    `LlamaAR.one_token_logits` or `Tokenizer.denoise_step`, its no_grad wrapper unwrapped."""
     on_cuda = next(step.__self__.parameters()).is_cuda
     plain = inspect.unwrap(step.__func__).__get__(step.__self__)  # callers run under no_grad
     return torch.compile(plain, mode="reduce-overhead" if on_cuda else None, fullgraph=True)
@@ -490,8 +488,7 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def initialize_weights(self, init_std, gate_init):
         """The release's initialisation for training from scratch.
-        The blocks' Linear weights ~ N(0, init_std) truncated, residual gates = gate_init; other
-        layers keep PyTorch's."""
+        Blocks' Linear weights ~ N(0, init_std) truncated, gates = gate_init; others: PyTorch's."""
         for layer in [*self.encoder_layers, *self.decoder_layers, *self.diffusion.blocks]:
             for module in layer.modules():
                 if isinstance(module, nn.Linear):
