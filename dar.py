@@ -2652,11 +2652,11 @@ def builtin_images(num_images, image_size, seed, data="builtin"):
 REAL_FLOOR_SEED = 3
 
 
-def toy_metrics(evaluator, make, total, batch_size, image_size):
+def toy_metrics(evaluator, make, total, batch_size, image_size, data="builtin"):
     """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the
     accuracy w.r.t. the labels and the Frechet distance of the features to `total` held-out real
-    images ("toy FID"); then, as the floor, the accuracy on those real images and the distance of
-    another real set to them. Each a `spread` over the evaluator's members."""
+    images of `data` ("toy FID"); then, as the floor, the accuracy on those real images and the
+    distance of another real set to them. Each a `spread` over the evaluator's members."""
     features, correct = [], 0
     for start in tqdm(range(0, total, batch_size), desc="eval", dynamic_ncols=True):
         batch = make(list(range(start, min(start + batch_size, total))))
@@ -2664,9 +2664,9 @@ def toy_metrics(evaluator, make, total, batch_size, image_size):
         features.append(batch_features)
         correct = correct + batch_correct
     features = torch.cat(features, 1)
-    real = builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED)
+    real = builtin_images(total, image_size, EVALUATOR_REFERENCE_SEED, data)
     real_features, real_correct = toy_judgement(evaluator, *real)
-    floor = builtin_images(total, image_size, REAL_FLOOR_SEED)
+    floor = builtin_images(total, image_size, REAL_FLOOR_SEED, data)
     floor_features, _ = toy_judgement(evaluator, *floor)
     distance = lambda a, b: spread([frechet_distance(x.numpy(), y.numpy()) for x, y in zip(a, b)])
     return dict(accuracy=spread(correct / total), toy_fid=distance(features, real_features),

@@ -87,13 +87,15 @@ def add_mode_flags(parser):
     modes.add_argument("--gif", action="store_true", help="picture: also an animated GIF of the "
                        "samples forming, a frame per group (same name, .gif)")
     chosen.add_argument("--layout-from", metavar="IMAGE", help="keep this image's first tokens "
-                        "(Fig. 5): a file or 'builtin:I' (held-out image I); --eval: 'builtin'")
+                        "(Fig. 5): a file or 'builtin:I' / 'textures:I' (held-out image I of that "
+                        "built-in data); --eval: 'builtin' or 'textures'")
     modes.add_argument("--prefix-tokens", type=listed("count", dar.COUNT), default="8,16,32",
                        help="--layout-from: counts of kept tokens, a row each")
     chosen.add_argument("--fid", type=dar.SIZE, metavar="N",
                         help="write N class-balanced samples as PNGs and an .npz")
     chosen.add_argument("--reconstruct", metavar="FOLDER", help="write reconstructions of an image "
-                        "folder ('builtin': held-out built-in images) as PNGs and an .npz (rFID)")
+                        "folder (or held-out images of built-in data: 'builtin', 'textures') as "
+                        "PNGs and an .npz (rFID)")
     modes.add_argument("--eval", action="store_true", help="built-in data: toy accuracy and toy "
                        "FID of the samples (of --reconstruct builtin; Fig. 5 of --layout-from "
                        "builtin)")
@@ -150,10 +152,10 @@ def check_flags(args):
          "fewest a toy FID can compare"),
         (args.eval and args.fid is not None, "--eval measures samples, --reconstruct builtin or "
          "--layout-from builtin; not --fid"),
-        (args.eval and args.layout_from not in (None, "builtin"), "--eval --layout-from measures "
-         "held-out built-in images: use --layout-from builtin"),
-        (args.eval and args.reconstruct not in (None, "builtin"), "--eval measures the built-in "
-         "data: use --reconstruct builtin"),
+        (args.eval and args.layout_from not in (None, *dar.BUILTIN_DATA), "--eval --layout-from "
+         "measures held-out built-in images: use --layout-from builtin (or textures)"),
+        (args.eval and args.reconstruct not in (None, *dar.BUILTIN_DATA), "--eval measures the "
+         "built-in data: use --reconstruct builtin (or textures)"),
         (random_pair and mode != "--benchmark", "--config TOKENIZER:AR (random weights) is for "
          "--benchmark only"),
         (random_pair and (args.tokenizer or args.ar), "--config TOKENIZER:AR replaces --tokenizer "
@@ -168,7 +170,7 @@ def check_flags(args):
          f"--out {args.out}: a picture is written to a file name ending in .png"),
         (args.out and writes_files and Path(args.out).is_file(), f"--out {args.out} is a file: "
          "--fid and --reconstruct write a folder"),
-        (args.reconstruct not in (None, "builtin") and not Path(args.reconstruct).is_dir(),
+        (args.reconstruct not in (None, *dar.BUILTIN_DATA) and not Path(args.reconstruct).is_dir(),
          f"--reconstruct: no folder {args.reconstruct}"),
         *((path and Path(path).is_dir(), f"--{flag} {path} is a folder, not a checkpoint")
           for flag, path in (("tokenizer", args.tokenizer), ("ar", args.ar),
@@ -339,14 +341,15 @@ def picture(args, tokenizer, ar, device):
 
 
 def load_reference(text, image_size):
-    """--layout-from: an image file, or 'builtin:I' (held-out built-in image I) -> (1, 3, H, W)."""
-    if text.startswith("builtin:"):
-        index = text.split(":", 1)[1]
+    """--layout-from: an image file, or 'builtin:I' (held-out image I of that built-in data, also
+    'textures:I') -> (1, 3, H, W)."""
+    data, _, index = text.partition(":")
+    if data in dar.BUILTIN_DATA:
         if not index.isdigit() or int(index) > 10 ** 9:
-            fail(f"--layout-from: expected builtin:INDEX with INDEX an integer in [0, 10^9], got "
+            fail(f"--layout-from: expected {data}:INDEX with INDEX an integer in [0, 10^9], got "
                  f"{text!r}")
-        return dar.BuiltinShapes(int(index) + 1, image_size,
-                                 seed=dar.EVALUATOR_REFERENCE_SEED)[int(index)][0][None]
+        return dar.builtin_images(int(index) + 1, image_size, dar.EVALUATOR_REFERENCE_SEED,
+                                  data)[0][-1:]
     try:
         with Image.open(text) as image:
             image = image.convert("RGB")
@@ -392,14 +395,19 @@ def spread_text(figure, form):
 
 def toy_eval(args, tokenizer, ar, device):
     """--eval: the toy metric of the samples, or of the reconstructions (--reconstruct builtin), or
-    Fig. 5 measured (--layout-from builtin)."""
-    if ar is not None and class_names(ar) != list(dar.SHAPE_CLASSES):
-        fail(f"--eval measures models of the built-in shapes; {ar.file} learned other classes "
-             f"({', '.join(class_names(ar)[:3])}, ...): use --fid and an evaluator of its data")
+    Fig. 5 measured (--layout-from builtin); of the built-in data these flags or the AR model name
+    ('builtin' or 'textures', by its class names)."""
+    learned = next((name for name, data in dar.BUILTIN_DATA.items()
+                    if ar is not None and class_names(ar) == list(data.class_names)), None)
+    data = args.reconstruct or args.layout_from or learned
+    if data is None or ar is not None and learned != data:
+        fail(f"--eval measures models of the built-in {data or 'data'}; {ar.file} learned other "
+             f"classes ({', '.join(class_names(ar)[:3])}, ...): use --fid and an evaluator of its "
+             "data")
     size = tokenizer.cfg.image_size
-    evaluator = dar.load_toy_evaluator(args.evaluator, size, flag="--evaluator").to(device)
+    evaluator = dar.load_toy_evaluator(args.evaluator, size, data, flag="--evaluator").to(device)
     if args.layout_from:
-        return [layout_eval(args, tokenizer, ar, evaluator, kept)
+        return [layout_eval(args, tokenizer, ar, evaluator, kept, data)
                 for kept in prefix_counts(args, tokenizer, ar)]
     layouts = []  # of reconstructions: does each keep its image's layout (dar.layout_agreement)?
     if args.reconstruct:
@@ -416,7 +424,7 @@ def toy_eval(args, tokenizer, ar, device):
         what = f"samples (guidance {args.guidance}" + (
             f", previews after {args.preview_groups} groups)" if args.preview_groups else ")")
     what += f", {args.denoising_steps} steps" if args.denoising_steps else ""
-    scores = dar.toy_metrics(evaluator, make, total, args.batch_size, size)
+    scores = dar.toy_metrics(evaluator, make, total, args.batch_size, size, data)
     print(f"{total} {what}: accuracy {spread_text(scores['accuracy'], '.1%')}, toy FID "
           f"{spread_text(scores['toy_fid'], '.2f')} (real held-out images: accuracy "
           f"{spread_text(scores['real_accuracy'], '.1%')}, toy FID "
@@ -432,10 +440,10 @@ def toy_eval(args, tokenizer, ar, device):
     return scores
 
 
-def layout_eval(args, tokenizer, ar, evaluator, kept):
+def layout_eval(args, tokenizer, ar, evaluator, kept, data):
     """--eval --layout-from builtin: Fig. 5 measured (`dar.layout_metrics`) with `kept` tokens."""
     references = dar.builtin_images(args.n or 50, tokenizer.cfg.image_size,
-                                    dar.EVALUATOR_REFERENCE_SEED)[0]
+                                    dar.EVALUATOR_REFERENCE_SEED, data)[0]
     row = dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
                              **sampling_options(args))
     print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class as asked "
@@ -456,8 +464,9 @@ def reconstruction_batch(args, tokenizer):
     """--reconstruct: make(indices) -> (decodes of those images, labels), how many, the dataset.
     Image i is decoded from noise of its own generator, seeded --seed + i."""
     size, device = tokenizer.cfg.image_size, tokenizer.sampling_times.device
-    if args.reconstruct == "builtin":
-        dataset = dar.BuiltinShapes(args.n or 1000, size, seed=dar.EVALUATOR_REFERENCE_SEED)
+    if args.reconstruct in dar.BUILTIN_DATA:
+        dataset = dar.BUILTIN_DATA[args.reconstruct](args.n or 1000, size,
+                                                     seed=dar.EVALUATOR_REFERENCE_SEED)
     else:
         try:
             dataset = dar.ImageFolder(args.reconstruct, size)
@@ -531,7 +540,7 @@ def file_settings(args, tokenizer, ar, total, dataset):
     (file digests, the folder's content): a rerun with other settings is refused."""
     models = {"tokenizer": tokenizer.digest(), **({"ar": dar.cached_digest(ar.file)}
                                                   if args.fid is not None else {})}
-    source = "fid" if args.fid is not None else "reconstruct builtin"
+    source = "fid" if args.fid is not None else f"reconstruct {args.reconstruct}"
     if isinstance(dataset, dar.ImageFolder):
         source = {"reconstruct": str(dataset.root.resolve()), "content": dataset.fingerprint()}
     return {"images": total, "mode": source,

@@ -1617,6 +1617,36 @@ def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator):
     assert scores["real_accuracy"]["mean"] == pytest.approx(np.mean(by_hand(real)[0]))
 
 
+def test_eval_measures_the_built_in_data_the_ar_model_learned(tmp_path, trained_pair, evaluator,
+                                                              monkeypatch, capsys):
+    """--eval reads the data from the AR model's class names (the textures' here: the pair's file
+    relabelled) and draws its real images from that data; --reconstruct and --layout-from name it;
+    an evaluator of other data, or an AR model of a folder's classes, is refused with one line."""
+    copy_pair(trained_pair, tmp_path)
+    checkpoint = torch.load(tmp_path / "ar.pt", weights_only=True)
+    torch.save({**checkpoint, "classes": list(dar.TEXTURE_CLASSES)}, tmp_path / "ar.pt")
+    textures_evaluator = torch.load(evaluator[1], weights_only=True)
+    torch.save({**textures_evaluator, "data": "textures"}, tmp_path / "evaluator.pt")
+    drawn, real_images = [], dar.builtin_images
+    monkeypatch.setattr(dar, "builtin_images", lambda *args: drawn.append(args[3:]) or
+                        real_images(*args))
+    pair = ["--ar", str(tmp_path / "ar.pt"), "--evaluator", str(tmp_path / "evaluator.pt")]
+    for argv in (["--eval", "--n", "4"], ["--eval", "--layout-from", "textures", "--n", "1",
+                                         "--prefix-tokens", "8"]):
+        sample.main([*pair, *argv])
+    assert drawn and all(data == ("textures",) for data in drawn)
+    sample.main(["--tokenizer", str(tmp_path / "tokenizer.pt"), "--eval", "--reconstruct",
+                 "textures", "--n", "4", "--evaluator", str(tmp_path / "evaluator.pt")])
+    assert "their layout" in capsys.readouterr().out
+    line = one_line_refusal(lambda: sample.main(
+        ["--ar", str(tmp_path / "ar.pt"), "--eval", "--n", "4", "--evaluator", str(evaluator[1])]),
+        capsys)
+    assert "is not a toy evaluator of 32-pixel --data textures" in line
+    torch.save({**checkpoint, "classes": [f"folder {i}" for i in range(10)]}, tmp_path / "ar.pt")
+    line = one_line_refusal(lambda: sample.main([*pair, "--eval", "--n", "4"]), capsys)
+    assert "--eval measures models of the built-in data" in line and "folder 0" in line
+
+
 def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
     run = subprocess.run([sys.executable, "sample.py", "--tokenizer", str(tmp_path / "missing.pt")],
                          capture_output=True, text=True, cwd=Path(__file__).parent)
