@@ -619,28 +619,25 @@ class Tokenizer(nn.Module):
         return x / self.cfg.data_std
 
     # ---- Eq. (7): the training loss -------------------------------------------------------------
-    def training_conditions(self, images, u=None):
-        """Eq. (1) and (5) for one training step: the time, the group c(t), l_VQ.
-        u: Eq. (5)'s t' per image (U[0, 1) when None) -> t = shift(u) (B,), the tokens z_q
-        (B, N, C), all conditions z' (B, N, D), c(t) (B, G, D), l_VQ over the tokens up to each
-        image's group, and the codebook fraction in use."""
-        cfg = self.cfg
-        # (B, N, C), (B, N), (B, N)
-        z_q, codes, vq_per_token = self.quantizer(self.encoder_features(images))
-        cond = self.causal_decoder(z_q)                                                # (B, N, D)
+    def training_conditions(self, quantized, u=None):
+        """Eq. (5) for one training step: the time t, the group c(t) it reads, and l_VQ.
+        quantized: the quantiser's tokens z_q (B, N, C), codes and per-token l_VQ (B, N) of Eq. (1);
+        u: Eq. (5)'s t' per image (U[0, 1) when None) -> t = shift(u) (B,), c(t) (B, G, D), l_VQ
+        over the tokens up to each image's group, and the codebook fraction in use."""
+        (z_q, codes, vq_per_token), cfg = quantized, self.cfg
         if u is None:
-            u = torch.rand(images.shape[0], device=images.device)
+            u = torch.rand(z_q.shape[0], device=z_q.device)
         t = shift_time(u, cfg.time_shift)
         group = condition_group(t, cfg.num_groups, cfg.time_shift)                   # (B,)
-        cond_t = gather_group(cond, group, cfg.group_size)  # c(t): (B, G, D)
+        cond_t = gather_group(self.causal_decoder(z_q), group, cfg.group_size)   # c(t): (B, G, D)
         # l_VQ counts only the tokens up to the selected group: later ones got no D_FM signal this
         # step
         seen = (torch.arange(cfg.num_tokens,
-                             device=images.device) < (group[:, None] + 1) * cfg.group_size).float()
+                             device=z_q.device) < (group[:, None] + 1) * cfg.group_size).float()
         vq = (vq_per_token * seen).sum() / seen.sum()
         in_use = torch.zeros(cfg.codebook_size, device=codes.device)
         in_use = in_use.index_fill_(0, codes.flatten(), 1.0)
-        return t, z_q, cond, cond_t, vq, in_use.mean()
+        return t, cond_t, vq, in_use.mean()
 
     def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5,
                 u=None):
@@ -654,7 +651,8 @@ class Tokenizer(nn.Module):
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
                              ">= diffusion_depth); pass repa_target=None")
-        t, _, _, cond_t, vq, usage = self.training_conditions(images, u)
+        quantized = self.quantizer(self.encoder_features(images))                       # Eq. (1)
+        t, cond_t, vq, usage = self.training_conditions(quantized, u)
         # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
         x1 = cfg.data_std * images
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)

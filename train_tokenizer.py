@@ -379,7 +379,9 @@ class CodePath(nn.Module):
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
         tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
-        t, z_q, cond, cond_t, vq, usage = tokenizer.training_conditions(images, u)
+        quantized = tokenizer.quantizer(tokenizer.encoder_features(images))            # Eq. (1)
+        t, cond_t, vq, usage = tokenizer.training_conditions(quantized, u)
+        z_q = quantized[0]
         group = dar.condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
         # miniature only: each group learns what its own step adds (release: full gradient)
         if self.own_step:
@@ -394,7 +396,7 @@ class CodePath(nn.Module):
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(images)
-            read = cond_t if self.teacher_from == "group" else cond[:, -G:]
+            read = cond_t if self.teacher_from == "group" else tokenizer.causal_decoder(z_q)[:, -G:]
             if self.teacher_from == "last" and self.own_step:  # the last group's tokens alone
                 last_group = torch.full_like(t, tokenizer.cfg.num_groups - 1, dtype=torch.long)
                 read = self.own_conditions(z_q, last_group)[:, -G:]
