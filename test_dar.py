@@ -2770,7 +2770,8 @@ def test_every_file_is_written_through_a_temporary_and_a_rename(tmp_path, traine
     """A picture --out replaces only a picture of sample.py: a file of other origin (a checkpoint
     behind a symlink, a photo) is refused, nothing changed; a symlink to one of its pictures is
     replaced, never its target; no temporary is left behind."""
-    checkpoint, photo, ours = tmp_path / "precious.pt", tmp_path / "photo.png", tmp_path / "ours.png"
+    checkpoint, photo = tmp_path / "precious.pt", tmp_path / "photo.png"
+    ours = tmp_path / "ours.png"
     checkpoint.write_bytes(b"weights")
     Image.new("RGB", (8, 8)).save(photo)
     (tmp_path / "link.png").symlink_to(checkpoint)
