@@ -409,20 +409,8 @@ def toy_eval(args, tokenizer, ar, device):
     if args.layout_from:
         return [layout_eval(args, tokenizer, ar, evaluator, kept, data)
                 for kept in prefix_counts(args, tokenizer, ar)]
-    layouts = []  # of reconstructions: does each keep its image's layout (dar.layout_agreement)?
-    if args.reconstruct:
-        reconstruct, total, dataset = reconstruction_batch(args, tokenizer)
-        what = "reconstructions"
-
-        def make(indices):
-            images, labels = reconstruct(indices)
-            layouts.append(dar.layout_agreement(torch.stack([dataset[i][0] for i in indices]),
-                                                images))
-            return images, labels
-    else:
-        make, total = sample_batch(args, tokenizer, ar), args.n or 1000
-        what = f"samples (guidance {args.guidance}" + (
-            f", previews after {args.preview_groups} groups)" if args.preview_groups else ")")
+    layouts = []  # does each image keep a layout (dar.layout_agreement)? (`measured_batches`)
+    make, total, what = measured_batches(args, tokenizer, ar, layouts)
     what += f", {args.denoising_steps} steps" if args.denoising_steps else ""
     scores = dar.toy_metrics(evaluator, make, total, args.batch_size, size, data)
     print(f"{total} {what}: accuracy {spread_text(scores['accuracy'], '.1%')}, toy FID "
@@ -434,10 +422,40 @@ def toy_eval(args, tokenizer, ar, device):
         background, colours, offsets = (torch.cat(parts) for parts in zip(*layouts))
         scores.update(background_kept=background.float().mean().item(),
                       colours_kept=colours.float().mean().item(), centroid_px=offsets.mean().item())
-        print(f"their layout: background colour kept {scores['background_kept']:.1%}, both colours "
+        print(f"their layout against {'the images' if args.reconstruct else 'the final samples'}"
+              f": background colour kept {scores['background_kept']:.1%}, both colours "
               f"{scores['colours_kept']:.1%}, the shape's centroid off by "
               f"{scores['centroid_px']:.2f} px on average")
     return scores
+
+
+def measured_batches(args, tokenizer, ar, layouts):
+    """--eval's make(indices) -> (images, asked-for labels), how many, and what they are. A batch
+    of reconstructions appends to `layouts` whether each keeps its image's layout; a batch of
+    previews (--preview-groups k, Table 5) whether each keeps the layout of its final sample."""
+    if args.reconstruct:
+        reconstruct, total, dataset = reconstruction_batch(args, tokenizer)
+
+        def make(indices):
+            images, labels = reconstruct(indices)
+            layouts.append(dar.layout_agreement(torch.stack([dataset[i][0] for i in indices]),
+                                                images))
+            return images, labels
+        return make, total, "reconstructions"
+    what = f"samples (guidance {args.guidance}" + (
+        f", previews after {args.preview_groups} groups)" if args.preview_groups else ")")
+    if not args.preview_groups:
+        return sample_batch(args, tokenizer, ar), args.n or 1000, what
+    k = preview_groups(args, tokenizer)  # sampled with the seeds and labels of sample_batch
+
+    def make(indices):
+        labels = torch.tensor(indices, device=tokenizer.sampling_times.device) % ar.cfg.num_classes
+        groups = list(dar.sample(ar, tokenizer, labels, **sampling_options(args),
+                                 generator=dar.generators([args.seed + i for i in indices],
+                                                          labels.device)))
+        layouts.append(dar.layout_agreement(groups[-1].image, groups[k - 1].preview))
+        return groups[k - 1].preview, labels
+    return make, args.n or 1000, what
 
 
 def layout_eval(args, tokenizer, ar, evaluator, kept, data):
@@ -454,10 +472,15 @@ def layout_eval(args, tokenizer, ar, evaluator, kept, data):
 
 def sample_batch(args, tokenizer, ar):
     """--fid, --eval: make(indices) -> (images, asked-for labels), `dar.class_balanced_samples`."""
+    return dar.class_balanced_samples(ar, tokenizer, args.seed, preview_groups(args, tokenizer),
+                                      **sampling_options(args))
+
+
+def preview_groups(args, tokenizer):
+    """--preview-groups k, at most the tokenizer's K (None: the images)."""
     if args.preview_groups is not None and args.preview_groups > tokenizer.cfg.num_groups:
         fail(f"--preview-groups {args.preview_groups}: must lie in [1, {tokenizer.cfg.num_groups}]")
-    return dar.class_balanced_samples(ar, tokenizer, args.seed, args.preview_groups,
-                                      **sampling_options(args))
+    return args.preview_groups
 
 
 def reconstruction_batch(args, tokenizer):

@@ -1453,6 +1453,23 @@ def test_preview_groups_stop_the_ar_model_early(tmp_path, trained_pair, monkeypa
     assert np.load(tmp_path / "partial.npz")["arr_0"].shape == (2, 32, 32, 3)
 
 
+def test_eval_of_previews_measures_them_against_their_final_samples(trained_pair, evaluator,
+                                                                    monkeypatch, capsys):
+    """--eval --preview-groups k (Table 5): the previews are those of --fid --preview-groups k (the
+    same seeds and labels), and each is compared with the final sample it becomes."""
+    made, real_metrics = [], dar.toy_metrics
+    monkeypatch.setattr(dar, "toy_metrics", lambda evaluator, make, *args: made.append(make)
+                        or real_metrics(evaluator, make, *args))
+    scores = sample.main([*trained_pair, "--eval", "--n", "4", "--preview-groups", "2",
+                          "--evaluator", str(evaluator[1])])
+    assert "their layout against the final samples" in capsys.readouterr().out
+    assert 0 <= scores["colours_kept"] <= 1 and scores["centroid_px"] >= 0
+    tokenizer, ar = dar.load_tokenizer(trained_pair[1]), dar.load_ar(trained_pair[3])
+    previews, labels = dar.class_balanced_samples(ar, tokenizer, 0, 2, guidance=4.0)([0, 1, 2])
+    again, again_labels = made[0]([0, 1, 2])
+    assert torch.equal(previews, again) and torch.equal(labels, again_labels)
+
+
 def test_layout_control_keeps_the_reference_prefix(tmp_path, trained_pair, sampler_calls):
     path = sample.main(
         [*trained_pair, "--layout-from", "builtin:3", "--prefix-tokens", "0,8,24", "--labels",
