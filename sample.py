@@ -279,8 +279,8 @@ def class_names(ar):
 
 
 def parse_labels(items, ar, default):
-    """--labels ['0', '3', 'plus'] -> [0, 3, 6]: ids or names of the AR model's classes (default:
-    `default`)."""
+    """--labels ['0', '3', 'plus'] -> [0, 3, 6]: ids or names of the AR model's classes; without
+    --labels, the mode's `default`."""
     names, C = class_names(ar), ar.cfg.num_classes
     if not items:
         return list(default)
