@@ -407,7 +407,8 @@ def toy_eval(args, tokenizer, ar, device):
     size = tokenizer.cfg.image_size
     evaluator = dar.load_toy_evaluator(args.evaluator, size, data, flag="--evaluator").to(device)
     if args.layout_from:
-        return [layout_eval(args, tokenizer, ar, evaluator, kept, data)
+        references = dar.builtin_images(args.n or 50, size, dar.EVALUATOR_REFERENCE_SEED, data)[0]
+        return [layout_eval(args, tokenizer, ar, evaluator, kept, references)
                 for kept in prefix_counts(args, tokenizer, ar)]
     layouts = []  # does each image keep a layout (dar.layout_agreement)? (`measured_batches`)
     make, total, what = measured_batches(args, tokenizer, ar, layouts)
@@ -458,10 +459,9 @@ def measured_batches(args, tokenizer, ar, layouts):
     return make, args.n or 1000, what
 
 
-def layout_eval(args, tokenizer, ar, evaluator, kept, data):
-    """--eval --layout-from builtin: Fig. 5 measured (`dar.layout_metrics`) with `kept` tokens."""
-    references = dar.builtin_images(args.n or 50, tokenizer.cfg.image_size,
-                                    dar.EVALUATOR_REFERENCE_SEED, data)[0]
+def layout_eval(args, tokenizer, ar, evaluator, kept, references):
+    """--eval --layout-from builtin: Fig. 5 measured (`dar.layout_metrics`) with `kept` tokens of
+    each reference."""
     row = dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
                              **sampling_options(args))
     print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class as asked "
