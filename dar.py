@@ -1240,7 +1240,8 @@ class BuiltinTextures(torch.utils.data.Dataset):
     The layout is coarse and independent of the class: an ellipse of random radii and position, and
     two different colours of `SHAPE_COLOURS` for the background and the object. The class
     (`TEXTURE_CLASSES`, label = index mod 10) is a pattern of a 2-4 pixel period inside the object,
-    anchored to the object's centre, that darkens the object's colour to 30% on half of its pixels
+    fixed to the pixel grid (one whole tile per 4 x 4 patch: the object is a window onto it), that
+    darkens the object's colour to 30% on half of its pixels
     and fades out towards the edge: no channel changes sign, so the layout reads by the nearest
     palette colour (`shape_layout`), and a blur of 3 pixels removes the class.
     Image i is a pure function of (seed, i); a different seed gives a held-out set.
@@ -1258,8 +1259,8 @@ class BuiltinTextures(torch.utils.data.Dataset):
 
     def layout(self, index):
         """The class-independent part of image `index`: coverage (H, W) of the ellipse, the
-        pattern's contrast (H, W) (1 inside, fading to 0 over the outer `fade` pixels), the centre's
-        pixel (row, column), and the background and object colours (3,) each."""
+        pattern's contrast (H, W) (1 inside, fading to 0 over the outer `fade` pixels), and the
+        background and object colours (3,) each."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         size, fade = self.image_size, 2.5
         radii = (0.24 + 0.2 * torch.rand(2, generator=gen)) * size
@@ -1272,14 +1273,14 @@ class BuiltinTextures(torch.utils.data.Dataset):
         cover = average((radius <= 1).float())
         contrast = average(((1 - radius) * radii.min() / fade).clamp(0, 1))
         background, colour = SHAPE_COLOURS[torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]]
-        return cover, contrast, centre.floor().long(), background, colour
+        return cover, contrast, background, colour
 
     def draw(self, layout, label):
         """The image (3, H, W) of a layout (`layout`) drawn in class `label`."""
-        cover, contrast, centre, background, colour = layout
-        rows = (torch.arange(self.image_size) - centre[0]) % 4
-        cols = (torch.arange(self.image_size) - centre[1]) % 4
-        pattern = self.tiles[label][rows[:, None], cols[None, :]].float()               # (H, W)
+        cover, contrast, background, colour = layout
+        # the tile repeated over the whole image, in the grid of D_FM's 4 x 4 pixel patches
+        size = self.image_size
+        pattern = self.tiles[label].float().repeat(-(-size // 4), -(-size // 4))[:size, :size]
         # the fade keeps the mean: no class at the object's edge
         darkened = 0.5 + (pattern - 0.5) * contrast
         inside = colour[:, None, None] * (1 - 0.7 * darkened)

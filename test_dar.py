@@ -933,7 +933,7 @@ def test_builtin_textures_put_the_class_in_the_fine_detail_and_the_layout_apart(
         # no channel changes sign: the layout reads by the nearest palette colour,
         # whatever the class
         _, background, colour = dar.shape_layout(classes)
-        assert (background == layout[3]).all() and (colour == layout[4]).all()
+        assert (background == layout[2]).all() and (colour == layout[3]).all()
 
 
 def write_folder(root, corrupt=False):
