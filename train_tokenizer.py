@@ -365,7 +365,8 @@ class CodePath(nn.Module):
     teacher_weight (1 - cosine) of the teacher's pooled features]; c(t) as in Eq. (7), a random
     group per image. The target is the image (target_blur 0: every group must carry all of it) or
     `time_blur` of it (each group only what its step can see: coarse to fine); the teacher's
-    features are predicted from c(t) or from the last group (teacher_from).
+    features of that target are predicted from c(t), or those of the image from the last group
+    (teacher_from).
     own_step: c(t) of group k reads the tokens of groups before k detached, so that its target
     trains only group k's tokens (and the teacher only the last group's). Its parameters are the
     tokenizer's, then the head's."""
@@ -386,16 +387,17 @@ class CodePath(nn.Module):
         # miniature only: each group learns what its own step adds (release: full gradient)
         if self.own_step:
             cond_t = dar.gather_group(self.own_conditions(z_q, group), group, G)
+        seen = time_blur(images, t, self.target_blur)
         if self.first_group_weight == 1:
-            head = F.mse_loss(self.head(cond_t), time_blur(images, t, self.target_blur))
+            head = F.mse_loss(self.head(cond_t), seen)
         else:
-            error = (self.head(cond_t) - time_blur(images, t, self.target_blur)).pow(2)
+            error = (self.head(cond_t) - seen).pow(2)
             weight = torch.where(group == 0, self.first_group_weight, 1.0)
             head = (weight * error.mean((1, 2, 3))).mean()
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
-            with torch.no_grad():
-                target = teacher(images)
+            with torch.no_grad():  # the features of what c(t)'s step can see, or of the image
+                target = teacher(seen if self.teacher_from == "group" else images)
             read = cond_t if self.teacher_from == "group" else tokenizer.causal_decoder(z_q)[:, -G:]
             if self.teacher_from == "last" and self.own_step:  # the last group's tokens alone
                 last_group = torch.full_like(t, tokenizer.cfg.num_groups - 1, dtype=torch.long)
