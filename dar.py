@@ -1241,9 +1241,9 @@ class BuiltinTextures(torch.utils.data.Dataset):
     two different colours of `SHAPE_COLOURS` for the background and the object. The class
     (`TEXTURE_CLASSES`, label = index mod 10) is a pattern of a 2-4 pixel period inside the object,
     fixed to the pixel grid (one whole tile per 4 x 4 patch: the object is a window onto it), that
-    darkens the object's colour to 30% on half of its pixels
-    and fades out towards the edge: no channel changes sign, so the layout reads by the nearest
-    palette colour (`shape_layout`), and a blur of 3 pixels removes the class.
+    darkens the object's colour to 30% on half of its pixels and fades out towards the edge: no
+    channel changes sign, so the layout reads by the nearest palette colour (`shape_layout`), and a
+    blur of 3 pixels removes the class.
     Image i is a pure function of (seed, i); a different seed gives a held-out set.
     """
 

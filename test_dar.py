@@ -2881,3 +2881,19 @@ def test_sampler_refuses_non_finite_settings(official_ar, official):
     ):
         with pytest.raises(ValueError, match="finite number"):
             next(dar.sample(official_ar, official, torch.arange(2), **options))
+
+
+def test_the_teacher_of_a_blurred_target_sees_what_the_step_can_see():
+    torch.manual_seed(0)
+    cfg = dar.TOKENIZER_PRESETS["tiny"]
+    images, u = dar.builtin_images(2, 32, 0, "textures")[0], torch.tensor([0.1, 0.9])
+    seen = train_tokenizer.time_blur(images, dar.shift_time(u, cfg.time_shift), 1.0)
+    for teacher_from, expected in (("group", seen), ("last", images)):
+        shown = []
+        path = train_tokenizer.CodePath(dar.miniature_tokenizer(cfg),
+                                        train_tokenizer.CodeHead(cfg, features=4), target_blur=1.0,
+                                        teacher_from=teacher_from)
+        path(images, teacher=lambda x: shown.append(x) or torch.ones(len(x), 4), u=u)
+        torch.testing.assert_close(shown[0], expected)
+    # the blur differs per image: the early step's image is far blurrier
+    assert (seen[0] - images[0]).abs().mean() > 3 * (seen[1] - images[1]).abs().mean()
