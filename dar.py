@@ -2108,7 +2108,7 @@ def finish_training_flags(parser, argv, recipes, script, checkpoint_name):
              f"{args.export}: expected a file name ending in .pt"),
             (args.export and export.resolve() == checkpoint.resolve(), f"--export {export} is the "
              "run's training checkpoint; name another file"),
-            (args.export and export.exists() and exported_from(export) != str(checkpoint.resolve()),
+            (args.export and export.exists() and exported_from(export) != checkpoint.resolve(),
              f"--export {export} exists and is not an export of {checkpoint}; name another file, "
              "or move it away")):
         if bad:
@@ -2118,11 +2118,13 @@ def finish_training_flags(parser, argv, recipes, script, checkpoint_name):
 
 
 def exported_from(path):
-    """The training checkpoint an export of ours was made from (its record), else None."""
+    """The training checkpoint an export of ours was made from (its record, relative to the
+    export's folder), as an absolute path; else None."""
     try:
-        return load_checkpoint_file(path).get("exported_from")
+        recorded = load_checkpoint_file(path).get("exported_from")
     except (ValueError, OSError, AttributeError):
         return None
+    return (Path(path).resolve().parent / recorded).resolve() if recorded else None
 
 
 def training_setup(args, checkpoint_path):
@@ -2290,7 +2292,8 @@ def export_weights(checkpoint_path, path, command):
                      "model": {key: value.half() if value.is_floating_point() else value for key,
                                value in weights.items()},
                      "training_args": checkpoint["args"], "command": command,
-                     "exported_from": str(Path(checkpoint_path).resolve())}, path)
+                     "exported_from": os.path.relpath(Path(checkpoint_path).resolve(),
+                                                      Path(path).resolve().parent)}, path)
 
 
 def training_checkpoint(path, kind, args):
