@@ -2388,17 +2388,6 @@ class MiniatureRecipe:
     codebook_restart: int = 100
     # the code head also predicts a teacher CNN's pooled features this wide (0: no)
     teacher_features: int = 128
-    # the code head's target for c(t): the image blurred as `time_blur` (0: sharp)
-    target_blur: float = 0.0
-    # the teacher's features predicted from c(t) ("group") or the last group ("last")
-    teacher_from: str = "group"
-    own_step: bool = False  # c(t) of group k reads earlier groups' tokens detached (`CodePath`)
-    # the weight of the code head's loss on images whose step reads group 1 (the others: 1)
-    first_group_weight: float = 1.0
-
-    def __post_init__(self):
-        if self.teacher_from not in ("group", "last"):
-            raise ValueError(f"teacher_from must be 'group' or 'last', got {self.teacher_from!r}")
 
 
 def conv_stem(patch_size, dim, width=32):

@@ -2200,15 +2200,14 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
 
 
 def test_two_runs_of_one_seed_give_identical_weights(tmp_path, monkeypatch):
-    """The miniature's whole recipe on the textures (both stages, a teacher, every lever of the
-    first stage), run twice with one seed into two folders: the same weights, bit for bit, and a
-    record without this machine's absolute paths."""
+    """The miniature's whole recipe on the textures (both stages, a teacher, codebook restarts),
+    run twice with one seed into two folders: the same weights, bit for bit, and a record without
+    this machine's absolute paths."""
     monkeypatch.setattr(dar, "train_shape_classifier",
                         lambda size, seed=0, **kw: torch.manual_seed(seed) and
                         dar.ShapeClassifier().eval())
     argv = ["--data", "textures", "--steps", "4", "--code-path-steps", "2", "--freeze", "encoder",
-            "--teacher-weight", "1", "--teacher-from", "last", "--own-step", "--target-blur", "1",
-            "--first-group-weight", "4", "--codebook-restart", "1", "--warmup", "0"]
+            "--teacher-weight", "1", "--codebook-restart", "1", "--warmup", "0"]
     for run in ("first", "second"):
         train_tokenizer.main(tokenizer_args(tmp_path / run, *argv))
     first, second = (torch.load(tmp_path / run / "tokenizer.pt", weights_only=True)
@@ -2247,24 +2246,6 @@ def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch, code
     assert torch.equal(a["codebook_use"], b["codebook_use"])
 
 
-def test_time_blur_keeps_what_a_step_at_time_t_can_see():
-    images = shapes(4)
-    t = torch.tensor([0.0, 0.2, 0.6, 0.999])
-    # strength 0: the images
-    assert torch.equal(train_tokenizer.time_blur(images, t, 0.0), images)
-    blurred = train_tokenizer.time_blur(images, t, 1.0)
-    change = (blurred - images).abs().mean((1, 2, 3))
-    # less blur as t -> 1
-    assert change[0] > change[1] > change[2] > change[3] and change[3] < 1e-3
-    # colours stay
-    torch.testing.assert_close(blurred.mean((2, 3)), images.mean((2, 3)), atol=0.05, rtol=0)
-    # sigma at most 8 px
-    capped = train_tokenizer.time_blur(images[:1], torch.tensor([1e-4]), 1.0)
-    torch.testing.assert_close(
-        capped, train_tokenizer.time_blur(images[:1], torch.tensor([1 / 9]), 1.0)
-    )
-
-
 def test_group_probes_read_the_shipped_tokenizers_first_group():
     tokenizer = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")
     images, labels = dar.builtin_images(700, 32, train_tokenizer.PROBE_SEED)
@@ -2282,31 +2263,6 @@ def test_group_probes_read_the_shipped_tokenizers_first_group():
     )
     # chance, for labels it cannot read
     assert set(shuffled) == {0} and shuffled[0]["class"] < 0.3
-
-
-def test_own_step_trains_only_the_group_of_the_step():
-    torch.manual_seed(0)
-    cfg = dar.TOKENIZER_PRESETS["tiny"]
-    tokenizer = dar.miniature_tokenizer(cfg)
-    path = train_tokenizer.CodePath(tokenizer, train_tokenizer.CodeHead(cfg), own_step=True)
-    images = dar.builtin_images(2, 32, 0, "textures")[0]
-    z_q = tokenizer.quantizer(tokenizer.encoder_features(images))[0].detach().requires_grad_()
-    group = torch.tensor([2, cfg.num_groups - 1])
-    cond = path.own_conditions(z_q, group)
-    dar.gather_group(cond, group, cfg.group_size).square().sum().backward()
-    G = cfg.group_size
-    touched = z_q.grad.abs().sum(-1) > 0                                              # (B, N)
-    assert (
-        touched[0, 2 * G : 3 * G].all()
-        and not touched[0, : 2 * G].any()
-        and not touched[0, 3 * G :].any()
-    )
-    assert touched[1, -G:].all() and not touched[1, :-G].any()
-    # the values are Eq. (1)'s z'
-    torch.testing.assert_close(cond, tokenizer.causal_decoder(z_q))
-    # and it trains end to end
-    loss = path(images, u=torch.tensor([0.3, 0.9]))["loss"]
-    assert torch.isfinite(loss)
 
 
 def test_freeze_and_teacher_without_a_code_path_stage_are_refused(tmp_path, capsys):
@@ -2523,11 +2479,6 @@ def one_line_refusal(run, capsys):
             "tokenizer",
             ["--eval-every", "0", "--eval-images", "5"],
             "--eval-images acts only with --eval-every N",
-        ),
-        (
-            "tokenizer",
-            ["--code-path-steps", "0", "--freeze", "none", "--own-step"],
-            "--own-step acts only with --code-path-steps N",
         ),
         (
             "ar",
@@ -2881,19 +2832,3 @@ def test_sampler_refuses_non_finite_settings(official_ar, official):
     ):
         with pytest.raises(ValueError, match="finite number"):
             next(dar.sample(official_ar, official, torch.arange(2), **options))
-
-
-def test_the_teacher_of_a_blurred_target_sees_what_the_step_can_see():
-    torch.manual_seed(0)
-    cfg = dar.TOKENIZER_PRESETS["tiny"]
-    images, u = dar.builtin_images(2, 32, 0, "textures")[0], torch.tensor([0.1, 0.9])
-    seen = train_tokenizer.time_blur(images, dar.shift_time(u, cfg.time_shift), 1.0)
-    for teacher_from, expected in (("group", seen), ("last", images)):
-        shown = []
-        path = train_tokenizer.CodePath(dar.miniature_tokenizer(cfg),
-                                        train_tokenizer.CodeHead(cfg, features=4), target_blur=1.0,
-                                        teacher_from=teacher_from)
-        path(images, teacher=lambda x: shown.append(x) or torch.ones(len(x), 4), u=u)
-        torch.testing.assert_close(shown[0], expected)
-    # the blur differs per image: the early step's image is far blurrier
-    assert (seen[0] - images[0]).abs().mean() > 3 * (seen[1] - images[1]).abs().mean()

@@ -77,11 +77,9 @@ def parse_args(argv=None):
         parser.error("--eval-every measures the built-in shapes (--data builtin)")
     if args.probe_images == 1:
         parser.error("--probe-images: 0 (no probes) or at least 2 (to fit and to score)")
-    # no flag is silently ignored: these act only with --eval-every N or --code-path-steps N
+    # no flag is silently ignored: these act only with --eval-every N
     for flag, needs in (("eval_images", "eval_every"), ("probe_images", "eval_every"),
-                        ("evaluator", "eval_every"), ("target_blur", "code_path_steps"),
-                        ("teacher_from", "code_path_steps"), ("own_step", "code_path_steps"),
-                        ("first_group_weight", "code_path_steps")):
+                        ("evaluator", "eval_every")):
         if flag in args.given and not getattr(args, needs):
             flag, needs = (f"--{name.replace('_', '-')}" for name in (flag, needs))
             parser.error(f"{flag} acts only with {needs} N: leave it out")
@@ -107,20 +105,6 @@ def add_miniature_flags(parser):
     tiny.add_argument("--freeze", choices=["none", "encoder"],
                       help="after the code-path steps, hold the encoder and "
                       "the codebook fixed")
-    tiny.add_argument("--target-blur", type=dar.WEIGHT,
-                      help="the code head's target for group c(t): the image blurred by "
-                      "sigma = S (1 - t) / t px (time_blur), so each group learns what its "
-                      "step can see (default 0)")
-    tiny.add_argument("--teacher-from", choices=["group", "last"],
-                      help="the teacher's features are predicted from "
-                      "c(t) (default) or from the last group")
-    tiny.add_argument("--own-step", action=argparse.BooleanOptionalAction,
-                      help="in the code-path steps, c(t) of group "
-                      "k reads the earlier groups' tokens detached: each group learns what its own "
-                      "step adds")
-    tiny.add_argument("--first-group-weight", type=dar.WEIGHT,
-                      help="in those steps, the code head's loss on images whose step reads "
-                      "group 1 weighs this much (default 1)")
 
 
 def add_watch_flags(parser):
@@ -144,8 +128,7 @@ def add_watch_flags(parser):
 
 
 # dar.MiniatureRecipe's fields
-MINIATURE_FLAGS = ("conv_stem", "codebook_restart", "target_blur", "teacher_from", "own_step",
-                   "first_group_weight")
+MINIATURE_FLAGS = ("conv_stem", "codebook_restart")
 
 
 def miniature_recipe(args):
@@ -350,69 +333,30 @@ class CodeHead(nn.Module):
         return self.feature_head(cond.flatten(1))
 
 
-def time_blur(images, t, strength, most=8.0):
-    """What a denoising step at time t can still see of the image, roughly: images (B, 3, H, W)
-    blurred by a Gaussian of sigma = strength (1 - t) / t pixels (at most `most`), per image;
-    strength 0: the images."""
-    if strength == 0:
-        return images
-    return dar.gaussian_blur(images, (strength * (1 - t) / t.clamp(min=1e-6)).clamp(max=most))
-
-
 class CodePath(nn.Module):
     """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained
-    against a `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), target) [+
-    teacher_weight (1 - cosine) of the teacher's pooled features]; c(t) as in Eq. (7), a random
-    group per image. The target is the image (target_blur 0: every group must carry all of it) or
-    `time_blur` of it (each group only what its step can see: coarse to fine); the teacher's
-    features of that target are predicted from c(t), or those of the image from the last group
-    (teacher_from).
-    own_step: c(t) of group k reads the tokens of groups before k detached, so that its target
-    trains only group k's tokens (and the teacher only the last group's). Its parameters are the
+    against a `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), x) [+ teacher_weight
+    (1 - cosine) of the teacher's pooled features of x, predicted from c(t)]; c(t) as in Eq. (7),
+    a random group per image, so every group must carry the whole image. Its parameters are the
     tokenizer's, then the head's."""
 
-    def __init__(self, tokenizer, head, target_blur=0.0, teacher_from="group", own_step=False,
-                 first_group_weight=1.0):
+    def __init__(self, tokenizer, head):
         super().__init__()
-        self.tokenizer, self.head, self.target_blur = tokenizer, head, target_blur
-        self.teacher_from, self.own_step = teacher_from, own_step
-        self.first_group_weight = first_group_weight
+        self.tokenizer, self.head = tokenizer, head
 
     def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
-        tokenizer, G = self.tokenizer, self.tokenizer.cfg.group_size
+        tokenizer = self.tokenizer
         quantized = tokenizer.quantizer(tokenizer.encoder_features(images))            # Eq. (1)
         t, cond_t, vq, usage = tokenizer.training_conditions(quantized, u)
-        z_q = quantized[0]
-        group = dar.condition_group(t, tokenizer.cfg.num_groups, tokenizer.cfg.time_shift)
-        # miniature only: each group learns what its own step adds (release: full gradient)
-        if self.own_step:
-            cond_t = dar.gather_group(self.own_conditions(z_q, group), group, G)
-        seen = time_blur(images, t, self.target_blur)
-        if self.first_group_weight == 1:
-            head = F.mse_loss(self.head(cond_t), seen)
-        else:
-            error = (self.head(cond_t) - seen).pow(2)
-            weight = torch.where(group == 0, self.first_group_weight, 1.0)
-            head = (weight * error.mean((1, 2, 3))).mean()
+        head = F.mse_loss(self.head(cond_t), images)
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
-            with torch.no_grad():  # the features of what c(t)'s step can see, or of the image
-                target = teacher(seen if self.teacher_from == "group" else images)
-            read = cond_t if self.teacher_from == "group" else tokenizer.causal_decoder(z_q)[:, -G:]
-            if self.teacher_from == "last" and self.own_step:  # the last group's tokens alone
-                last_group = torch.full_like(t, tokenizer.cfg.num_groups - 1, dtype=torch.long)
-                read = self.own_conditions(z_q, last_group)[:, -G:]
-            features = 1 - F.cosine_similarity(self.head.predict_features(read), target,
+            with torch.no_grad():
+                target = teacher(images)
+            features = 1 - F.cosine_similarity(self.head.predict_features(cond_t), target,
                                                dim=-1).mean()
             loss, terms["features"] = loss + teacher_weight * features, features.detach()
         return {"loss": loss, **terms, "usage": usage}
-
-    def own_conditions(self, z_q, group):
-        """z' (B, N, D) of tokens z_q (B, N, C) with those of the groups before each image's
-        `group` (B,) detached."""
-        token_group = torch.arange(z_q.shape[1], device=z_q.device) // self.tokenizer.cfg.group_size
-        earlier = (token_group[None, :] < group[:, None])[..., None]                    # (B, N, 1)
-        return self.tokenizer.causal_decoder(torch.where(earlier, z_q.detach(), z_q))
 
 
 @torch.no_grad()
@@ -554,8 +498,7 @@ def train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, 
     its own AdamW."""
     rank, world_size, device, autocast, log = setup
     path, steps = args.out / "tokenizer.pt", args.code_path_steps
-    code_path = CodePath(model, head, recipe.target_blur, recipe.teacher_from, recipe.own_step,
-                         recipe.first_group_weight)
+    code_path = CodePath(model, head)
     code_path_ema = CodePath(ema, copy.deepcopy(head).requires_grad_(False)).eval()
     optimizer = torch.optim.AdamW(code_path.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay)
