@@ -2246,6 +2246,26 @@ def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch, code
     assert torch.equal(a["codebook_use"], b["codebook_use"])
 
 
+def test_the_miniatures_perceptual_term_is_lpips_form_on_the_toy_teacher(tmp_path):
+    """--lpips-weight on the tiny config needs no download: LPIPS's form on the toy teacher. It is
+    0 for the image itself, grows with another class of the same layout far more than with slight
+    noise, and sends a gradient to the fakes; a run trains with it and logs the term."""
+    torch.manual_seed(0)
+    perceptual = train_tokenizer.toy_perceptual(dar.ShapeClassifier().eval().requires_grad_(False))
+    data = dar.BuiltinTextures(4)
+    layouts = [data.layout(i) for i in range(4)]
+    real = torch.stack([data.draw(layout, 0) for layout in layouts])
+    other = torch.stack([data.draw(layout, 5) for layout in layouts]).requires_grad_()
+    noisy = real + 0.02 * torch.randn_like(real)
+    assert perceptual(real, real).abs().max() < 1e-6
+    assert (perceptual(real, other) > 3 * perceptual(real, noisy)).all()
+    perceptual(real, other).sum().backward()
+    assert other.grad.abs().sum() > 0
+    _, losses = train_tokenizer.main(tokenizer_args(tmp_path / "run", "--data", "textures",
+                                                    "--steps", "2", "--lpips-weight", "0.5"))
+    assert losses["lpips"] > 0 and (tmp_path / "run" / "teacher.pt").is_file()
+
+
 def test_group_probes_read_the_shipped_tokenizers_first_group():
     tokenizer = dar.load_tokenizer(dar.SHIPPED_TINY / "tokenizer.pt")
     images, labels = dar.builtin_images(700, 32, train_tokenizer.PROBE_SEED)

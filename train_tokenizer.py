@@ -55,7 +55,8 @@ def parse_args(argv=None):
     recipe.add_argument("--steps", type=dar.SIZE, help="optimizer steps")
     recipe.add_argument("--warmup", type=dar.COUNT, help="linear warm-up steps (release: 500)")
     recipe.add_argument("--lpips-weight", type=dar.WEIGHT,
-                        help="lambda_1 of Eq. (7) (paper: 0.5; needs VGG16 weights)")
+                        help="lambda_1 of Eq. (7) (paper: 0.5; needs VGG16 weights; tiny: "
+                        "LPIPS's form on a toy teacher, toy_perceptual)")
     recipe.add_argument("--repa-weight", type=dar.WEIGHT,
                         help="lambda_2 of Eq. (7) (paper: 0.5; needs DINOv2-B/14)")
     parser.add_argument("--grad-checkpointing", action="store_true",
@@ -157,6 +158,21 @@ def load_lpips(device):
     return metric.to(device)
 
 
+def toy_perceptual(teacher):
+    """The miniature's LPIPS (release: LPIPS-VGG): the same form on its toy teacher, a
+    `ShapeClassifier` of the data: the feature maps of its four stages, unit-normalised over
+    channels, their squared differences summed over channels and averaged over positions and
+    stages. -> (images, fakes) -> per-image distances (B,)."""
+    def distance(images, fakes):
+        stages, x, y = [], images, fakes
+        for layer in teacher.body:
+            x, y = layer(x), layer(y)
+            if isinstance(layer, nn.GELU):  # the end of a stage
+                stages.append((F.normalize(x, dim=1) - F.normalize(y, dim=1)).square().sum(1))
+        return torch.stack([stage.mean((1, 2)) for stage in stages]).mean(0)
+    return distance
+
+
 def load_repa_target(device):
     """REPA targets: DINOv2-B/14 patch tokens (OFFICIAL_FORMAT §4.1
     preprocessing), from torch.hub."""
@@ -184,10 +200,12 @@ def loss_networks(args, cfg, device, rank, start_step):
     """The frozen networks the run reads: LPIPS, the REPA target, the miniature's teacher
     (each None when its weight is 0), and --eval-every's held-out set (None when off, and on
     every rank but 0)."""
-    perceptual = load_lpips(device) if args.lpips_weight > 0 else None
-    repa_target = load_repa_target(device) if args.repa_weight > 0 else None
+    tiny_lpips = args.lpips_weight > 0 and args.config == "tiny"
     teacher = load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
-        if args.teacher_weight > 0 else None
+        if args.teacher_weight > 0 or tiny_lpips else None
+    perceptual = toy_perceptual(teacher) if tiny_lpips else \
+        load_lpips(device) if args.lpips_weight > 0 else None
+    repa_target = load_repa_target(device) if args.repa_weight > 0 else None
     held_out = HeldOut(args, cfg.image_size, device, start_step) if args.eval_every and rank == 0 \
         else None
     return perceptual, repa_target, teacher, held_out
@@ -352,7 +370,7 @@ class CodePath(nn.Module):
         loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
         if teacher is not None:
             with torch.no_grad():
-                target = teacher(images)
+                target = teacher.features(images)
             features = 1 - F.cosine_similarity(self.head.predict_features(cond_t), target,
                                                dim=-1).mean()
             loss, terms["features"] = loss + teacher_weight * features, features.detach()
@@ -410,8 +428,9 @@ def freeze_encoder(model, ema):
 
 
 def load_teacher(path, image_size, device, data="builtin"):
-    """The code head's teacher, a `ShapeClassifier` trained once on images of its own seed
-    (never the evaluator's) and cached at `path` in float32; -> images -> its pooled features."""
+    """The miniature's teacher (of the code head, or of the toy perceptual term), a
+    `ShapeClassifier` trained once on images of its own seed (never the evaluator's) and cached at
+    `path` in float32."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the code head's teacher once -> {path}")
@@ -426,7 +445,7 @@ def load_teacher(path, image_size, device, data="builtin"):
                          f"{data} images")
     classifier = dar.ShapeClassifier()
     classifier.load_state_dict(checkpoint["model"])
-    return classifier.to(device).eval().requires_grad_(False).features
+    return classifier.to(device).eval().requires_grad_(False)
 
 
 def main(args):
