@@ -2261,8 +2261,10 @@ def test_the_miniatures_perceptual_term_is_lpips_form_on_the_toy_teacher(tmp_pat
     assert (perceptual(real, other) > 3 * perceptual(real, noisy)).all()
     perceptual(real, other).sum().backward()
     assert other.grad.abs().sum() > 0
+    # one code-path step (no teacher there), then one step of Eq. (7) with the term
     _, losses = train_tokenizer.main(tokenizer_args(tmp_path / "run", "--data", "textures",
-                                                    "--steps", "2", "--lpips-weight", "0.5"))
+                                                    "--steps", "2", "--code-path-steps", "1",
+                                                    "--lpips-weight", "0.5"))
     assert losses["lpips"] > 0 and (tmp_path / "run" / "teacher.pt").is_file()
 
 

@@ -201,10 +201,11 @@ def loss_networks(args, cfg, device, rank, start_step):
     (each None when its weight is 0), and --eval-every's held-out set (None when off, and on
     every rank but 0)."""
     tiny_lpips = args.lpips_weight > 0 and args.config == "tiny"
-    teacher = load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
+    toy = load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
         if args.teacher_weight > 0 or tiny_lpips else None
-    perceptual = toy_perceptual(teacher) if tiny_lpips else \
+    perceptual = toy_perceptual(toy) if tiny_lpips else \
         load_lpips(device) if args.lpips_weight > 0 else None
+    teacher = toy if args.teacher_weight > 0 else None  # the code head's
     repa_target = load_repa_target(device) if args.repa_weight > 0 else None
     held_out = HeldOut(args, cfg.image_size, device, start_step) if args.eval_every and rank == 0 \
         else None
@@ -433,7 +434,7 @@ def load_teacher(path, image_size, device, data="builtin"):
     `path` in float32."""
     path = Path(path)
     if not path.is_file():
-        tqdm.write(f"training the code head's teacher once -> {path}")
+        tqdm.write(f"training the miniature's teacher once -> {path}")
         classifier = dar.train_shape_classifier(image_size, seed=dar.TEACHER_TRAIN_SEED,
                                                 data_seed=dar.TEACHER_TRAIN_SEED, data=data)
         dar.save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
