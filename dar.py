@@ -640,13 +640,14 @@ class Tokenizer(nn.Module):
         return t, cond_t, vq, in_use.mean()
 
     def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5,
-                u=None):
+                u=None, lpips_from_group=1):
         """Eq. (7): l = l_fm + l_VQ + lambda_1 l_LPIPS + lambda_2 l_repa (paper: both lambdas 0.5).
         perceptual(images, fakes) -> per-image distances (lpips.LPIPS(net="vgg")), read on the jump
         estimate x_hat_1 as released; repa_target(images) -> (B, repa_grid^2, repa_dim) features
         (DINOv2-B patch tokens) for 1 - cosine similarity; each term only when given. u: Eq. (5)'s
-        t' per image (U[0, 1) when None). -> {"loss"; detached "fm", "vq", "lpips", "repa", and
-        "usage", the fraction of the codebook this batch uses}."""
+        t' per image (U[0, 1) when None). lpips_from_group k: the perceptual term only on the
+        steps of groups k..K. -> {"loss"; detached "fm", "vq", "lpips", "repa", and "usage", the
+        fraction of the codebook this batch uses}."""
         cfg = self.cfg
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
@@ -663,7 +664,9 @@ class Tokenizer(nn.Module):
         loss, terms = fm + vq, {"fm": fm, "vq": vq}
         if perceptual is not None:
             fakes = jump_estimate(x_t, t, v) / cfg.data_std
-            terms["lpips"] = perceptual(images, fakes).mean()
+            # tiny: from group k > 1 (release: every step), so the first groups' steps ask no detail
+            later = condition_group(t, cfg.num_groups, cfg.time_shift) >= lpips_from_group - 1
+            terms["lpips"] = (perceptual(images, fakes) * later).mean()
             loss = loss + lpips_weight * terms["lpips"]
         if repa_target is not None:
             with torch.no_grad():
@@ -2386,8 +2389,6 @@ class MiniatureRecipe:
     gate_init: float = 1.0
     # every N steps, re-seed the codebook rows no token chose (release: never)
     codebook_restart: int = 100
-    # the code head also predicts a teacher CNN's pooled features this wide (0: no)
-    teacher_features: int = 128
 
 
 def conv_stem(patch_size, dim, width=32):

@@ -2195,19 +2195,19 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
             assert picture.size[1] > 2 * 96
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
     assert not {"code_head", "code_head_ema", "codebook_use", "optimizer"} & set(exported)
-    assert exported["builder"] == "miniature" and exported["recipe"]["teacher_features"] == 128
+    assert exported["builder"] == "miniature" and exported["recipe"]["conv_stem"]
     assert isinstance(dar.load_tokenizer(tmp_path / "small.pt").patchify, torch.nn.Sequential)
 
 
 def test_two_runs_of_one_seed_give_identical_weights(tmp_path, monkeypatch):
-    """The miniature's whole recipe on the textures (both stages, a teacher, codebook restarts),
-    run twice with one seed into two folders: the same weights, bit for bit, and a record without
-    this machine's absolute paths."""
+    """The shipped tokenizer's recipe on the textures (the toy perceptual term from group 4,
+    codebook restarts), run twice with one seed into two folders: the same weights, bit for bit,
+    and a record without this machine's absolute paths."""
     monkeypatch.setattr(dar, "train_shape_classifier",
                         lambda size, seed=0, **kw: torch.manual_seed(seed) and
                         dar.ShapeClassifier().eval())
-    argv = ["--data", "textures", "--steps", "4", "--code-path-steps", "2", "--freeze", "encoder",
-            "--teacher-weight", "1", "--codebook-restart", "1", "--warmup", "0"]
+    argv = ["--data", "textures", "--steps", "4", "--lpips-weight", "0.5", "--lpips-from-group",
+            "4", "--codebook-restart", "1", "--warmup", "0"]
     for run in ("first", "second"):
         train_tokenizer.main(tokenizer_args(tmp_path / run, *argv))
     first, second = (torch.load(tmp_path / run / "tokenizer.pt", weights_only=True)
@@ -2290,10 +2290,33 @@ def test_group_probes_read_the_shipped_tokenizers_first_group():
 
 
 def test_freeze_and_teacher_without_a_code_path_stage_are_refused(tmp_path, capsys):
-    for flags in (["--freeze", "encoder"], ["--teacher-weight", "1"]):
+    for flags, named in ((["--freeze", "encoder"], "give --code-path-steps N"),
+                         (["--teacher-weight", "1"], "give --code-path-steps N"),
+                         (["--lpips-from-group", "4"], "acts only with --lpips-weight > 0"),
+                         (["--lpips-weight", "1", "--lpips-from-group", "9"], "<= 8, got '9'"),
+                         (["--config", "ablation", "--lpips-from-group", "4"], "(--config tiny)")):
         with pytest.raises(SystemExit):
             train_tokenizer.parse_args(["--out", str(tmp_path), *SINGLE_STAGE, *flags])
-        assert "give --code-path-steps N" in capsys.readouterr().err
+        assert named in capsys.readouterr().err
+
+
+def test_the_perceptual_term_from_group_k_reads_only_those_groups_steps():
+    """lpips_from_group=4: an image whose step reads group 1 adds nothing to the term, one of the
+    last group's step adds its distance; lpips_from_group=1 (as released) reads both."""
+    torch.manual_seed(0)
+    tokenizer = dar.miniature_tokenizer(dar.TOKENIZER_PRESETS["tiny"])
+    images = dar.builtin_images(2, 32, 0, "textures")[0]
+    distances = []
+
+    def perceptual(real, fakes):
+        distances.append((real - fakes).square().mean((1, 2, 3)))
+        return distances[-1]
+    u = torch.tensor([0.05, 0.95])  # Eq. (5): the steps of group 1 and of group K
+    later = tokenizer(images, perceptual, lpips_weight=1.0, u=u, lpips_from_group=4)
+    assert torch.allclose(later["lpips"], distances[-1][1].detach() / 2)
+    every = tokenizer(images, perceptual, lpips_weight=1.0, u=u)
+    assert torch.allclose(every["lpips"], distances[-1].detach().mean())
+    assert (distances[-1] > 0).all()
 
 
 def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator):

@@ -9,8 +9,8 @@
 Each config brings its recipe (RECIPES below: the paper's values for v1 and ablation); any flag
 overrides it. The global batch is --batch-size x --grad-accum x the number of processes. The
 checkpoint `<out>/tokenizer.pt` is rewritten atomically every --save-every steps and at the end;
---resume continues it. The tiny config is the CPU miniature (dar.MiniatureRecipe): it first trains
-the code path alone against a code head (--code-path-steps), then Eq. (7) on the frozen encoder.
+--resume continues it. The tiny config is the CPU miniature (dar.MiniatureRecipe), Eq. (7) in one
+piece; --code-path-steps trains the code path alone against a code head first.
 """
 import argparse
 import copy
@@ -38,14 +38,13 @@ RECIPES = {
                      weight_decay=0.0,
                      lpips_weight=0.5, repa_weight=0.5, code_path_steps=0, teacher_weight=0.0,
                      freeze="none"),
-    # the CPU miniature's quickstart, within 3 minutes on 2 cores: the code path first (pixels only:
-    # the layout needs no teacher), then D_FM on the frozen encoder, in small batches (more updates
-    # for the images it has time to see). No LPIPS or REPA: their pretrained networks cannot be
-    # downloaded offline and do not suit 32 x 32 images
+    # the CPU miniature's quickstart, within 3 minutes on 2 cores: Eq. (7) in one piece, in small
+    # batches (more updates for the images it has time to see). No LPIPS or REPA: their pretrained
+    # networks cannot be downloaded offline and do not suit 32 x 32 images
     "tiny": dict(steps=800, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ema=0.99,
                  weight_decay=0.0,
-                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=150, teacher_weight=0.0,
-                 freeze="encoder"),
+                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=0, teacher_weight=0.0,
+                 freeze="none"),
 }
 
 
@@ -65,10 +64,13 @@ def parse_args(argv=None):
     add_watch_flags(parser)
     args = dar.finish_training_flags(parser, argv, RECIPES, "train_tokenizer.py",
                                      "tokenizer.pt")
-    miniature_flags = [flag for flag in MINIATURE_FLAGS if getattr(args, flag) is not None]
+    miniature_flags = [flag for flag in MINIATURE_FLAGS + ("lpips_from_group",)
+                       if getattr(args, flag) is not None]
     if args.config != "tiny" and (miniature_flags or args.code_path_steps):
-        parser.error("--conv-stem, --codebook-restart and --code-path-steps belong to the CPU "
-                     "miniature (--config tiny)")
+        parser.error("--conv-stem, --codebook-restart, --lpips-from-group and --code-path-steps "
+                     "belong to the CPU miniature (--config tiny)")
+    if args.lpips_from_group is not None and args.lpips_weight == 0:
+        parser.error("--lpips-from-group acts only with --lpips-weight > 0")
     if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
         parser.error("--freeze and --teacher-weight act on the code-path stage: give "
                      "--code-path-steps N")
@@ -96,6 +98,10 @@ def add_miniature_flags(parser):
     tiny.add_argument("--codebook-restart", type=dar.COUNT,
                       help="re-seed unused codebook rows every N steps (default: 100; "
                       "0: never, as released)")
+    tiny.add_argument("--lpips-from-group", type=dar.flag_type(1, TINY_GROUPS, integer=True),
+                      help="read the perceptual term only on the steps of groups k..K, so that "
+                      "the first groups' steps ask for no detail (default: 1, every step, as "
+                      "released)")
     tiny.add_argument("--code-path-steps", type=dar.COUNT,
                       help="first train the encoder -> VQ -> causal decoder path "
                       "alone for N steps, against the code head, no diffusion")
@@ -130,17 +136,16 @@ def add_watch_flags(parser):
 
 # dar.MiniatureRecipe's fields
 MINIATURE_FLAGS = ("conv_stem", "codebook_restart")
+TINY_GROUPS = dar.TOKENIZER_PRESETS["tiny"].num_groups
 
 
 def miniature_recipe(args):
     """--config tiny: the MiniatureRecipe with the flags' overrides; else None (the release's)."""
     if args.config != "tiny":
         return None
-    recipe = dar.MiniatureRecipe(teacher_features=dar.ShapeClassifier.widths[-1]
-                                 if args.teacher_weight > 0 else 0)
     overrides = {name: getattr(args, name) for name in MINIATURE_FLAGS
                  if getattr(args, name) is not None}
-    return replace(recipe, **overrides)
+    return dar.MiniatureRecipe(**overrides)
 
 
 def load_lpips(device):
@@ -490,7 +495,7 @@ def main(args):
             with dar.gradient_sync(trained, micro == args.grad_accum - 1):
                 with autocast:
                     losses = trained(images, perceptual, repa_target, args.lpips_weight,
-                                     args.repa_weight)
+                                     args.repa_weight, lpips_from_group=args.lpips_from_group or 1)
                 (losses["loss"] / args.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -566,7 +571,8 @@ def build(args, cfg, recipe, dataset, device, log):
     model.grad_checkpointing = args.grad_checkpointing
     shown = torch.stack([dataset[i][0] for i in range(8)]).to(device)
     model.encode(shown)  # checks the images, once per run
-    head = CodeHead(cfg, recipe.teacher_features).to(device) if args.code_path_steps else None
+    teacher_features = dar.ShapeClassifier.widths[-1] if args.teacher_weight > 0 else 0
+    head = CodeHead(cfg, teacher_features).to(device) if args.code_path_steps else None
     restarts = dar.CodebookRestarts(model.quantizer) if recipe and recipe.codebook_restart else None
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters")
     return model, head, restarts, shown
