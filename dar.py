@@ -2389,6 +2389,8 @@ class MiniatureRecipe:
     gate_init: float = 1.0
     # every N steps, re-seed the codebook rows no token chose (release: never)
     codebook_restart: int = 100
+    # the code head also predicts a teacher CNN's pooled features this wide (0: no)
+    teacher_features: int = 128
 
 
 def conv_stem(patch_size, dim, width=32):

@@ -2195,7 +2195,7 @@ def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_pat
             assert picture.size[1] > 2 * 96
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
     assert not {"code_head", "code_head_ema", "codebook_use", "optimizer"} & set(exported)
-    assert exported["builder"] == "miniature" and exported["recipe"]["conv_stem"]
+    assert exported["builder"] == "miniature" and exported["recipe"]["teacher_features"] == 128
     assert isinstance(dar.load_tokenizer(tmp_path / "small.pt").patchify, torch.nn.Sequential)
 
 

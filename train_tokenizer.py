@@ -143,9 +143,11 @@ def miniature_recipe(args):
     """--config tiny: the MiniatureRecipe with the flags' overrides; else None (the release's)."""
     if args.config != "tiny":
         return None
+    recipe = dar.MiniatureRecipe(teacher_features=dar.ShapeClassifier.widths[-1]
+                                 if args.teacher_weight > 0 else 0)
     overrides = {name: getattr(args, name) for name in MINIATURE_FLAGS
                  if getattr(args, name) is not None}
-    return dar.MiniatureRecipe(**overrides)
+    return replace(recipe, **overrides)
 
 
 def load_lpips(device):
@@ -571,8 +573,7 @@ def build(args, cfg, recipe, dataset, device, log):
     model.grad_checkpointing = args.grad_checkpointing
     shown = torch.stack([dataset[i][0] for i in range(8)]).to(device)
     model.encode(shown)  # checks the images, once per run
-    teacher_features = dar.ShapeClassifier.widths[-1] if args.teacher_weight > 0 else 0
-    head = CodeHead(cfg, teacher_features).to(device) if args.code_path_steps else None
+    head = CodeHead(cfg, recipe.teacher_features).to(device) if args.code_path_steps else None
     restarts = dar.CodebookRestarts(model.quantizer) if recipe and recipe.codebook_restart else None
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters")
     return model, head, restarts, shown
