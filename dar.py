@@ -645,9 +645,8 @@ class Tokenizer(nn.Module):
         perceptual(images, fakes) -> per-image distances (lpips.LPIPS(net="vgg")), read on the jump
         estimate x_hat_1 as released; repa_target(images) -> (B, repa_grid^2, repa_dim) features
         (DINOv2-B patch tokens) for 1 - cosine similarity; each term only when given. u: Eq. (5)'s
-        t' per image (U[0, 1) when None). lpips_from_group k: the perceptual term only on the
-        steps of groups k..K. -> {"loss"; detached "fm", "vq", "lpips", "repa", and "usage", the
-        fraction of the codebook this batch uses}."""
+        t' per image (U[0, 1) when None). -> {"loss"; detached "fm", "vq", "lpips", "repa", and
+        "usage", the fraction of the codebook this batch uses}."""
         cfg = self.cfg
         if repa_target is not None and not cfg.uses_repa:
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
@@ -664,9 +663,12 @@ class Tokenizer(nn.Module):
         loss, terms = fm + vq, {"fm": fm, "vq": vq}
         if perceptual is not None:
             fakes = jump_estimate(x_t, t, v) / cfg.data_std
-            # tiny: from group k > 1 (release: every step), so the first groups' steps ask no detail
-            later = condition_group(t, cfg.num_groups, cfg.time_shift) >= lpips_from_group - 1
-            terms["lpips"] = (perceptual(images, fakes) * later).mean()
+            distance = perceptual(images, fakes)                                    # (B,)
+            # tiny: groups k..K's steps only, so the first groups ask no detail (release: k = 1)
+            if lpips_from_group > 1:
+                group = condition_group(t, cfg.num_groups, cfg.time_shift)
+                distance = distance * (group >= lpips_from_group - 1)
+            terms["lpips"] = distance.mean()
             loss = loss + lpips_weight * terms["lpips"]
         if repa_target is not None:
             with torch.no_grad():
