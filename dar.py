@@ -2366,7 +2366,7 @@ def ar_optimizer(model, lr, betas, weight_decay):
 # ================================================================================================
 #  The CPU miniature: not part of the paper or the release
 #  What the `tiny` recipe adds so that a tokenizer learns 32 x 32 shapes on 2 CPU cores (a conv
-# stem, its  initialisation, codebook restarts, a first stage against a code head and a teacher),
+# stem, its initialisation, codebook restarts, LPIPS's form on a toy teacher from group k on),
 # and a toy  evaluator of the built-in shapes (a classifier, the layout reader, a Frechet distance).
 # Nothing above  this banner uses anything below it; the paper's configs never need it.
 # ================================================================================================
@@ -2391,8 +2391,6 @@ class MiniatureRecipe:
     gate_init: float = 1.0
     # every N steps, re-seed the codebook rows no token chose (release: never)
     codebook_restart: int = 100
-    # the code head also predicts a teacher CNN's pooled features this wide (0: no)
-    teacher_features: int = 128
 
 
 def conv_stem(patch_size, dim, width=32):

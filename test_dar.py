@@ -990,13 +990,12 @@ def test_training_stream_is_the_same_samples_whatever_the_process_layout():
 
 
 # Eq. (7) from step 0
-SINGLE_STAGE = ["--code-path-steps", "0", "--teacher-weight", "0", "--freeze", "none"]
 
 
 def tokenizer_args(out, *extra):
     return train_tokenizer.parse_args(
         ["--out", str(out), "--builtin-size", "64", "--batch-size", "2", "--log-every", "1",
-         "--sample-every", "2", "--save-every", "2", "--eval-every", "0", *SINGLE_STAGE, *extra]
+         "--sample-every", "2", "--save-every", "2", "--eval-every", "0", *extra]
     )
 
 
@@ -1268,7 +1267,6 @@ def test_ddp_on_cpu_stays_in_sync_and_equals_gradient_accumulation(tmp_path):
         "100",
         "--codebook-restart",
         "2",
-        *SINGLE_STAGE,
     ]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -2129,73 +2127,42 @@ def test_codebook_restart_reseeds_only_unused_rows_from_encoder_outputs():
     assert restarts.use.sum() == 0 and list(quantizer.state_dict()) == ["codebook.weight"]
 
 
-def test_two_stage_recipe_trains_the_code_path_first_then_holds_it_fixed(tmp_path, capsys):
-    """--code-path-steps: D_FM gets no update while the encoder -> code head path learns;
-    --freeze encoder: afterwards the encoder and codebook stay at their EMA values while D_FM
-    learns. The learning curve is written at every --eval-every; the exported file holds no code
-    head, and says how to build the model."""
-    argv = ["--steps", "4", "--code-path-steps", "2", "--freeze", "encoder", "--teacher-weight",
-            "1", "--conv-stem", "--eval-every", "2", "--eval-images", "10", "--probe-images", "40",
-            "--evaluator", str(tmp_path / "ev.pt"), "--warmup", "0", "--export",
-            str(tmp_path / "small.pt")]
-    real_update, states = dar.update_ema, []
-
-    def record(ema, learner, decay):  # once per step, after the optimizer's
-        real_update(ema, learner, decay)
-        tokenizer = getattr(learner, "tokenizer", learner)  # the code path in the first stage
-        states.append({key: value.clone() for key, value in tokenizer.state_dict().items()})
+def test_a_tiny_run_writes_its_learning_curve_pictures_and_a_small_export(tmp_path, capsys):
+    """The shipped recipe's flags: the learning curve at every --eval-every (fractions in [0, 1],
+    the centroid in pixels) with a printed line each, the labelled held-out pictures, and an export
+    that holds the EMA weights alone and says how to build the model."""
+    argv = ["--steps", "4", "--lpips-weight", "0.5", "--lpips-from-group", "4", "--eval-every",
+            "2", "--eval-images", "10", "--probe-images", "40", "--evaluator",
+            str(tmp_path / "ev.pt"), "--warmup", "0", "--export", str(tmp_path / "small.pt")]
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(dar, "update_ema", record)
     monkey.setattr(dar, "train_shape_classifier", lambda size, **kw: dar.ShapeClassifier().eval())
     try:
         model, terms = train_tokenizer.main(tokenizer_args(tmp_path / "run", *argv))
     finally:
         monkey.undo()
-    torch.manual_seed(0)
-    initial = dar.miniature_tokenizer(model.cfg).state_dict()
-    assert isinstance(model.patchify, torch.nn.Sequential) and "fm" in terms
-    diffusion = [key for key in initial if key.startswith("diffusion.")]
-    encoder = [
-        name
-        for name, _ in model.named_parameters()
-        if name.startswith(train_tokenizer.ENCODER_PARTS)
-    ]
-    # code path: D_FM untouched
-    assert all(torch.equal(states[1][key], initial[key]) for key in diffusion)
-    # ... the encoder learns
-    assert not all(torch.equal(states[1][key], initial[key]) for key in encoder)
-    # frozen: fixed
-    assert all(torch.equal(states[3][key], states[2][key]) for key in encoder)
-    assert not all(torch.equal(states[3][key], states[1][key]) for key in diffusion)   # D_FM learns
+    assert isinstance(model.patchify, torch.nn.Sequential) and "fm" in terms and "lpips" in terms
     rows = (tmp_path / "run" / "learning_curve.tsv").read_text().splitlines()
     assert rows[0].split("\t") == [*train_tokenizer.CURVE_COLUMNS, *train_tokenizer.PROBE_COLUMNS]
-    fractions = [
-        value
-        for row in rows[1:]
-        for i, value in enumerate(row.split("\t"))
-        if i in (3, 4, 6) or i >= 8
-    ]
-    # colours kept, accuracy, codebook use, probes
+    # background and colours kept, accuracy, codebook use, probes
+    fractions = [value for row in rows[1:] for i, value in enumerate(row.split("\t"))
+                 if i in (2, 3, 5, 7) or i >= 8]
     assert all(0 <= float(value) <= 1 for value in fractions)
     # the centroid's offset in pixels
-    assert all(0 <= float(row.split("\t")[5]) <= 32 for row in rows[1:])
-    assert [row.split("\t")[:3] for row in rows[1:]] == [
-        ["2", "4", "code path"],
-        ["4", "8", "diffusion"],
-    ]
+    assert all(0 <= float(row.split("\t")[4]) <= 32 for row in rows[1:])
+    assert [row.split("\t")[:2] for row in rows[1:]] == [["2", "4"], ["4", "8"]]
     printed = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("eval step")
     ]
-    assert [line.split(":")[0] for line in printed] == ["eval step 2 (4 images, the code head)",
-                                                        "eval step 4 (8 images, D_FM)"]
+    assert [line.split(":")[0] for line in printed] == ["eval step 2 (4 images)",
+                                                        "eval step 4 (8 images)"]
     assert all("background kept" in line and "both colours" in line and "centroid off by" in line
                and "toy accuracy" in line for line in printed)
     for step in (2, 4):  # the labelled held-out pictures
         with Image.open(tmp_path / "run" / f"reconstructions_{step:07d}.png") as picture:
             assert picture.size[1] > 2 * 96
     exported = torch.load(tmp_path / "small.pt", weights_only=True)
-    assert not {"code_head", "code_head_ema", "codebook_use", "optimizer"} & set(exported)
-    assert exported["builder"] == "miniature" and exported["recipe"]["teacher_features"] == 128
+    assert not {"codebook_use", "optimizer"} & set(exported)
+    assert exported["builder"] == "miniature" and exported["recipe"]["conv_stem"]
     assert isinstance(dar.load_tokenizer(tmp_path / "small.pt").patchify, torch.nn.Sequential)
 
 
@@ -2222,12 +2189,9 @@ def test_two_runs_of_one_seed_give_identical_weights(tmp_path, monkeypatch):
                 and not value.startswith(str(tmp_path))]
 
 
-@pytest.mark.parametrize("code_path_steps", [2, 4])
-def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch, code_path_steps):
-    """The miniature's own state (code head, its EMA, the codebook use) resumes bit for bit too:
-    killed in the first stage (4 code-path steps) or after the switch (2)."""
-    argv = ["--steps", "4", "--code-path-steps", str(code_path_steps), "--freeze", "encoder",
-            "--codebook-restart", "1", "--warmup", "0"]
+def test_a_killed_tiny_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """The miniature's own state (the codebook use of its restarts) resumes exactly too."""
+    argv = ["--steps", "4", "--codebook-restart", "1", "--warmup", "0"]
     straight = train_tokenizer.main(tokenizer_args(tmp_path / "straight", *argv))
     killed_in_step_three(
         monkeypatch, lambda: train_tokenizer.main(tokenizer_args(tmp_path / "split", *argv))
@@ -2238,18 +2202,15 @@ def test_two_stage_resume_across_the_switch_is_exact(tmp_path, monkeypatch, code
         torch.load(tmp_path / run / "tokenizer.pt", weights_only=True)
         for run in ("straight", "split")
     )
-    # a first-stage checkpoint holds the code head and its EMA; one after the switch does not
-    keys = ("model", "ema") + (("code_head", "code_head_ema") if code_path_steps == 4 else ())
-    assert ("code_head" in a) == (code_path_steps == 4)
-    for key in keys:
+    for key in ("model", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
     assert torch.equal(a["codebook_use"], b["codebook_use"])
 
 
-def test_the_miniatures_perceptual_term_is_lpips_form_on_the_toy_teacher(tmp_path, monkeypatch):
+def test_the_miniatures_perceptual_term_is_lpips_form_on_the_toy_teacher():
     """--lpips-weight on the tiny config needs no download: LPIPS's form on the toy teacher. It is
     0 for the image itself, grows with another class of the same layout far more than with slight
-    noise, and sends a gradient to the fakes; a run trains with it and logs the term."""
+    noise, and sends a gradient to the fakes."""
     torch.manual_seed(0)
     perceptual = train_tokenizer.toy_perceptual(dar.ShapeClassifier().eval().requires_grad_(False))
     data = dar.BuiltinTextures(4)
@@ -2261,13 +2222,6 @@ def test_the_miniatures_perceptual_term_is_lpips_form_on_the_toy_teacher(tmp_pat
     assert (perceptual(real, other) > 3 * perceptual(real, noisy)).all()
     perceptual(real, other).sum().backward()
     assert other.grad.abs().sum() > 0
-    # one code-path step (no teacher there), then one step of Eq. (7) with the term (the teacher
-    # untrained: its training is not what this run tests)
-    monkeypatch.setattr(dar, "train_shape_classifier", lambda *args, **kw: dar.ShapeClassifier())
-    _, losses = train_tokenizer.main(tokenizer_args(tmp_path / "run", "--data", "textures",
-                                                    "--steps", "2", "--code-path-steps", "1",
-                                                    "--lpips-weight", "0.5"))
-    assert losses["lpips"] > 0 and (tmp_path / "run" / "teacher.pt").is_file()
 
 
 def test_group_probes_read_the_shipped_tokenizers_first_group():
@@ -2289,14 +2243,12 @@ def test_group_probes_read_the_shipped_tokenizers_first_group():
     assert set(shuffled) == {0} and shuffled[0]["class"] < 0.3
 
 
-def test_freeze_and_teacher_without_a_code_path_stage_are_refused(tmp_path, capsys):
-    for flags, named in ((["--freeze", "encoder"], "give --code-path-steps N"),
-                         (["--teacher-weight", "1"], "give --code-path-steps N"),
-                         (["--lpips-from-group", "4"], "acts only with --lpips-weight > 0"),
+def test_the_perceptual_terms_option_is_refused_where_it_cannot_act(tmp_path, capsys):
+    for flags, named in ((["--lpips-from-group", "4"], "acts only with --lpips-weight > 0"),
                          (["--lpips-weight", "1", "--lpips-from-group", "9"], "<= 8, got '9'"),
                          (["--config", "ablation", "--lpips-from-group", "4"], "(--config tiny)")):
         with pytest.raises(SystemExit):
-            train_tokenizer.parse_args(["--out", str(tmp_path), *SINGLE_STAGE, *flags])
+            train_tokenizer.parse_args(["--out", str(tmp_path), *flags])
         assert named in capsys.readouterr().err
 
 
@@ -2585,8 +2537,8 @@ def test_resume_continues_the_same_run_or_names_the_setting_that_changed(tmp_pat
         (["--seed", "1"], "--seed 0, this run has --seed 1"),
         (["--builtin-size", "32"], "--builtin-size 64, this run has --builtin-size 32"),
         (
-            ["--config", "tiny", "--code-path-steps", "1", "--freeze", "encoder"],
-            "--code-path-steps 0, this run has --code-path-steps 1",
+            ["--lpips-weight", "0.5"],
+            "--lpips-weight 0.0, this run has --lpips-weight 0.5",
         ),
     ):
         line = one_line_refusal(

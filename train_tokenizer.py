@@ -9,8 +9,7 @@
 Each config brings its recipe (RECIPES below: the paper's values for v1 and ablation); any flag
 overrides it. The global batch is --batch-size x --grad-accum x the number of processes. The
 checkpoint `<out>/tokenizer.pt` is rewritten atomically every --save-every steps and at the end;
---resume continues it. The tiny config is the CPU miniature (dar.MiniatureRecipe), Eq. (7) in one
-piece; --code-path-steps trains the code path alone against a code head first.
+--resume continues it. The tiny config is the CPU miniature (dar.MiniatureRecipe).
 """
 import argparse
 import copy
@@ -31,20 +30,17 @@ RECIPES = {
     # (OFFICIAL_FORMAT §4.2)
     "v1": dict(steps=210_000, batch_size=64, grad_accum=16, lr=2e-4, warmup=500, ema=0.999,
                weight_decay=0.0,
-               lpips_weight=0.5, repa_weight=0.5, code_path_steps=0, teacher_weight=0.0,
-               freeze="none"),
+               lpips_weight=0.5, repa_weight=0.5),
     # appendix A.4: the lightweight ablation tokenizer, 50K iterations at batch 256
     "ablation": dict(steps=50_000, batch_size=64, grad_accum=4, lr=2e-4, warmup=500, ema=0.999,
                      weight_decay=0.0,
-                     lpips_weight=0.5, repa_weight=0.5, code_path_steps=0, teacher_weight=0.0,
-                     freeze="none"),
+                     lpips_weight=0.5, repa_weight=0.5),
     # the CPU miniature's quickstart, within 3 minutes on 2 cores: Eq. (7) in one piece, in small
     # batches (more updates for the images it has time to see). No LPIPS or REPA: their pretrained
     # networks cannot be downloaded offline and do not suit 32 x 32 images
     "tiny": dict(steps=800, batch_size=8, grad_accum=1, lr=3e-4, warmup=100, ema=0.99,
                  weight_decay=0.0,
-                 lpips_weight=0.0, repa_weight=0.0, code_path_steps=0, teacher_weight=0.0,
-                 freeze="none"),
+                 lpips_weight=0.0, repa_weight=0.0),
 }
 
 
@@ -66,14 +62,11 @@ def parse_args(argv=None):
                                      "tokenizer.pt")
     miniature_flags = [flag for flag in MINIATURE_FLAGS + ("lpips_from_group",)
                        if getattr(args, flag) is not None]
-    if args.config != "tiny" and (miniature_flags or args.code_path_steps):
-        parser.error("--conv-stem, --codebook-restart, --lpips-from-group and --code-path-steps "
-                     "belong to the CPU miniature (--config tiny)")
+    if args.config != "tiny" and miniature_flags:
+        parser.error("--conv-stem, --codebook-restart and --lpips-from-group belong to the CPU "
+                     "miniature (--config tiny)")
     if args.lpips_from_group is not None and args.lpips_weight == 0:
         parser.error("--lpips-from-group acts only with --lpips-weight > 0")
-    if not args.code_path_steps and (args.freeze != "none" or args.teacher_weight > 0):
-        parser.error("--freeze and --teacher-weight act on the code-path stage: give "
-                     "--code-path-steps N")
     if args.eval_every is None:
         args.eval_every = 200 if args.config == "tiny" and args.data in dar.BUILTIN_DATA else 0
     if args.eval_every and args.data not in dar.BUILTIN_DATA:
@@ -102,16 +95,6 @@ def add_miniature_flags(parser):
                       help="read the perceptual term only on the steps of groups k..K, so that "
                       "the first groups' steps ask for no detail (default: 1, every step, as "
                       "released)")
-    tiny.add_argument("--code-path-steps", type=dar.COUNT,
-                      help="first train the encoder -> VQ -> causal decoder path "
-                      "alone for N steps, against the code head, no diffusion")
-    tiny.add_argument("--teacher-weight", type=dar.WEIGHT,
-                      help="in those steps the code head also predicts the pooled "
-                      "features of a small CNN trained on built-in shapes, with this weight (0: "
-                      "pixels only)")
-    tiny.add_argument("--freeze", choices=["none", "encoder"],
-                      help="after the code-path steps, hold the encoder and "
-                      "the codebook fixed")
 
 
 def add_watch_flags(parser):
@@ -143,11 +126,9 @@ def miniature_recipe(args):
     """--config tiny: the MiniatureRecipe with the flags' overrides; else None (the release's)."""
     if args.config != "tiny":
         return None
-    recipe = dar.MiniatureRecipe(teacher_features=dar.ShapeClassifier.widths[-1]
-                                 if args.teacher_weight > 0 else 0)
     overrides = {name: getattr(args, name) for name in MINIATURE_FLAGS
                  if getattr(args, name) is not None}
-    return replace(recipe, **overrides)
+    return dar.MiniatureRecipe(**overrides)
 
 
 def load_lpips(device):
@@ -204,19 +185,16 @@ def load_repa_target(device):
 
 
 def loss_networks(args, cfg, device, rank, start_step):
-    """The frozen networks the run reads: LPIPS, the REPA target, the miniature's teacher
+    """The frozen networks the run reads: LPIPS (the miniature's: on its teacher), the REPA target
     (each None when its weight is 0), and --eval-every's held-out set (None when off, and on
     every rank but 0)."""
-    tiny_lpips = args.lpips_weight > 0 and args.config == "tiny"
-    toy = load_teacher(args.out / "teacher.pt", cfg.image_size, device, args.data) \
-        if args.teacher_weight > 0 or tiny_lpips else None
-    perceptual = toy_perceptual(toy) if tiny_lpips else \
-        load_lpips(device) if args.lpips_weight > 0 else None
-    teacher = toy if args.teacher_weight > 0 else None  # the code head's
+    perceptual = None if args.lpips_weight == 0 else load_lpips(device) if args.config != "tiny" \
+        else toy_perceptual(load_teacher(args.out / "teacher.pt", cfg.image_size, device,
+                                         args.data))
     repa_target = load_repa_target(device) if args.repa_weight > 0 else None
     held_out = HeldOut(args, cfg.image_size, device, start_step) if args.eval_every and rank == 0 \
         else None
-    return perceptual, repa_target, teacher, held_out
+    return perceptual, repa_target, held_out
 
 
 # linear probes of groups 1, 2, 4 and K (group_probes), logged with every evaluation
@@ -256,11 +234,11 @@ class HeldOut:
         dar.write_atomically(self.curve, "\n".join([self.header, *self.rows]) + "\n")
 
     @torch.no_grad()
-    def evaluate(self, tokenizer, head, step, images_seen, log):
-        """Reconstructions of the held-out images by the EMA weights (`reconstruct`): figures logged
-        and appended to the learning curve."""
+    def evaluate(self, tokenizer, step, images_seen, log):
+        """Reconstructions of the held-out images by the EMA weights: figures logged and appended
+        to the learning curve."""
         codes = tokenizer.encode(self.images)
-        reconstructions = reconstruct(tokenizer, head, codes, self.noise)
+        reconstructions = tokenizer.decode(codes, noise=self.noise)
         background, colours, offset = dar.layout_agreement(self.images, reconstructions)
         accuracy = (dar.toy_judgement(self.evaluator, reconstructions,
                                       self.labels)[1] / len(self.images)).mean().item()
@@ -269,42 +247,30 @@ class HeldOut:
                        centroid_px=offset.mean().item(), accuracy=accuracy,
                        mse=F.mse_loss(reconstructions, self.images).item(),
                        codebook_use=codes.unique().numel() / tokenizer.cfg.codebook_size)
-        stage = "code path" if head is not None else "diffusion"
         probed = [float("nan")] * len(PROBES)
         if self.probes:  # fitted on probe_train images, scored on the rest
             probes = group_probes(tokenizer, self.probe_images, self.probe_labels,
                                   self.probe_train)
             probed = [probes[group % tokenizer.cfg.num_groups][what] for group, what in PROBES]
-        log(f"eval step {step} ({images_seen:,} images, "
-            f"{'the code head' if head is not None else 'D_FM'}): background kept "
+        log(f"eval step {step} ({images_seen:,} images): background kept "
             f"{figures['background_kept']:.1%}, both colours {figures['colours_kept']:.1%}, "
             f"centroid off by {figures['centroid_px']:.2f} px, toy accuracy {accuracy:.1%}, mse "
             f"{figures['mse']:.4f}, codebook use {figures['codebook_use']:.1%}"
             + "".join(f", {c} {v:.3f}" for c, v in zip(PROBE_COLUMNS, probed) if self.probes))
-        values = [f"{figures[c]:.4f}" for c in CURVE_COLUMNS[3:]] + [f"{v:.4f}" for v in probed]
-        self.rows.append("\t".join([str(step), str(images_seen), stage] + values))
+        values = [f"{figures[c]:.4f}" for c in CURVE_COLUMNS[2:]] + [f"{v:.4f}" for v in probed]
+        self.rows.append("\t".join([str(step), str(images_seen)] + values))
         dar.write_atomically(self.curve, "\n".join([self.header, *self.rows]) + "\n")
 
 
-@torch.no_grad()
-def reconstruct(tokenizer, head, codes, noise=None):
-    """The images of `codes` as the run has learned them: decoded, or in the first stage
-    (head given, D_FM untrained) the code head's output from the last group."""
-    if head is not None:
-        return head(tokenizer.conditions(codes)[:, -tokenizer.cfg.group_size:])
-    return tokenizer.decode(codes, noise=noise)
-
-
-def watch(args, done, global_batch, tokenizer, head, held_out, shown, log):
-    """Every --eval-every steps the held-out figures, every --sample-every the picture (`draw`). In
-    the first stage `head` is the code head's EMA, whose images stand for the reconstructions."""
+def watch(args, done, global_batch, tokenizer, held_out, shown, log):
+    """Every --eval-every steps the held-out figures, every --sample-every the picture (`draw`)."""
     if held_out and (done % args.eval_every == 0 or done == args.steps):
-        held_out.evaluate(tokenizer, head, done, done * global_batch, log)
+        held_out.evaluate(tokenizer, done, done * global_batch, log)
     if done % args.sample_every == 0 or done == args.steps:
-        draw(tokenizer, head, held_out, shown, args, done)
+        draw(tokenizer, held_out, shown, args, done)
 
 
-def draw(tokenizer, head, held_out, shown, args, step):
+def draw(tokenizer, held_out, shown, args, step):
     """<out>/reconstructions_STEP.png: held-out built-in images, one of each class, and their
     reconstructions; for an image folder, the first training images."""
     if held_out is not None:
@@ -313,76 +279,19 @@ def draw(tokenizer, head, held_out, shown, args, step):
                  for label in held_out.labels[:10].tolist()]
     else:
         images, noise, names = shown, None, [f"image {i}" for i in range(len(shown))]
-    rows = ["held out" if held_out is not None else "training image",
-            "code head" if head is not None else "reconstructed"]
-    picture = torch.stack([images, reconstruct(tokenizer, head, tokenizer.encode(images), noise)])
+    rows = ["held out" if held_out is not None else "training image", "reconstructed"]
+    picture = torch.stack([images, tokenizer.decode(tokenizer.encode(images), noise=noise)])
     dar.save_picture(dar.labelled_grid(picture, rows, names),
                      args.out / f"reconstructions_{step:07d}.png")
 
 
-CURVE_COLUMNS = ("step", "images", "stage", "background_kept", "colours_kept", "centroid_px",
+CURVE_COLUMNS = ("step", "images", "background_kept", "colours_kept", "centroid_px",
                  "accuracy", "mse", "codebook_use")
 
 
-# ---- the CPU miniature's first stage: the code path against a code head (dar.MiniatureRecipe) ---
+# ---- what the codes hold: linear probes of one group of conditions
 
 PROBE_SEED = 4  # the linear probes of what a group of conditions holds (`group_probes`)
-
-
-class CodeHead(nn.Module):
-    """A deterministic image head: one group of conditions (B, G, D) to the image (B, 3, H, W): a
-    Linear to an H/8 grid, then three 2x upsampling convolutions, as in a plain VQ autoencoder. With
-    `features` > 0 the same group also predicts a teacher's pooled features of that width. It gives
-    the encoder -> VQ -> causal-decoder path a direct signal before D_FM can use the codes
-    (`CodePath`); never exported."""
-
-    def __init__(self, cfg: dar.TokenizerConfig, features=0, widths=(128, 64, 32)):
-        super().__init__()
-        self.feature_head = nn.Linear(cfg.group_size * cfg.decoder_dim,
-                                      features) if features else None
-        if cfg.image_size % 8:
-            raise ValueError(f"the code head needs image_size divisible by 8, got {cfg.image_size}")
-        self.side = cfg.image_size // 8
-        self.project = nn.Linear(cfg.group_size * cfg.decoder_dim, widths[0] * self.side ** 2)
-        layers, channels = [], widths[0]
-        for out_channels in widths:
-            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(channels, out_channels, 3, padding=1),
-                       nn.GroupNorm(8, out_channels), nn.SiLU()]
-            channels = out_channels
-        self.body = nn.Sequential(*layers, nn.Conv2d(channels, 3, 3, padding=1))
-
-    def forward(self, cond):                                       # cond (B, G, D) -> (B, 3, H, W)
-        grid = self.project(cond.flatten(1)).unflatten(1, (-1, self.side, self.side))
-        return self.body(grid)
-
-    def predict_features(self, cond):                              # cond (B, G, D) -> (B, features)
-        return self.feature_head(cond.flatten(1))
-
-
-class CodePath(nn.Module):
-    """The tiny recipe's first stage: the tokenizer's encoder -> VQ -> causal decoder trained
-    against a `CodeHead`, no diffusion. forward: l = l_VQ + MSE(head(c(t)), x) [+ teacher_weight
-    (1 - cosine) of the teacher's pooled features of x, predicted from c(t)]; c(t) as in Eq. (7),
-    a random group per image, so every group must carry the whole image. Its parameters are the
-    tokenizer's, then the head's."""
-
-    def __init__(self, tokenizer, head):
-        super().__init__()
-        self.tokenizer, self.head = tokenizer, head
-
-    def forward(self, images, teacher=None, teacher_weight=1.0, u=None):
-        tokenizer = self.tokenizer
-        quantized = tokenizer.quantizer(tokenizer.encoder_features(images))            # Eq. (1)
-        t, cond_t, vq, usage = tokenizer.training_conditions(quantized, u)
-        head = F.mse_loss(self.head(cond_t), images)
-        loss, terms = head + vq, {"head": head.detach(), "vq": vq.detach()}
-        if teacher is not None:
-            with torch.no_grad():
-                target = teacher.features(images)
-            features = 1 - F.cosine_similarity(self.head.predict_features(cond_t), target,
-                                               dim=-1).mean()
-            loss, terms["features"] = loss + teacher_weight * features, features.detach()
-        return {"loss": loss, **terms, "usage": usage}
 
 
 @torch.no_grad()
@@ -420,23 +329,8 @@ def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None)
     return results
 
 
-# what the second stage holds fixed: the encoder and the codebook (parameter-name prefixes of
-# Tokenizer)
-ENCODER_PARTS = ("patchify.", "query_embedding.", "query_linear.", "encoder_layers.", "quant_in.",
-                 "quantizer.")
-
-
-def freeze_encoder(model, ema):
-    """Hold the encoder and the codebook fixed from now on, at their EMA values (what the codes were
-    judged by): no gradient, so AdamW and the EMA leave them as they are."""
-    for name, param in model.named_parameters():
-        if name.startswith(ENCODER_PARTS):
-            param.data.copy_(ema.get_parameter(name))
-            param.requires_grad_(False)
-
-
 def load_teacher(path, image_size, device, data="builtin"):
-    """The miniature's teacher (of the code head, or of the toy perceptual term), a
+    """The miniature's teacher (of the toy perceptual term), a
     `ShapeClassifier` trained once on images of its own seed (never the evaluator's) and cached at
     `path` in float32."""
     path = Path(path)
@@ -449,7 +343,7 @@ def load_teacher(path, image_size, device, data="builtin"):
     checkpoint = dar.load_checkpoint_file(path)
     if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
             or checkpoint.get("data", "builtin") != data:
-        raise ValueError(f"{path} is not the code head's teacher for {image_size}-pixel --data "
+        raise ValueError(f"{path} is not the miniature's teacher for {image_size}-pixel --data "
                          f"{data} images")
     classifier = dar.ShapeClassifier()
     classifier.load_state_dict(checkpoint["model"])
@@ -465,20 +359,14 @@ def main(args):
     cfg = replace(cfg, repa_dim=0) if args.repa_weight == 0 else cfg  # no REPA: no untrained head
     dataset = dar.training_images(args, cfg.image_size, "tokenizer")
     recipe = miniature_recipe(args)
-    model, head, restarts, shown = build(args, cfg, recipe, dataset, device, log)
+    model, restarts, shown = build(args, cfg, recipe, dataset, device, log)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     checkpoint, start_step = resumed_checkpoint(args, checkpoint_path)
-    perceptual, repa_target, teacher, held_out = loss_networks(args, cfg, device, rank, start_step)
-    if args.code_path_steps and start_step <= args.code_path_steps:  # the CPU miniature's stage 1
-        train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, checkpoint,
-                        (rank, world_size, device, autocast, log), (held_out, shown, log))
-    if args.freeze == "encoder":  # the miniature, after its first stage
-        freeze_encoder(model, ema)
+    perceptual, repa_target, held_out = loss_networks(args, cfg, device, rank, start_step)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas),
                                   weight_decay=args.weight_decay)
-    if start_step > args.code_path_steps:
+    if checkpoint:
         resume(checkpoint, checkpoint_path, model, ema, optimizer, restarts, log)
-    start_step = max(start_step, args.code_path_steps)
     trained = dar.wrap_for_training(model, args.compile, world_size, device)
     stream, batches = dar.training_batches(args, dataset, world_size, rank, start_step, args.steps)
     global_batch = args.batch_size * args.grad_accum * world_size
@@ -504,13 +392,13 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         dar.update_ema(ema, model, args.ema)
         done = step + 1
-        if restarts and done % recipe.codebook_restart == 0:  # none while the codebook is frozen
+        if restarts and done % recipe.codebook_restart == 0:
             restarts.restart()
 
         # ---- log (the last micro-batch's losses), evaluate and draw (the EMA weights), save
         step_log(done, global_batch, losses, lr)
         if rank == 0:
-            watch(args, done, global_batch, ema, None, held_out, shown, log)
+            watch(args, done, global_batch, ema, held_out, shown, log)
         if rank == 0 and (done % args.save_every == 0 or done == args.steps):
             save(args, checkpoint_path, cfg, model, ema, optimizer, done, recipe, restarts)
     step_log.close()
@@ -518,74 +406,24 @@ def main(args):
     return model, losses  # for notebooks and tests
 
 
-def train_code_path(args, dataset, model, ema, head, restarts, recipe, teacher, checkpoint, setup,
-                    watching):
-    """The CPU miniature's first stage: --code-path-steps of the code path (encoder -> VQ -> causal
-    decoder) against the code head (`CodePath`), no diffusion; the loop of Eq. (7)'s shape, with
-    its own AdamW."""
-    rank, world_size, device, autocast, log = setup
-    path, steps = args.out / "tokenizer.pt", args.code_path_steps
-    code_path = CodePath(model, head)
-    code_path_ema = CodePath(ema, copy.deepcopy(head).requires_grad_(False)).eval()
-    optimizer = torch.optim.AdamW(code_path.parameters(), lr=args.lr, betas=tuple(args.betas),
-                                  weight_decay=args.weight_decay)
-    start_step = checkpoint["step"] if checkpoint else 0
-    if checkpoint:
-        resume(checkpoint, path, model, ema, optimizer, restarts, log, code_path_ema.head, head)
-    trained = dar.wrap_for_training(code_path, args.compile, world_size, device,
-                                    find_unused_parameters=True)
-    stream, batches = dar.training_batches(args, dataset, world_size, rank, start_step, steps)
-    global_batch = args.batch_size * args.grad_accum * world_size
-    step_log, losses = dar.StepLog(log, args.log_every, start_step, args.steps, rank != 0), {}
-    for step in range(start_step, steps):
-        lr = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        for micro in range(args.grad_accum):
-            images = next(batches)[0].to(device, non_blocking=True)
-            torch.manual_seed(dar.stream_seed(args.seed, stream.first_position(step, micro), 1))
-            with dar.gradient_sync(trained, micro == args.grad_accum - 1):
-                with autocast:
-                    losses = trained(images, teacher, args.teacher_weight)
-                (losses["loss"] / args.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(code_path.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dar.update_ema(code_path_ema, code_path, args.ema)
-        done = step + 1
-        if restarts and done % recipe.codebook_restart == 0:
-            restarts.restart()
-        step_log(done, global_batch, losses, lr)
-        if rank == 0:
-            watch(args, done, global_batch, ema, code_path_ema.head, *watching)
-        if rank == 0 and (done % args.save_every == 0 or done == steps):
-            save(args, path, model.cfg, model, ema, optimizer, done, recipe, restarts, head,
-                 code_path_ema.head)
-    step_log.close()
-
-
 def build(args, cfg, recipe, dataset, device, log):
     """-> the tokenizer (the release's, or built by the CPU miniature's recipe), the miniature's
-    code head (None without --code-path-steps) and codebook restarts (or None), and the first 8
+    codebook restarts (or None), and the first 8
     images, the pictures' inputs. Their range is checked here, once per run: the training step
     does not sync for it."""
     model = (dar.miniature_tokenizer(cfg, recipe) if recipe else dar.Tokenizer(cfg)).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     shown = torch.stack([dataset[i][0] for i in range(8)]).to(device)
     model.encode(shown)  # checks the images, once per run
-    head = CodeHead(cfg, recipe.teacher_features).to(device) if args.code_path_steps else None
     restarts = dar.CodebookRestarts(model.quantizer) if recipe and recipe.codebook_restart else None
     log(f"tokenizer {args.config}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    return model, head, restarts, shown
+    return model, restarts, shown
 
 
-def save(args, path, cfg, model, ema, optimizer, done, recipe, restarts, head=None, head_ema=None):
+def save(args, path, cfg, model, ema, optimizer, done, recipe, restarts):
     """The training checkpoint. The CPU miniature's also says how to build it, and holds for an
-    exact resume the codebook use since the last restart and, in its first stage, the code head and
-    its EMA."""
+    exact resume the codebook use since the last restart."""
     entries = {"builder": "miniature", "recipe": asdict(recipe)} if recipe else {}
-    if head is not None:
-        entries.update(code_head=head.state_dict(), code_head_ema=head_ema.state_dict())
     if restarts is not None:
         entries.update(codebook_use=restarts.use)
     dar.save_training_checkpoint(path, "tokenizer", cfg, model, ema, optimizer, done, args,
@@ -594,7 +432,7 @@ def save(args, path, cfg, model, ema, optimizer, done, recipe, restarts, head=No
 
 def resumed_checkpoint(args, path):
     """--resume: the checkpoint to continue (`dar.training_checkpoint`), read once, and its step;
-    else (None, 0). The stage it belongs to loads it (`resume`)."""
+    else (None, 0). `resume` loads it once the optimizer exists."""
     try:
         checkpoint = dar.training_checkpoint(path, "tokenizer", args) if args.resume else None
         return checkpoint, checkpoint["step"] if checkpoint else 0
@@ -602,16 +440,13 @@ def resumed_checkpoint(args, path):
         raise dar.BadInput(str(error)) from None
 
 
-def resume(checkpoint, path, model, ema, optimizer, restarts, log, head_ema=None, head=None):
-    """--resume: the tokenizer, its EMA, the optimizer (the code path's in the first stage, with
-    the code head and its EMA) and the codebook use, from the checkpoint read at the start."""
+def resume(checkpoint, path, model, ema, optimizer, restarts, log):
+    """--resume: the tokenizer, its EMA, the optimizer and the codebook use, from the checkpoint
+    read at the start."""
     try:
         dar.resume_training(checkpoint, path, model, ema, optimizer)
     except ValueError as error:
         raise dar.BadInput(str(error)) from None
-    if head is not None:
-        head.load_state_dict(checkpoint["code_head"])
-        head_ema.load_state_dict(checkpoint["code_head_ema"])
     if restarts is not None:
         restarts.use.copy_(checkpoint["codebook_use"])
     log(f"resumed {path} at step {checkpoint['step']}")
