@@ -1158,67 +1158,8 @@ def class_balanced_samples(ar, tokenizer, seed=0, preview_groups=None, **options
 # ---- data ----------------------------------------------------------------------------------------
 
 
-SHAPE_CLASSES = ("disc", "square", "triangle", "diamond", "ring", "frame", "plus", "cross",
-                 "half-disc", "bars")
-
-
-def shape_mask(kind, dy, dx):
-    """Inside-test of a shape on coordinates relative to its centre, in units of its radius."""
-    box, radius = torch.maximum(dy.abs(), dx.abs()), (dy ** 2 + dx ** 2).sqrt()
-    return {
-        "disc": radius <= 1, "square": box <= 0.8,
-        "triangle": (dy <= 0.75) & (dx.abs() <= 0.55 * (dy + 0.95)),
-        "diamond": dy.abs() + dx.abs() <= 1, "ring": (radius <= 1) & (radius >= 0.55),
-        "frame": (box <= 0.85) & (box >= 0.5),
-        "plus": ((dx.abs() <= 0.3) & (dy.abs() <= 1)) | ((dy.abs() <= 0.3) & (dx.abs() <= 1)),
-        "cross": (((dx - dy).abs() <= 0.4) | ((dx + dy).abs() <= 0.4)) & (box <= 0.8),
-        "half-disc": (radius <= 1) & (dy >= -0.1),
-        "bars": (dx.abs() <= 0.9) & (((dy - 0.45).abs() <= 0.22) | ((dy + 0.45).abs() <= 0.22)),
-    }[kind]
-
-
-# colours of the built-in shapes: the eight corners of the RGB cube
-SHAPE_COLOURS = torch.tensor([[r, g, b] for r in (-1.0, 1.0) for g in (-1.0, 1.0)
-                              for b in (-1.0, 1.0)])
-
-
-class BuiltinShapes(torch.utils.data.Dataset):
-    """A procedural dataset for CPUs and tests (no download): one shape on a plain background.
-
-    The class is the shape's identity (`SHAPE_CLASSES`, label = index mod 10); its position and size
-    vary continuously, and the shape and the background take two different colours of
-    `SHAPE_COLOURS`. Image i is a pure function of (seed, i); a different seed gives a held-out set.
-    Plain backgrounds and eight colours make a sample's layout readable from its pixels
-    (`shape_layout`, which measures layout control); shapes span 56-90% of the image so that their
-    outline covers many pixels.
-    """
-
-    num_classes, class_names = len(SHAPE_CLASSES), SHAPE_CLASSES
-    views = 1  # no augmentation: each image has one view (see `ImageFolder.views`)
-
-    def __init__(self, num_images=10000, image_size=32, seed=0):
-        self.num_images, self.image_size, self.seed = num_images, image_size, seed
-
-    def __len__(self):
-        return self.num_images
-
-    def __getitem__(self, key):
-        """key: an index, or (index, augmentation seed) as `TrainingStream` yields
-        (no augmentation here)."""
-        index = key[0] if isinstance(key, tuple) else key
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"image {index} of {self.num_images}")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        size, label = self.image_size, index % self.num_classes
-        radius = (0.28 + 0.17 * torch.rand(1, generator=gen)) * size
-        cy, cx = radius + (size - 2 * radius) * torch.rand(2, generator=gen)
-        # 4x supersampled inside-test, averaged: smooth edges
-        coords = (torch.arange(4 * size) + 0.5) / 4
-        dy, dx = torch.meshgrid((coords - cy) / radius, (coords - cx) / radius, indexing="ij")
-        cover = shape_mask(SHAPE_CLASSES[label], dy, dx).float().view(size, 4, size, 4).mean((1, 3))
-        pair = torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]
-        background, foreground = SHAPE_COLOURS[pair].view(2, 3, 1, 1)
-        return background * (1 - cover) + foreground * cover, label
+# the palette of the built-in textures: the eight corners of the RGB cube
+PALETTE = torch.tensor([[r, g, b] for r in (-1.0, 1.0) for g in (-1.0, 1.0) for b in (-1.0, 1.0)])
 
 
 # the built-in textures' classes: 4 x 4 tiles of a pattern, each covering exactly half the tile (8
@@ -1243,11 +1184,11 @@ class BuiltinTextures(torch.utils.data.Dataset):
     Fig. 5 (no download).
 
     The layout is coarse and independent of the class: an ellipse of random radii and position, and
-    two different colours of `SHAPE_COLOURS` for the background and the object. The class
+    two different colours of `PALETTE` for the background and the object. The class
     (`TEXTURE_CLASSES`, label = index mod 10) is a pattern of a 2-4 pixel period inside the object,
     fixed to the pixel grid (one whole tile per 4 x 4 patch: the object is a window onto it), that
     darkens the object's colour to 30% on half of its pixels and fades out towards the edge: no
-    channel changes sign, so the layout reads by the nearest palette colour (`shape_layout`), and a
+    channel changes sign, so the layout reads by the nearest palette colour (`object_layout`), and a
     blur of 3 pixels removes the class.
     Image i is a pure function of (seed, i); a different seed gives a held-out set.
     """
@@ -1277,7 +1218,7 @@ class BuiltinTextures(torch.utils.data.Dataset):
         average = lambda x: x.view(size, 4, size, 4).mean((1, 3))
         cover = average((radius <= 1).float())
         contrast = average(((1 - radius) * radii.min() / fade).clamp(0, 1))
-        background, colour = SHAPE_COLOURS[torch.randperm(len(SHAPE_COLOURS), generator=gen)[:2]]
+        background, colour = PALETTE[torch.randperm(len(PALETTE), generator=gen)[:2]]
         return cover, contrast, background, colour
 
     def draw(self, layout, label):
@@ -1302,7 +1243,7 @@ class BuiltinTextures(torch.utils.data.Dataset):
 
 
 # the built-in datasets by --data name
-BUILTIN_DATA = {"builtin": BuiltinShapes, "textures": BuiltinTextures}
+BUILTIN_DATA = {"textures": BuiltinTextures}
 
 
 def open_rgb(path):
@@ -2046,8 +1987,8 @@ def add_training_flags(parser, recipes):
     own. The recipe flags' defaults are RECIPES[--config]'s, set by `finish_training_flags`
     (--help shows them)."""
     parser.add_argument("--config", default="tiny", choices=list(recipes))
-    parser.add_argument("--data", default="builtin",
-                        help="'builtin' (procedural shapes) or an ImageNet-style folder")
+    parser.add_argument("--data", default="textures",
+                        help="'textures' (the built-in data) or an ImageNet-style folder")
     parser.add_argument("--builtin-size", type=SIZE, default=10000,
                         help="images in the built-in dataset")
     parser.add_argument("--out", default=None, help="output folder (default out/<config>)")
@@ -2102,7 +2043,7 @@ def finish_training_flags(parser, argv, recipes, script, checkpoint_name):
     export, checkpoint = Path(args.export or "."), args.out / checkpoint_name
     for bad, message in (
             (folder and not Path(args.data).is_dir(), f"--data: no folder {args.data} (an "
-             "ImageNet-style folder, or 'builtin')"),
+             "ImageNet-style folder, or 'textures')"),
             (folder and "builtin_size" in args.given, "--builtin-size sizes the built-in data; "
              "--data names a folder"),
             (args.out.exists() and not args.out.is_dir(), f"--out {args.out} is a file, not a "
@@ -2149,7 +2090,7 @@ def training_setup(args, checkpoint_path):
 
 
 def training_images(args, image_size, augment):
-    """--data: the built-in shapes (--builtin-size of seed --seed) or an image folder with the
+    """--data: the built-in textures (--builtin-size of seed --seed) or an image folder with the
     `augment` of `ImageFolder`; a folder without readable images ends the run with one line."""
     if args.data in BUILTIN_DATA:
         return BUILTIN_DATA[args.data](args.builtin_size, image_size, seed=args.seed)
@@ -2365,9 +2306,9 @@ def ar_optimizer(model, lr, betas, weight_decay):
 
 # ================================================================================================
 #  The CPU miniature: not part of the paper or the release
-#  What the `tiny` recipe adds so that a tokenizer learns 32 x 32 shapes on 2 CPU cores (a conv
+#  What the `tiny` recipe adds so that a tokenizer learns 32 x 32 textures on 2 CPU cores (a conv
 # stem, its initialisation, codebook restarts, LPIPS's form on a toy teacher from group k on),
-# and a toy  evaluator of the built-in shapes (a classifier, the layout reader, a Frechet distance).
+# and a toy evaluator of the built-in textures (a classifier, the layout reader, a Frechet distance)
 # Nothing above  this banner uses anything below it; the paper's configs never need it.
 # ================================================================================================
 
@@ -2482,14 +2423,14 @@ def gaussian_blur(images, sigma):
     return out
 
 
-class ShapeClassifier(nn.Module):
-    """A small CNN that tells the built-in shapes apart; its pooled features stand in for
-    Inception's in a Frechet distance. It sees the shape's outline, not its position or colours
+class ToyClassifier(nn.Module):
+    """A small CNN that tells the built-in textures apart; its pooled features stand in for
+    Inception's in a Frechet distance. It sees the pattern, not the object's position or colours
     (global average pool)."""
 
     widths = (16, 32, 64, 128)
 
-    def __init__(self, num_classes=len(SHAPE_CLASSES), widths=widths):
+    def __init__(self, num_classes=len(TEXTURE_CLASSES), widths=widths):
         super().__init__()
         layers, channels = [], 3
         for out_channels in widths:  # 32 -> 16 -> 8 -> 4 pixels, then a global average
@@ -2511,7 +2452,7 @@ class ShapeClassifier(nn.Module):
 def soften(images, generator=None):
     """The toy evaluator's augmentation: half the images blurred (sigma uniform in [0, 1.25] px, in
     steps of 0.25) and, independently, half given Gaussian noise (std uniform in [0, 0.15]), so that
-    a slightly soft but recognisable shape is judged by its shape."""
+    a slightly soft but recognisable pattern is judged by its pattern."""
     B = images.shape[0]
     blurred = torch.rand(B, generator=generator) < 0.5
     sigma = (torch.randint(1, 6, (B,), generator=generator) * 0.25) * blurred
@@ -2522,16 +2463,16 @@ def soften(images, generator=None):
 
 
 @torch.enable_grad()  # also when called under no_grad (the toy evaluator trains on first use)
-def train_shape_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3,
-                           seed=0, data_seed=EVALUATOR_TRAIN_SEED, augment=False, data="builtin"):
-    """Train a `ShapeClassifier` on `num_images` built-in images (`BUILTIN_DATA[data]`, set
+def train_toy_classifier(image_size=32, num_images=5000, steps=1000, batch_size=64, lr=2e-3,
+                         seed=0, data_seed=EVALUATOR_TRAIN_SEED, augment=False, data="textures"):
+    """Train a `ToyClassifier` on `num_images` built-in images (`BUILTIN_DATA[data]`, set
     `data_seed`); -> the model in eval mode. AdamW with a cosine decay; the images are drawn once
     and cycled; augment: `soften` each batch."""
     data = BUILTIN_DATA[data](num_images, image_size, seed=data_seed)
     images = torch.stack([data[i][0] for i in range(num_images)])
     labels = torch.arange(num_images) % data.num_classes
     torch.manual_seed(seed)
-    model = ShapeClassifier(data.num_classes)
+    model = ToyClassifier(data.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     order = torch.cat([torch.randperm(num_images)
@@ -2553,14 +2494,14 @@ EVALUATOR_MEMBERS = ((0, 11), (1, 12), (2, 13), (3, 14), (4, 15))
 
 
 class ToyEvaluator(nn.Module):
-    """The toy evaluator: an ensemble of `ShapeClassifier`s of different seeds, each trained
+    """The toy evaluator: an ensemble of `ToyClassifier`s of different seeds, each trained
     (with `soften`) on images of its own. Every figure it gives is reported as the members'
     mean and range, so that a result does not hinge on one classifier. forward / features:
     (M, B, classes) logits / (M, B, 128) pooled features."""
 
     def __init__(self, num_members=len(EVALUATOR_MEMBERS)):
         super().__init__()
-        self.members = nn.ModuleList(ShapeClassifier() for _ in range(num_members))
+        self.members = nn.ModuleList(ToyClassifier() for _ in range(num_members))
 
     def features(self, images):
         return torch.stack([member.features(images) for member in self.members])
@@ -2569,17 +2510,17 @@ class ToyEvaluator(nn.Module):
         return torch.stack([member(images) for member in self.members])
 
 
-def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS, data="builtin"):
-    """-> a `ToyEvaluator` whose member i is `train_shape_classifier` with augment=True and the
+def train_toy_evaluator(image_size=32, members=EVALUATOR_MEMBERS, data="textures"):
+    """-> a `ToyEvaluator` whose member i is `train_toy_classifier` with augment=True and the
     seed and data seed of members[i]."""
     evaluator = ToyEvaluator(len(members))
     for member, (seed, data_seed) in zip(evaluator.members, members):
-        member.load_state_dict(train_shape_classifier(image_size, seed=seed, data_seed=data_seed,
-                                                      augment=True, data=data).state_dict())
+        member.load_state_dict(train_toy_classifier(image_size, seed=seed, data_seed=data_seed,
+                                                    augment=True, data=data).state_dict())
     return evaluator.eval()
 
 
-def save_toy_evaluator(path, image_size=32, data="builtin"):
+def save_toy_evaluator(path, image_size=32, data="textures"):
     """Train the toy evaluator and write it to `path`: its members in half precision, their
     seeds, the command."""
     evaluator = train_toy_evaluator(image_size, data=data)
@@ -2591,7 +2532,7 @@ def save_toy_evaluator(path, image_size=32, data="builtin"):
                      path)
 
 
-def load_toy_evaluator(path, image_size, data="builtin", flag=None):
+def load_toy_evaluator(path, image_size, data="textures", flag=None):
     """The toy evaluator of the built-in data, trained once (about 2 minutes on 2 CPU
     cores) and cached at `path`. A file that is no such evaluator: ValueError, or with
     `flag` (the command line's) a one-line BadInput naming it."""
@@ -2603,10 +2544,10 @@ def load_toy_evaluator(path, image_size, data="builtin", flag=None):
         checkpoint = load_checkpoint_file(path)
         found = checkpoint if isinstance(checkpoint, dict) else {"kind": type(checkpoint).__name__}
         if found.get("kind") != "evaluator" or found.get("image_size") != image_size \
-                or "members" not in found or found.get("data", "builtin") != data:
+                or "members" not in found or found.get("data") != data:
             raise ValueError(f"{path} is not a toy evaluator of {image_size}-pixel --data {data} "
                              f"images (kind {found.get('kind')!r}, image_size "
-                             f"{found.get('image_size')}, data {found.get('data', 'builtin')!r})")
+                             f"{found.get('image_size')}, data {found.get('data')!r})")
         evaluator = ToyEvaluator(len(checkpoint["members"]))
         weights = {key: value.float() for key, value in checkpoint["model"].items()}
         load_state_strict(evaluator, weights, str(path))
@@ -2634,7 +2575,7 @@ def spread(values):
     return {"mean": values.mean().item(), "low": values.min().item(), "high": values.max().item()}
 
 
-def builtin_images(num_images, image_size, seed, data="builtin"):
+def builtin_images(num_images, image_size, seed, data="textures"):
     """Built-in images 0..num_images-1 of set `seed` and their labels: (num_images, 3,
     H, W), (num_images,)."""
     data = BUILTIN_DATA[data](num_images, image_size, seed=seed)
@@ -2646,7 +2587,7 @@ def builtin_images(num_images, image_size, seed, data="builtin"):
 REAL_FLOOR_SEED = 3
 
 
-def toy_metrics(evaluator, make, total, batch_size, image_size, data="builtin"):
+def toy_metrics(evaluator, make, total, batch_size, image_size, data="textures"):
     """The toy metric of make(indices) -> (images, asked-for labels) for indices 0..total-1: the
     accuracy w.r.t. the labels and the Frechet distance of the features to `total` held-out real
     images of `data` ("toy FID"); then, as the floor, the accuracy on those real images and the
@@ -2668,12 +2609,12 @@ def toy_metrics(evaluator, make, total, batch_size, image_size, data="builtin"):
                 real_toy_fid=distance(floor_features, real_features))
 
 
-def shape_layout(images):
-    """Where the shape of a built-in image is and which colours it has, read from the pixels
-    alone: the background is the median colour of the border, the shape the pixels that differ
+def object_layout(images):
+    """Where the object of a built-in image is and which colours it has, read from the pixels
+    alone: the background is the median colour of the border, the object the pixels that differ
     from it by more than 0.5 (mean over channels). images (B, 3, H, W) -> centroid (B, 2) in
-    pixels (row, column), background and shape colours (B, 3) snapped to the nearest of
-    `SHAPE_COLOURS` (centroid NaN if no shape)."""
+    pixels (row, column), background and object colours (B, 3) snapped to the nearest of
+    `PALETTE` (centroid NaN if no object)."""
     B, _, H, W = images.shape
     border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0],
                         images[..., 1:-1, -1]], -1)
@@ -2684,18 +2625,18 @@ def shape_layout(images):
     count = inside.sum((1, 2)).float()
     centroid = torch.stack([(inside * rows).sum((1, 2)), (inside * cols).sum((1, 2))],
                            -1) / count[:, None]
-    shape_colour = (images * inside[:, None]).sum((2, 3)) / count[:, None].clamp(min=1)
-    snap = lambda colours: SHAPE_COLOURS[torch.cdist(colours, SHAPE_COLOURS).argmin(-1)]
-    return centroid, snap(background), snap(shape_colour)
+    object_colour = (images * inside[:, None]).sum((2, 3)) / count[:, None].clamp(min=1)
+    snap = lambda colours: PALETTE[torch.cdist(colours, PALETTE).argmin(-1)]
+    return centroid, snap(background), snap(object_colour)
 
 
 def layout_agreement(references, images):
-    """Does each image (B, 3, H, W) have its reference's layout (`shape_layout`)? -> whether
+    """Does each image (B, 3, H, W) have its reference's layout (`object_layout`)? -> whether
     its background colour is the reference's (B,), whether both colours are (B,), and how far
-    its shape's centroid lies from the reference's (B,) in pixels (the image size where either
-    has no shape)."""
-    where, background, colour = shape_layout(references.float().cpu())
-    image_where, image_background, image_colour = shape_layout(images.float().clamp(-1, 1).cpu())
+    its object's centroid lies from the reference's (B,) in pixels (the image size where either
+    has no object)."""
+    where, background, colour = object_layout(references.float().cpu())
+    image_where, image_background, image_colour = object_layout(images.float().clamp(-1, 1).cpu())
     same_background = (image_background == background).all(-1)
     colours = same_background & (image_colour == colour).all(-1)
     offset = (image_where - where).norm(dim=-1).nan_to_num(float(images.shape[-1]))
@@ -2706,9 +2647,9 @@ def layout_agreement(references, images):
 def layout_metrics(ar, tokenizer, evaluator, references, kept, seed=0, **options):
     """Fig. 5 measured: for each reference (R, 3, H, W), keep its first `kept` tokens and sample
     every class from one seed per reference (seed + r). -> how often the evaluator sees the
-    asked-for class (a `spread`), how far the shape's centroid lies from the reference's
-    (pixels; the image size where no shape is found), and how often the shape and background
-    colours are the reference's (`shape_layout`). kept = 0: the chance level."""
+    asked-for class (a `spread`), how far the object's centroid lies from the reference's
+    (pixels; the image size where no object is found), and how often the object and background
+    colours are the reference's (`object_layout`). kept = 0: the chance level."""
     C = ar.cfg.num_classes
     device = tokenizer.sampling_times.device
     codes, labels = tokenizer.encode(references.to(device)), torch.arange(C, device=device)

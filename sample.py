@@ -2,11 +2,11 @@
 the paper's FIDs are computed from, the toy metric of the built-in data and the sampler's speed.
 
     python sample.py                              # a row per class, the preview after each group
-    python sample.py --stream --labels plus       # one line per group, as its tokens arrive
-    python sample.py --layout-from builtin:4 --prefix-tokens 8,16,32 --labels 0,1,2,3   # Fig. 5
+    python sample.py --stream --labels dots       # one line per group, as its tokens arrive
+    python sample.py --layout-from textures:4 --prefix-tokens 8,16,32 --labels 0,1,2,3  # Fig. 5
     python sample.py --eval                       # toy accuracy and toy FID of the pair's samples
     python sample.py --eval --preview-groups 2    # ... of the previews after 2 groups (Table 5)
-    python sample.py --eval --layout-from builtin --prefix-tokens 0,8,16   # layout control measured
+    python sample.py --eval --layout-from textures --prefix-tokens 0,8,16  # layout control measured
     python sample.py --tokenizer D-AR-tokenizer_v1.pt --ar D-AR-L-360K.pt --guidance 1.1,8.0 \\
         --fid 50000 --out samples/L               # 50,000 PNGs + samples/L.npz for ADM's evaluator
     torchrun --nproc_per_node 8 sample.py ...     # the same files, shared out over 8 GPUs
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     pair.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                       help="TF32 matmuls on CUDA (release: on)")
     sampling = parser.add_argument_group("sampling, every mode (release defaults)")
-    sampling.add_argument("--labels", type=listed("class"), help="class ids or names, e.g. 0,plus")
+    sampling.add_argument("--labels", type=listed("class"), help="class ids or names, e.g. 0,dots")
     sampling.add_argument("--guidance", type=listed("scale", dar.SCALE), default="4.0",
                           help="classifier-free guidance, or 'start,end' for the linear schedule "
                           "(paper: 1.1,8.0 for D-AR-L, 1.1,10.0 for D-AR-XL)")
@@ -87,18 +87,18 @@ def add_mode_flags(parser):
     modes.add_argument("--gif", action="store_true", help="picture: also an animated GIF of the "
                        "samples forming, a frame per group (same name, .gif)")
     chosen.add_argument("--layout-from", metavar="IMAGE", help="keep this image's first tokens "
-                        "(Fig. 5): a file or 'builtin:I' / 'textures:I' (held-out image I of that "
-                        "built-in data); --eval: 'builtin' or 'textures'")
+                        "(Fig. 5): a file or 'textures:I' (held-out image I of the built-in "
+                        "data); --eval: 'textures'")
     modes.add_argument("--prefix-tokens", type=listed("count", dar.COUNT), default="8,16,32",
                        help="--layout-from: counts of kept tokens, a row each")
     chosen.add_argument("--fid", type=dar.SIZE, metavar="N",
                         help="write N class-balanced samples as PNGs and an .npz")
     chosen.add_argument("--reconstruct", metavar="FOLDER", help="write reconstructions of an image "
-                        "folder (or held-out images of built-in data: 'builtin', 'textures') as "
+                        "folder (or held-out images of the built-in data: 'textures') as "
                         "PNGs and an .npz (rFID)")
     modes.add_argument("--eval", action="store_true", help="built-in data: toy accuracy and toy "
-                       "FID of the samples (of --reconstruct builtin; Fig. 5 of --layout-from "
-                       "builtin)")
+                       "FID of the samples (of --reconstruct textures; Fig. 5 of --layout-from "
+                       "textures)")
     modes.add_argument("--preview-groups", type=dar.SIZE, metavar="k", help="--fid, --eval: the "
                        "preview after k groups instead of the image (Table 5)")
     modes.add_argument("--evaluator", default=os.path.relpath(dar.SHIPPED_TINY / "evaluator.pt"),
@@ -150,12 +150,12 @@ def check_flags(args):
         (args.out == "", "--out: an empty path; name a file or a folder"),
         (args.eval and args.n == 1 and not args.layout_from, "--eval --n: at least 2 images, the "
          "fewest a toy FID can compare"),
-        (args.eval and args.fid is not None, "--eval measures samples, --reconstruct builtin or "
-         "--layout-from builtin; not --fid"),
+        (args.eval and args.fid is not None, "--eval measures samples, --reconstruct textures or "
+         "--layout-from textures; not --fid"),
         (args.eval and args.layout_from not in (None, *dar.BUILTIN_DATA), "--eval --layout-from "
-         "measures held-out built-in images: use --layout-from builtin (or textures)"),
+         "measures held-out built-in images: use --layout-from textures"),
         (args.eval and args.reconstruct not in (None, *dar.BUILTIN_DATA), "--eval measures the "
-         "built-in data: use --reconstruct builtin (or textures)"),
+         "built-in data: use --reconstruct textures"),
         (random_pair and mode != "--benchmark", "--config TOKENIZER:AR (random weights) is for "
          "--benchmark only"),
         (random_pair and (args.tokenizer or args.ar), "--config TOKENIZER:AR replaces --tokenizer "
@@ -271,15 +271,13 @@ def ready(tokenizer, ar, pair, device, precision):
 
 
 def class_names(ar):
-    """The AR model's class names as its checkpoint records them (an older file of 10 classes: the
-    built-in shapes'), else "class I"."""
-    names = getattr(ar, "class_names", None) or (list(dar.SHAPE_CLASSES) if ar.cfg.num_classes == 10
-                                                 else None)
+    """The AR model's class names as its checkpoint records them, else "class I"."""
+    names = getattr(ar, "class_names", None)
     return names or [f"class {i}" for i in range(ar.cfg.num_classes)]
 
 
 def parse_labels(items, ar, default):
-    """--labels ['0', '3', 'plus'] -> [0, 3, 6]: ids or names of the AR model's classes; without
+    """--labels ['0', '3', 'dots'] -> [0, 3, 6]: ids or names of the AR model's classes; without
     --labels, the mode's `default`."""
     names, C = class_names(ar), ar.cfg.num_classes
     if not items:
@@ -341,8 +339,8 @@ def picture(args, tokenizer, ar, device):
 
 
 def load_reference(text, image_size):
-    """--layout-from: an image file, or 'builtin:I' (held-out image I of that built-in data, also
-    'textures:I') -> (1, 3, H, W)."""
+    """--layout-from: an image file, or 'textures:I' (held-out image I of the built-in data)
+    -> (1, 3, H, W)."""
     data, _, index = text.partition(":")
     if data in dar.BUILTIN_DATA:
         if not index.isdigit() or int(index) > 10 ** 9:
@@ -394,9 +392,9 @@ def spread_text(figure, form):
 
 
 def toy_eval(args, tokenizer, ar, device):
-    """--eval: the toy metric of the samples, or of the reconstructions (--reconstruct builtin), or
-    Fig. 5 measured (--layout-from builtin); of the built-in data these flags or the AR model name
-    ('builtin' or 'textures', by its class names)."""
+    """--eval: the toy metric of the samples, or of the reconstructions (--reconstruct textures),
+    or Fig. 5 measured (--layout-from textures); of the built-in data these flags or the AR model
+    name (by its class names)."""
     learned = next((name for name, data in dar.BUILTIN_DATA.items()
                     if ar is not None and class_names(ar) == list(data.class_names)), None)
     data = args.reconstruct or args.layout_from or learned
@@ -425,7 +423,7 @@ def toy_eval(args, tokenizer, ar, device):
                       colours_kept=colours.float().mean().item(), centroid_px=offsets.mean().item())
         print(f"their layout against {'the images' if args.reconstruct else 'the final samples'}"
               f": background colour kept {scores['background_kept']:.1%}, both colours "
-              f"{scores['colours_kept']:.1%}, the shape's centroid off by "
+              f"{scores['colours_kept']:.1%}, the object's centroid off by "
               f"{scores['centroid_px']:.2f} px on average")
     return scores
 
@@ -460,12 +458,12 @@ def measured_batches(args, tokenizer, ar, layouts):
 
 
 def layout_eval(args, tokenizer, ar, evaluator, kept, references):
-    """--eval --layout-from builtin: Fig. 5 measured (`dar.layout_metrics`) with `kept` tokens of
+    """--eval --layout-from textures: Fig. 5 measured (`dar.layout_metrics`) with `kept` tokens of
     each reference."""
     row = dar.layout_metrics(ar, tokenizer, evaluator, references, kept, args.seed,
                              **sampling_options(args))
     print(f"{kept:3d} tokens kept, {len(references) * ar.cfg.num_classes} samples: class as asked "
-          f"{spread_text(row['class_as_asked'], '.1%')}, shape centroid {row['centroid_px']:.1f} "
+          f"{spread_text(row['class_as_asked'], '.1%')}, object centroid {row['centroid_px']:.1f} "
           f"px from the reference's, both colours kept {row['colours_kept']:.1%}")
     return row
 

@@ -932,7 +932,7 @@ def test_builtin_textures_put_the_class_in_the_fine_detail_and_the_layout_apart(
         assert (blurred - blurred[:1]).abs().max() <= 0.07
         # no channel changes sign: the layout reads by the nearest palette colour,
         # whatever the class
-        _, background, colour = dar.shape_layout(classes)
+        _, background, colour = dar.object_layout(classes)
         assert (background == layout[2]).all() and (colour == layout[3]).all()
 
 
@@ -1104,7 +1104,7 @@ def test_train_ar_reverse_is_recorded_and_cached_codes_round_trip(tmp_path, trai
                           "--cache-codes", str(tmp_path / "codes")))
     assert dar.load_ar(tmp_path / "rev" / "ar.pt").cfg.reverse
     codes = np.load(tmp_path / "codes" / "codes.npy")
-    tok, data = dar.load_tokenizer(trained_tokenizer), dar.BuiltinShapes(32, 32, seed=0)
+    tok, data = dar.load_tokenizer(trained_tokenizer), dar.BuiltinTextures(32, 32, seed=0)
     images = torch.stack([data[i][0] for i in range(32)])
     assert codes.shape == (1, 32, 64) and torch.equal(
         torch.from_numpy(codes[0]).long(), tok.encode(images)
@@ -1112,9 +1112,9 @@ def test_train_ar_reverse_is_recorded_and_cached_codes_round_trip(tmp_path, trai
 
 
 def test_code_cache_is_reused_and_refused_for_another_tokenizer_file(tmp_path, trained_tokenizer):
-    data, path = dar.BuiltinShapes(8, 32, seed=0), tmp_path / "tokenizer.pt"
+    data, path = dar.BuiltinTextures(8, 32, seed=0), tmp_path / "tokenizer.pt"
     path.write_bytes(trained_tokenizer.read_bytes())
-    identity = {"source": "builtin", "size": 8, "seed": 0}
+    identity = {"source": "textures", "size": 8, "seed": 0}
     cache = lambda tok: train_ar.cache_codes(
         tok, path, data, tmp_path / "codes", 0, 1, torch.device("cpu"), 4, identity
     )
@@ -1470,12 +1470,12 @@ def test_eval_of_previews_measures_them_against_their_final_samples(trained_pair
 
 def test_layout_control_keeps_the_reference_prefix(tmp_path, trained_pair, sampler_calls):
     path = sample.main(
-        [*trained_pair, "--layout-from", "builtin:3", "--prefix-tokens", "0,8,24", "--labels",
-         "disc,plus,7", "--out", str(tmp_path / "layout.png")]
+        [*trained_pair, "--layout-from", "textures:3", "--prefix-tokens", "0,8,24", "--labels",
+         "rows,dots,7", "--out", str(tmp_path / "layout.png")]
     )
     tokenizer = dar.load_tokenizer(trained_pair[1])
     codes = tokenizer.encode(
-        dar.BuiltinShapes(4, 32, seed=dar.EVALUATOR_REFERENCE_SEED)[3][0][None]
+        dar.BuiltinTextures(4, 32, seed=dar.EVALUATOR_REFERENCE_SEED)[3][0][None]
     )
     assert [call["labels"] for call in sampler_calls] == [[0, 6, 7]] * 3
     for call, count in zip(sampler_calls, (0, 8, 24)):
@@ -1492,12 +1492,10 @@ def evaluator(tmp_path_factory):
     members = ((0, 1), (1, 11))
     ensemble = dar.ToyEvaluator(len(members))
     for member, (seed, data_seed) in zip(ensemble.members, members):
-        member.load_state_dict(dar.train_shape_classifier(32, num_images=2000, steps=300, seed=seed,
-                                                          data_seed=data_seed).state_dict())
-    dar.save_checkpoint(
-        {"kind": "evaluator", "image_size": 32, "members": members, "model": ensemble.state_dict()},
-        path,
-    )
+        member.load_state_dict(dar.train_toy_classifier(32, num_images=2000, steps=300, seed=seed,
+                                                        data_seed=data_seed).state_dict())
+    dar.save_checkpoint({"kind": "evaluator", "image_size": 32, "members": members,
+                         "data": "textures", "model": ensemble.state_dict()}, path)
     return ensemble.eval(), path
 
 
@@ -1540,7 +1538,7 @@ def test_benchmark_measures_speed_and_shares_for_a_pair_and_for_random_preset_we
         assert re.search(message, one_line_refusal(lambda: sample.main(argv), capsys))
 
 
-def test_evaluator_classifies_held_out_real_shapes(evaluator):
+def test_evaluator_classifies_held_out_real_textures(evaluator):
     ensemble, _ = evaluator
     images, labels = dar.builtin_images(500, 32, dar.EVALUATOR_REFERENCE_SEED)
     with torch.no_grad():
@@ -1551,17 +1549,17 @@ def test_evaluator_classifies_held_out_real_shapes(evaluator):
     assert features.shape == (2, 500, 128) and torch.equal(correct, (accuracy * 500).round().long())
 
 
-def test_shipped_evaluator_members_agree_and_judge_soft_shapes_by_their_shape():
+def test_shipped_evaluator_members_agree_and_judge_soft_textures_by_their_pattern():
     """Five classifiers of their own seeds and images; trained with `soften`, so mild blur or noise
-    is no coin flip."""
+    is no coin flip (a blur of 3 px removes the class by design, `BuiltinTextures`)."""
     ensemble = dar.load_toy_evaluator(SHIPPED["evaluator"], 32)
     images, labels = dar.builtin_images(500, 32, dar.EVALUATOR_REFERENCE_SEED)
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for softened in (
             images,
-            dar.gaussian_blur(images, torch.full((500,), 1.0)),
-            images + 0.1 * noise,
+            dar.gaussian_blur(images, torch.full((500,), 0.75)),
+            images + 0.2 * noise,
         ):
             accuracy = (ensemble(softened).argmax(-1) == labels).float().mean(-1)
             assert len(accuracy) == 5 and accuracy.min() >= 0.95, accuracy
@@ -1578,7 +1576,7 @@ def test_frechet_distance_closed_form_and_real_versus_noise(evaluator):
     assert dar.frechet_distance(x, x) == pytest.approx(0, abs=1e-9)
     classifier = evaluator[0].members[0]
     features = lambda images: classifier.features(images).detach().numpy()
-    real = lambda seed: torch.stack([image for image, _ in dar.BuiltinShapes(500, 32, seed=seed)])
+    real = lambda seed: dar.builtin_images(500, 32, seed)[0]
     real_a, real_b = features(real(dar.EVALUATOR_REFERENCE_SEED)), features(real(7))
     noise = features(torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert dar.frechet_distance(real_a, real_b) < 0.02 * dar.frechet_distance(real_a, noise)
@@ -1594,7 +1592,7 @@ def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator):
     ar, classes = dar.load_ar(trained_pair[3]), torch.arange(20) % 10
     seeded = lambda: [torch.Generator().manual_seed(i) for i in range(20)]
     real = torch.stack(
-        [image for image, _ in dar.BuiltinShapes(20, 32, seed=dar.EVALUATOR_REFERENCE_SEED)]
+        [image for image, _ in dar.BuiltinTextures(20, 32, seed=dar.EVALUATOR_REFERENCE_SEED)]
     )
 
     def by_hand(images):  # -> each member's accuracy and toy FID
@@ -1626,7 +1624,7 @@ def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator):
     scores = sample.main([*trained_pair, "--eval", "--n", "20", "--evaluator", str(evaluator[1])])
     *_, last = dar.sample(ar, tokenizer, classes, guidance=4.0, generator=seeded())
     check(scores, *by_hand(last.image))
-    scores = sample.main([*trained_pair[:2], "--eval", "--reconstruct", "builtin", "--n", "20",
+    scores = sample.main([*trained_pair[:2], "--eval", "--reconstruct", "textures", "--n", "20",
                           "--evaluator", str(evaluator[1])])
     check(scores, *by_hand(tokenizer.decode(tokenizer.encode(real), generator=seeded())))
     assert scores["real_accuracy"]["mean"] == pytest.approx(np.mean(by_hand(real)[0]))
@@ -1634,29 +1632,28 @@ def test_eval_mode_reports_accuracy_and_toy_fid(trained_pair, evaluator):
 
 def test_eval_measures_the_built_in_data_the_ar_model_learned(tmp_path, trained_pair, evaluator,
                                                               monkeypatch, capsys):
-    """--eval reads the data from the AR model's class names (the textures' here: the pair's file
-    relabelled) and draws its real images from that data; --reconstruct and --layout-from name it;
-    an evaluator of other data, or an AR model of a folder's classes, is refused with one line."""
+    """--eval reads the data from the AR model's class names and draws its real images from that
+    data; --reconstruct and --layout-from name it; an evaluator of other data, or an AR model of a
+    folder's classes, is refused with one line."""
     copy_pair(trained_pair, tmp_path)
-    checkpoint = torch.load(tmp_path / "ar.pt", weights_only=True)
-    torch.save({**checkpoint, "classes": list(dar.TEXTURE_CLASSES)}, tmp_path / "ar.pt")
-    textures_evaluator = torch.load(evaluator[1], weights_only=True)
-    torch.save({**textures_evaluator, "data": "textures"}, tmp_path / "evaluator.pt")
     drawn, real_images = [], dar.builtin_images
     monkeypatch.setattr(dar, "builtin_images", lambda *args: drawn.append(args[3:]) or
                         real_images(*args))
-    pair = ["--ar", str(tmp_path / "ar.pt"), "--evaluator", str(tmp_path / "evaluator.pt")]
+    pair = ["--ar", str(tmp_path / "ar.pt"), "--evaluator", str(evaluator[1])]
     for argv in (["--eval", "--n", "4"], ["--eval", "--layout-from", "textures", "--n", "1",
                                          "--prefix-tokens", "8"]):
         sample.main([*pair, *argv])
     assert drawn and all(data == ("textures",) for data in drawn)
     sample.main(["--tokenizer", str(tmp_path / "tokenizer.pt"), "--eval", "--reconstruct",
-                 "textures", "--n", "4", "--evaluator", str(tmp_path / "evaluator.pt")])
+                 "textures", "--n", "4", "--evaluator", str(evaluator[1])])
     assert "their layout" in capsys.readouterr().out
+    other = torch.load(evaluator[1], weights_only=True)
+    torch.save({**other, "data": "a folder"}, tmp_path / "other-evaluator.pt")
     line = one_line_refusal(lambda: sample.main(
-        ["--ar", str(tmp_path / "ar.pt"), "--eval", "--n", "4", "--evaluator", str(evaluator[1])]),
-        capsys)
+        ["--ar", str(tmp_path / "ar.pt"), "--eval", "--n", "4", "--evaluator",
+         str(tmp_path / "other-evaluator.pt")]), capsys)
     assert "is not a toy evaluator of 32-pixel --data textures" in line
+    checkpoint = torch.load(tmp_path / "ar.pt", weights_only=True)
     torch.save({**checkpoint, "classes": [f"folder {i}" for i in range(10)]}, tmp_path / "ar.pt")
     line = one_line_refusal(lambda: sample.main([*pair, "--eval", "--n", "4"]), capsys)
     assert "--eval measures models of the built-in data" in line and "folder 0" in line
@@ -1671,7 +1668,7 @@ def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
     unreadable.write_bytes(b"not a png")
     for extra, message in [
         (["--labels", "3,10"], r"class 10 is outside the AR model's 10 classes"),
-        (["--layout-from", "builtin:0", "--prefix-tokens", "65"], r"must lie in \[0, 64\]"),
+        (["--layout-from", "textures:0", "--prefix-tokens", "65"], r"must lie in \[0, 64\]"),
         (["--layout-from", str(unreadable)], r"cannot read .*broken.png as an image"),
         (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it"),
     ]:
@@ -1688,12 +1685,12 @@ def test_eval_on_a_first_run_trains_the_evaluator_without_a_traceback(
 ):
     # a new user's first `--eval` with no evaluator file: it is trained inside sample.py's
     # no_grad block
-    real_training = dar.train_shape_classifier
-    monkeypatch.setattr(dar, "train_shape_classifier",
+    real_training = dar.train_toy_classifier
+    monkeypatch.setattr(dar, "train_toy_classifier",
                         lambda size, **kw: real_training(size, num_images=200, steps=20, **kw))
     monkeypatch.chdir(tmp_path)
     scores = sample.main(
-        ["--tokenizer", str(trained_tokenizer), "--eval", "--reconstruct", "builtin", "--n", "10",
+        ["--tokenizer", str(trained_tokenizer), "--eval", "--reconstruct", "textures", "--n", "10",
          "--evaluator", "out/evaluator.pt"]
     )
     assert (tmp_path / "out" / "evaluator.pt").is_file() and 0 <= scores["accuracy"]["mean"] <= 1
@@ -1833,7 +1830,7 @@ SHIPPED = {
     name: dar.SHIPPED_TINY / f"{name}.pt" for name in ("tokenizer", "ar", "ar-reverse", "evaluator")
 }
 # regression guards, below what the shipped files measure on these images (weights/tiny/README.md)
-SHIPPED_RECONSTRUCTION_ACCURACY, SHIPPED_GUIDED_ACCURACY = 0.85, 0.80
+SHIPPED_RECONSTRUCTION_ACCURACY, SHIPPED_SAMPLE_ACCURACY = 0.95, 0.85
 
 
 def test_shipped_weights_are_small_half_precision_and_record_how_they_were_made():
@@ -1868,9 +1865,9 @@ def shipped_accuracy(images, labels, ensemble):
         return (ensemble(images.clamp(-1, 1)).argmax(-1) == labels).float().mean().item()
 
 
-def test_shipped_tokenizer_reconstructs_held_out_shapes(shipped):
+def test_shipped_tokenizer_reconstructs_held_out_textures(shipped):
     tokenizer, _, classifier = shipped
-    real = dar.BuiltinShapes(100, 32, seed=dar.EVALUATOR_REFERENCE_SEED)
+    real = dar.BuiltinTextures(100, 32, seed=dar.EVALUATOR_REFERENCE_SEED)
     images, labels = torch.stack([image for image, _ in real]), torch.arange(100) % 10
     reconstructions = tokenizer.decode(
         tokenizer.encode(images), generator=torch.Generator().manual_seed(0)
@@ -1878,15 +1875,14 @@ def test_shipped_tokenizer_reconstructs_held_out_shapes(shipped):
     assert shipped_accuracy(reconstructions, labels, classifier) >= SHIPPED_RECONSTRUCTION_ACCURACY
 
 
-def test_shipped_pair_samples_the_class_asked_for_and_guidance_helps(shipped):
+def test_shipped_pair_samples_the_class_asked_for(shipped):
+    # with and without guidance (on this pair guidance does not raise the accuracy: its model card)
     tokenizer, ar, classifier = shipped
     labels = torch.arange(50) % 10
-    accuracy = {}
     for cfg in (1.0, 4.0):
         generators = [torch.Generator().manual_seed(i) for i in range(50)]
         *_, last = dar.sample(ar, tokenizer, labels, guidance=cfg, generator=generators)
-        accuracy[cfg] = shipped_accuracy(last.image, labels, classifier)
-    assert accuracy[4.0] >= SHIPPED_GUIDED_ACCURACY and accuracy[4.0] > accuracy[1.0]
+        assert shipped_accuracy(last.image, labels, classifier) >= SHIPPED_SAMPLE_ACCURACY, cfg
 
 
 def readme_sample_commands():
@@ -2068,8 +2064,8 @@ def test_nothing_of_the_paper_names_the_cpu_miniature():
         for target in node.targets
         if isinstance(target, ast.Name)
     }
-    assert {"MiniatureRecipe", "CodebookRestarts", "conv_stem", "ShapeClassifier",
-            "shape_layout"} <= below
+    assert {"MiniatureRecipe", "CodebookRestarts", "conv_stem", "ToyClassifier",
+            "object_layout"} <= below
     used = {(node.id if isinstance(node, ast.Name) else node.attr, node.lineno)
             for top in tree.body if top.lineno < banner for node in ast.walk(top)
             if isinstance(node, (ast.Name, ast.Attribute))}
@@ -2135,7 +2131,7 @@ def test_a_tiny_run_writes_its_learning_curve_pictures_and_a_small_export(tmp_pa
             "2", "--eval-images", "10", "--probe-images", "40", "--evaluator",
             str(tmp_path / "ev.pt"), "--warmup", "0", "--export", str(tmp_path / "small.pt")]
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(dar, "train_shape_classifier", lambda size, **kw: dar.ShapeClassifier().eval())
+    monkey.setattr(dar, "train_toy_classifier", lambda size, **kw: dar.ToyClassifier().eval())
     try:
         model, terms = train_tokenizer.main(tokenizer_args(tmp_path / "run", *argv))
     finally:
@@ -2170,9 +2166,9 @@ def test_two_runs_of_one_seed_give_identical_weights(tmp_path, monkeypatch):
     """The shipped tokenizer's recipe on the textures (the toy perceptual term from group 4,
     codebook restarts), run twice with one seed into two folders: the same weights, bit for bit,
     and a record without this machine's absolute paths."""
-    monkeypatch.setattr(dar, "train_shape_classifier",
+    monkeypatch.setattr(dar, "train_toy_classifier",
                         lambda size, seed=0, **kw: torch.manual_seed(seed) and
-                        dar.ShapeClassifier().eval())
+                        dar.ToyClassifier().eval())
     argv = ["--data", "textures", "--steps", "4", "--lpips-weight", "0.5", "--lpips-from-group",
             "4", "--codebook-restart", "1", "--warmup", "0"]
     for run in ("first", "second"):
@@ -2212,7 +2208,7 @@ def test_the_miniatures_perceptual_term_is_lpips_form_on_the_toy_teacher():
     0 for the image itself, grows with another class of the same layout far more than with slight
     noise, and sends a gradient to the fakes."""
     torch.manual_seed(0)
-    perceptual = train_tokenizer.toy_perceptual(dar.ShapeClassifier().eval().requires_grad_(False))
+    perceptual = train_tokenizer.toy_perceptual(dar.ToyClassifier().eval().requires_grad_(False))
     data = dar.BuiltinTextures(4)
     layouts = [data.layout(i) for i in range(4)]
     real = torch.stack([data.draw(layout, 0) for layout in layouts])
@@ -2230,8 +2226,10 @@ def test_group_probes_read_the_shipped_tokenizers_first_group():
     probes = train_tokenizer.group_probes(tokenizer, images, labels, train=500)
     assert set(probes) == {0, 1, 3, 7} and set(probes[0]) == {"class", "background",
                                                               "object colour", "position"}
-    # the shipped codes carry the class in the first group already (the limit its model card names)
-    assert probes[0]["class"] > 0.8 and probes[0]["background"] > 0.8
+    # the shipped codes hold the layout in group 1 and the class in the last group; group 1 holds
+    # part of the class too (a limit its model card names)
+    assert min(probes[0][name] for name in ("background", "object colour", "position")) > 0.9
+    assert probes[7]["class"] > 0.9 and probes[0]["class"] < 0.7
     shuffled = train_tokenizer.group_probes(
         tokenizer,
         images,
@@ -2275,16 +2273,16 @@ def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator
     # with all N tokens kept nothing is sampled: every label gives the reference's own
     # reconstruction
     results = sample.main(
-        [*trained_pair, "--eval", "--layout-from", "builtin", "--prefix-tokens", "0,64", "--n", "3",
+        [*trained_pair, "--eval", "--layout-from", "textures", "--prefix-tokens", "0,64", "--n", "3",
          "--evaluator", str(evaluator[1])]
     )
     assert [row["kept"] for row in results] == [0, 64]
     tokenizer, ensemble = dar.load_tokenizer(trained_pair[1]), evaluator[0]
     references = torch.stack(
-        [image for image, _ in dar.BuiltinShapes(3, 32, seed=dar.EVALUATOR_REFERENCE_SEED)]
+        [image for image, _ in dar.BuiltinTextures(3, 32, seed=dar.EVALUATOR_REFERENCE_SEED)]
     )
     codes = tokenizer.encode(references)
-    where, background, colour = dar.shape_layout(references)
+    where, background, colour = dar.object_layout(references)
     correct, distance, kept = torch.zeros(2), 0, 0
     for r in range(3):
         image = tokenizer.decode(
@@ -2292,7 +2290,7 @@ def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator
         ).clamp(-1, 1)
         # per member
         correct += (ensemble(image)[:, 0].argmax(-1)[:, None] == torch.arange(10)).sum(-1)
-        image_where, image_background, image_colour = dar.shape_layout(image)
+        image_where, image_background, image_colour = dar.object_layout(image)
         distance += 10 * (image_where[0] - where[r]).norm().nan_to_num(32.0).item()
         kept += (
             10
@@ -2309,22 +2307,20 @@ def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator
     )
 
 
-def test_shape_layout_reads_position_and_colours():
-    background, colour = dar.SHAPE_COLOURS[1], dar.SHAPE_COLOURS[6]
+def test_object_layout_reads_position_and_colours():
+    background, colour = dar.PALETTE[1], dar.PALETTE[6]
     images = background.view(1, 3, 1, 1).repeat(2, 1, 32, 32)
     # a 6 x 4 block: centroid (6.5, 21.5)
     images[0, :, 4:10, 20:24] = colour.view(3, 1, 1)
     # moved by (3, -2), slightly off colour
     images[1, :, 7:13, 18:22] = colour.view(3, 1, 1) * 0.9
-    where, found_background, found_colour = dar.shape_layout(images)
+    where, found_background, found_colour = dar.object_layout(images)
     torch.testing.assert_close(where, torch.tensor([[6.5, 21.5], [9.5, 19.5]]))
     assert (found_background == background).all() and (found_colour == colour).all()
-    data = dar.BuiltinShapes(20, 32, seed=5)
-    _, builtin_background, builtin_colour = dar.shape_layout(
-        torch.stack([image for image, _ in data])
-    )
+    data = dar.BuiltinTextures(20, 32, seed=5)
+    _, data_background, data_colour = dar.object_layout(torch.stack([image for image, _ in data]))
     # two different colours each
-    assert not (builtin_background == builtin_colour).all(-1).any()
+    assert not (data_background == data_colour).all(-1).any()
 
 
 # ---- notebooks -----------------------------------------------------------------------------------
@@ -2459,7 +2455,7 @@ def one_line_refusal(run, capsys):
         ("sample", ["--repeat", "2"], "--repeat is not read by the picture"),
         (
             "sample",
-            ["--reconstruct", "builtin", "--out", "x", "--guidance", "2"],
+            ["--reconstruct", "textures", "--out", "x", "--guidance", "2"],
             "--guidance is not read",
         ),
         ("sample", ["--seed", str(2**64)], "--seed: must be an integer >= 0 and <= 4294967295"),
@@ -2660,11 +2656,11 @@ def test_resumable_outputs_refuse_a_rerun_with_other_settings(
     with pytest.raises(dar.BadInput, match=r"made with guidance = 4.0, this run has 1.0"):
         sample.main([*trained_pair, "--fid", "3", "--guidance", "1.0", "--out", str(folder)])
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
-    data, cache = dar.BuiltinShapes(8, 32, seed=0), tmp_path / "codes"
+    data, cache = dar.BuiltinTextures(8, 32, seed=0), tmp_path / "codes"
     tokenizer = dar.load_tokenizer(trained_tokenizer)
     build = lambda seed: train_ar.cache_codes(tokenizer, trained_tokenizer, data, cache, 0, 1,
                                               torch.device("cpu"), 4,
-                                              {"source": "builtin", "size": 8, "seed": seed})
+                                              {"source": "textures", "size": 8, "seed": seed})
     build(0)
     with pytest.raises(
         dar.BadInput, match=r"made with data = .*'seed': 0.*this run has .*'seed': 1"
@@ -2691,7 +2687,7 @@ def test_one_image_folder_walker_passes_over_what_it_cannot_read(tmp_path, train
     (root / "bird").mkdir()
     with pytest.raises(ValueError, match="class folder .*bird holds no readable images"):
         dar.ImageFolder(root, 8)
-    assert dar.load_ar(trained_pair[3]).class_names == list(dar.SHAPE_CLASSES)
+    assert dar.load_ar(trained_pair[3]).class_names == list(dar.TEXTURE_CLASSES)
 
 
 def test_fid_resume_lists_its_folder_once_and_remakes_a_damaged_png(tmp_path, monkeypatch):

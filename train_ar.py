@@ -32,8 +32,8 @@ RECIPES = {
     **{name: dict(epochs=300, batch_size=64, grad_accum=16, lr=4e-4, ema=0.0, weight_decay=0.05,
                   dropout=0.1)
        for name in ("B", "L", "XL", "XXL")},
-    # the laptop run on the built-in shapes, within 3 minutes on 2 cores: a higher lr for the small
-    # model, and no dropout, which slows a short run (the class-label dropout of guidance stays)
+    # the laptop run on the built-in textures, within 3 minutes on 2 cores: a higher lr for the
+    # small model, and no dropout, which slows a short run (guidance's class-label dropout stays)
     "tiny": dict(epochs=3.5, batch_size=64, grad_accum=1, lr=3e-3, ema=0.0, weight_decay=0.05,
                  dropout=0.0),
 }
@@ -84,11 +84,11 @@ def parse_args(argv=None):
     if cache is not None and Path(cache).exists() and not Path(cache).is_dir():
         parser.error(f"--cache-codes {args.cache_codes} is a file, not a folder")
     if args.eval_samples is None:
-        args.eval_samples = 100 if args.config == "tiny" and args.data == "builtin" else 0
+        args.eval_samples = 100 if args.config == "tiny" and args.data in dar.BUILTIN_DATA else 0
     if "evaluator" in args.given and not args.eval_samples:
         parser.error("--evaluator acts only with --eval-samples N: leave it out")
-    if args.eval_samples and args.data != "builtin":
-        parser.error("--eval-samples measures the built-in shapes (--data builtin)")
+    if args.eval_samples and args.data not in dar.BUILTIN_DATA:
+        parser.error("--eval-samples measures the built-in textures (--data textures)")
     if args.cache_codes is None and args.config == "tiny":  # one cache per tokenizer file
         args.cache_codes = str(args.out / f"codes-{dar.cached_digest(args.tokenizer)[:12]}")
     return args

@@ -1,6 +1,6 @@
 """Train the sequential diffusion tokenizer (§3.1) with the loss of Eq. (7).
 
-    python train_tokenizer.py                   # tiny config, built-in shapes, CPU, < 2 min
+    python train_tokenizer.py                   # tiny config, built-in textures, CPU, < 2 min
     python train_tokenizer.py --config v1 --data /imagenet/train --batch-size 64 --grad-accum 2 \\
         --grad-checkpointing --compile          # the paper's run on one GPU
     torchrun --nproc_per_node 8 train_tokenizer.py --config v1 --data /imagenet/train \\
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     if args.eval_every is None:
         args.eval_every = 200 if args.config == "tiny" and args.data in dar.BUILTIN_DATA else 0
     if args.eval_every and args.data not in dar.BUILTIN_DATA:
-        parser.error("--eval-every measures the built-in shapes (--data builtin)")
+        parser.error("--eval-every measures the built-in textures (--data textures)")
     if args.probe_images == 1:
         parser.error("--probe-images: 0 (no probes) or at least 2 (to fit and to score)")
     # no flag is silently ignored: these act only with --eval-every N
@@ -148,7 +148,7 @@ def load_lpips(device):
 
 def toy_perceptual(teacher):
     """The miniature's LPIPS (release: LPIPS-VGG): the same form on its toy teacher, a
-    `ShapeClassifier` of the data: the feature maps of its four stages, unit-normalised over
+    `ToyClassifier` of the data: the feature maps of its four stages, unit-normalised over
     channels, their squared differences summed over channels and averaged over positions and
     stages. -> (images, fakes) -> per-image distances (B,)."""
     def distance(images, fakes):
@@ -305,8 +305,8 @@ def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None)
                                cfg.num_groups - 1})
     cond = torch.cat([tokenizer.conditions(tokenizer.encode(images[i:i + 500]))
                       for i in range(0, len(images), 500)])
-    where, background, colour = dar.shape_layout(images.cpu())
-    index = lambda colours: torch.cdist(colours, dar.SHAPE_COLOURS).argmin(-1)
+    where, background, colour = dar.object_layout(images.cpu())
+    index = lambda colours: torch.cdist(colours, dar.PALETTE).argmin(-1)
     targets = {"class": F.one_hot(labels.cpu(), 10).float(),
                "background": F.one_hot(index(background), 8).float(),
                "object colour": F.one_hot(index(colour), 8).float(),
@@ -329,23 +329,23 @@ def group_probes(tokenizer, images, labels, train=3000, ridge=10.0, groups=None)
     return results
 
 
-def load_teacher(path, image_size, device, data="builtin"):
+def load_teacher(path, image_size, device, data="textures"):
     """The miniature's teacher (of the toy perceptual term), a
-    `ShapeClassifier` trained once on images of its own seed (never the evaluator's) and cached at
+    `ToyClassifier` trained once on images of its own seed (never the evaluator's) and cached at
     `path` in float32."""
     path = Path(path)
     if not path.is_file():
         tqdm.write(f"training the miniature's teacher once -> {path}")
-        classifier = dar.train_shape_classifier(image_size, seed=dar.TEACHER_TRAIN_SEED,
-                                                data_seed=dar.TEACHER_TRAIN_SEED, data=data)
+        classifier = dar.train_toy_classifier(image_size, seed=dar.TEACHER_TRAIN_SEED,
+                                              data_seed=dar.TEACHER_TRAIN_SEED, data=data)
         dar.save_checkpoint({"kind": "teacher", "image_size": image_size, "data": data,
                              "model": classifier.state_dict()}, path)
     checkpoint = dar.load_checkpoint_file(path)
     if checkpoint.get("kind") != "teacher" or checkpoint.get("image_size") != image_size \
-            or checkpoint.get("data", "builtin") != data:
+            or checkpoint.get("data") != data:
         raise ValueError(f"{path} is not the miniature's teacher for {image_size}-pixel --data "
                          f"{data} images")
-    classifier = dar.ShapeClassifier()
+    classifier = dar.ToyClassifier()
     classifier.load_state_dict(checkpoint["model"])
     return classifier.to(device).eval().requires_grad_(False)
 
