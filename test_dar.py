@@ -1853,6 +1853,16 @@ def test_shipped_weights_are_small_half_precision_and_record_how_they_were_made(
     )
 
 
+def test_the_model_card_repeats_each_shipped_files_command_and_no_file_names_a_machine_path():
+    card = (dar.SHIPPED_TINY / "README.md").read_text()
+    one_line = " ".join(card.replace("\\\n", " ").split())  # continuation lines joined
+    for name, path in SHIPPED.items():
+        checkpoint = torch.load(path, weights_only=True)
+        assert " ".join(checkpoint["command"].split()) in one_line, name
+        assert not any(str(value).startswith("/") for value in checkpoint.values()
+                       if isinstance(value, str)), name
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return (dar.load_tokenizer(SHIPPED["tokenizer"]), dar.load_ar(SHIPPED["ar"]),
