@@ -622,8 +622,8 @@ class Tokenizer(nn.Module):
     def training_conditions(self, quantized, u=None):
         """Eq. (5) for one training step: the time t, the group c(t) it reads, and l_VQ.
         quantized: the quantiser's tokens z_q (B, N, C), codes and per-token l_VQ (B, N) of Eq. (1);
-        u: Eq. (5)'s t' per image (U[0, 1) when None) -> t = shift(u) (B,), c(t) (B, G, D), l_VQ
-        over the tokens up to each image's group, and the codebook fraction in use."""
+        u: Eq. (5)'s t' per image (U[0, 1) when None) -> t = shift(u) (B,), its group (B,), c(t)
+        (B, G, D), l_VQ over the tokens up to each image's group, the codebook fraction in use."""
         (z_q, codes, vq_per_token), cfg = quantized, self.cfg
         if u is None:
             u = torch.rand(z_q.shape[0], device=z_q.device)
@@ -637,7 +637,7 @@ class Tokenizer(nn.Module):
         vq = (vq_per_token * seen).sum() / seen.sum()
         in_use = torch.zeros(cfg.codebook_size, device=codes.device)
         in_use = in_use.index_fill_(0, codes.flatten(), 1.0)
-        return t, cond_t, vq, in_use.mean()
+        return t, group, cond_t, vq, in_use.mean()
 
     def forward(self, images, perceptual=None, repa_target=None, lpips_weight=0.5, repa_weight=0.5,
                 u=None, lpips_from_group=1):
@@ -652,7 +652,7 @@ class Tokenizer(nn.Module):
             raise ValueError("this tokenizer computes no REPA features (repa_dim = 0 or repa_layer "
                              ">= diffusion_depth); pass repa_target=None")
         quantized = self.quantizer(self.encoder_features(images))                       # Eq. (1)
-        t, cond_t, vq, usage = self.training_conditions(quantized, u)
+        t, group, cond_t, vq, usage = self.training_conditions(quantized, u)
         # release: data scaled by 0.6 (not in the paper); l_fm divides it back out
         x1 = cfg.data_std * images
         x_t, v_target = flow_interpolant(torch.randn_like(x1), x1, t)                 # Eq. (3), (4)
@@ -665,10 +665,7 @@ class Tokenizer(nn.Module):
             fakes = jump_estimate(x_t, t, v) / cfg.data_std
             distance = perceptual(images, fakes)                                    # (B,)
             # tiny: groups k..K's steps only, so the first groups ask no detail (release: k = 1)
-            if lpips_from_group > 1:
-                group = condition_group(t, cfg.num_groups, cfg.time_shift)
-                distance = distance * (group >= lpips_from_group - 1)
-            terms["lpips"] = distance.mean()
+            terms["lpips"] = (distance * (group >= lpips_from_group - 1)).mean()
             loss = loss + lpips_weight * terms["lpips"]
         if repa_target is not None:
             with torch.no_grad():

@@ -2283,8 +2283,8 @@ def test_layout_eval_measures_class_position_and_colours(trained_pair, evaluator
     # with all N tokens kept nothing is sampled: every label gives the reference's own
     # reconstruction
     results = sample.main(
-        [*trained_pair, "--eval", "--layout-from", "textures", "--prefix-tokens", "0,64", "--n", "3",
-         "--evaluator", str(evaluator[1])]
+        [*trained_pair, "--eval", "--layout-from", "textures", "--prefix-tokens", "0,64",
+         "--n", "3", "--evaluator", str(evaluator[1])]
     )
     assert [row["kept"] for row in results] == [0, 64]
     tokenizer, ensemble = dar.load_tokenizer(trained_pair[1]), evaluator[0]
