@@ -1916,9 +1916,6 @@ def readme_sample_commands():
     )
 
 
-
-
-
 @pytest.mark.parametrize("command", readme_sample_commands())
 def test_every_readme_sample_command_runs_and_gives_what_it_says(
     command, tmp_path, trained_pair, evaluator, monkeypatch, capsys
