@@ -213,8 +213,9 @@ def default_file(name, command, chosen, what):
 def load(flag, path, loader, device, *options):
     """A checkpoint through `loader`; a missing or damaged file ends the run with one line."""
     if not Path(path).is_file():
-        fail(f"no checkpoint at {path}; `python train_{flag[2:]}.py` creates it, or pass {flag} "
-             "PATH")
+        script, where = f"python train_{flag[2:]}.py", Path(path)
+        writes = f"--out {where.parent}" if where.name == f"{flag[2:]}.pt" else f"--export {path}"
+        fail(f"no checkpoint at {path}; `{script} {writes}` writes it, or pass {flag} PATH")
     try:
         return loader(path, *options, device=device)
     except (ValueError, KeyError, RuntimeError, OSError) as error:

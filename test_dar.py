@@ -1670,7 +1670,10 @@ def test_sample_bad_inputs_end_with_one_clear_line(tmp_path, trained_pair):
         (["--labels", "3,10"], r"class 10 is outside the AR model's 10 classes"),
         (["--layout-from", "textures:0", "--prefix-tokens", "65"], r"must lie in \[0, 64\]"),
         (["--layout-from", str(unreadable)], r"cannot read .*broken.png as an image"),
-        (["--ar", str(tmp_path / "none.pt")], r"`python train_ar.py` creates it"),
+        (["--ar", str(tmp_path / "none.pt")],
+         rf"`python train_ar.py --export {re.escape(str(tmp_path / 'none.pt'))}` writes it"),
+        (["--ar", str(tmp_path / "run" / "ar.pt")],
+         rf"`python train_ar.py --out {re.escape(str(tmp_path / 'run'))}` writes it"),
     ]:
         with pytest.raises(SystemExit, match=message) as raised:
             sample.main([*trained_pair, *extra])
